@@ -1,0 +1,43 @@
+# layer-aware: every target sets itself up (the venv) first, so a fresh clone needs only `make demo`
+# or `make test`. Every option below is a `?=` default you can override on the command line,
+# e.g. `make chat CONFIG=configs/my_chat.yaml`.
+
+# The Python that builds the venv. Any 3.10+ works.
+PYTHON ?= python3
+# torch is installed first and on its own: a bare `torch` requirement would pull a multi-GB CUDA
+# build; 2.13.0 is the CPU build that lies on disk here. On a GPU cluster: TORCH='torch==2.13.0'
+# with your CUDA index, or TORCH=skip to keep the torch you have.
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DeepSpeed picks its accelerator at import; without a GPU it must be told, or it guesses CUDA.
+DS_ACCELERATOR ?= cpu
+# DeepSpeed JIT-builds a small op on its first start; caching it in the repo makes every later
+# start (each test, each demo phase) skip the ~30 s build.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR
+# Tokenizers spawn their own thread pool; on 2 cores that fights the data loader and DeepSpeed.
+export TOKENIZERS_PARALLELISM ?= false
+# Fix intra-op threads: 2 cores shared by 1-4 ranks; oversubscription makes CPU runs crawl.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: setup test demo bench data chat raw transplant eval clean help
+
+help:  ## list targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s '	'
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	if [ "$(TORCH)" != skip ]; then $(VENV)/bin/pip install -q "$(TORCH)"; fi
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.stamp  ## create .venv and install the project with its test extras
+
+# pytest exits 5 when it collects nothing; that is a broken suite, so it is not forgiven here.
+PYTEST_ARGS ?=
+test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs included)
+	$(PY) -m pytest $(PYTEST_ARGS)

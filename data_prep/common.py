@@ -1,0 +1,117 @@
+"""Pieces every job shares: the user-facing error type and crash-safe file writes.
+
+Crash safety is one rule applied everywhere: a file or directory is written under a
+temporary name next to its final place and renamed only when complete. A rename within
+one filesystem is atomic, so a run killed at any moment leaves either nothing or a
+finished output, never something that looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one clear line, never as a traceback.
+
+    The message must name what is at fault: the file (and line), the config key or the flag.
+    """
+
+
+def fail_cleanly(main):
+    """Decorator for entry points: turn UserError into `error: ...` on stderr and exit 2."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    wrapper.__doc__ = main.__doc__
+    wrapper.__name__ = main.__name__
+    return wrapper
+
+
+def _tmp_name(path: Path) -> Path:
+    # The pid keeps two concurrent writers (or a rerun after a kill) from sharing a temp name;
+    # the ".tmp-" prefix marks leftovers that a rerun may delete.
+    return path.with_name(f".tmp-{path.name}.{os.getpid()}")
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temporary file that becomes `path` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that is renamed to `path` only if the block completes.
+
+    `path` must not exist or be empty unless `force`, in which case it is replaced whole at
+    the end (the old contents survive a failure).
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not force:
+        raise UserError(f"output directory {path} is not empty (pass --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".old-{path.name}.{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

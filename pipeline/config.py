@@ -1,0 +1,314 @@
+"""The run config: one typed tree, loaded from a flat YAML file plus `--key=value` overrides.
+
+Each section is a small dataclass; every field carries its documentation in `metadata["doc"]`,
+which is the one place keys are documented (`python -m pipeline.train --help` prints it, and the
+README points there). The YAML is flat (`lr: 3e-4`, not `optim: {lr: ...}`) because leaf names are
+unique across sections; a key that names no field is a typo and is rejected with its line number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from data_prep.common import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+PHASES = ("chat", "raw", "full")
+
+
+def doc(text: str, default=dataclasses.MISSING, **kw):
+    """A dataclass field whose documentation travels with it."""
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    model: str = doc("Hugging Face model directory to start from (Llama, Mistral or Qwen2 architecture).")
+    tokenizer: str | None = doc(
+        "Tokenizer directory or SentencePiece .model the data was packed with; defaults to `model`. "
+        "Recorded in the run so export and transplant ship the right tokenizer.", None)
+
+
+@dataclass(kw_only=True)
+class GroupSection:
+    phase: str = doc("What to train: `chat` (format group on chat shards, loss on assistant tokens), "
+                     "`raw` (raw group on raw shards) or `full` (everything: base pretraining and the naive baseline).")
+    raw_start: Union[int, float] = doc(
+        "First layer of the raw group: a layer index, or a fraction of the layer count (0.25 -> layer L/4). "
+        "Layers below it and the embeddings stay frozen.", 0.25)
+    format_start: Union[int, float] = doc(
+        "First layer of the format group (index or fraction). The format group, the final norm and the "
+        "LM head are what A-Chat trains and what the transplant takes from A-Chat.", 0.75)
+    raw_trains_format: bool = doc(
+        "Ablation: during `raw`, train the format group too (the method keeps it frozen).", False)
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    data: Any = doc(
+        "A data-prep manifest (`P.manifest.json`), or a weighted list `[{path: M1, weight: 2}, {path: M2, weight: 1}]` "
+        "whose samples are interleaved deterministically in proportion to the weights.")
+    seq_len: int = doc("Tokens per training sequence. Fixed: pipeline stages exchange shapes once.", 256)
+    micro_batch_size: int = doc("Sequences per rank per forward/backward.", 4)
+    global_batch_size: int = doc(
+        "Sequences per optimizer step across the whole job. Gradient accumulation is derived: "
+        "global / (micro x data-parallel size), so a config trains the same way on 1 or 64 ranks.", 16)
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = doc("Peak learning rate (AdamW).", 3e-4)
+    min_lr: float = doc("Learning rate at the end of the cosine decay.", 0.0)
+    warmup_steps: int = doc("Linear warmup steps before the cosine decay.", 0)
+    weight_decay: float = doc("AdamW decoupled weight decay, applied to trained parameters only.", 0.0)
+    grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
+
+
+@dataclass(kw_only=True)
+class ScheduleSection:
+    steps: int = doc("Optimizer steps to train.", 100)
+    seed: int = doc("Seed for the data order and anything random. Same seed, same run.", 0)
+    out: str = doc("Run directory: config, layer groups, metrics, loss plot and checkpoints go here. "
+                   "Rerunning the same command resumes from its latest complete checkpoint.")
+    save_every: int = doc("Save a checkpoint every N steps (the last step is always saved).", 50)
+    keep_last: int = doc("Keep only the newest N complete checkpoints (0 keeps all).", 2)
+    log_every: int = doc("Write a metrics.jsonl line every N steps.", 1)
+
+
+@dataclass(kw_only=True)
+class ParallelSection:
+    pipeline_stages: int = doc(
+        "Pipeline stages P. With P >= 2 the raw/format boundary is always a stage boundary, so the two groups "
+        "never share a stage or its optimizer state. The world size must be a multiple of P; "
+        "the rest is data parallelism (ZeRO-1).", 1)
+    ds_config: str = doc(
+        "DeepSpeed JSON to merge the run into; `auto` picks ds_configs/cpu_fp32_zero1.json without a GPU "
+        "and ds_configs/gpu_bf16_zero1.json with one.", "auto")
+    activation_checkpoint_interval: int = doc(
+        "Recompute activations every N layers in backward (0: off). Trades ~30% more compute for memory.", 0)
+    dist_timeout_s: int = doc(
+        "Collective timeout in seconds: a dead rank makes the others fail after this instead of hanging.", 120)
+
+
+SECTIONS = {
+    "model": ModelSection, "groups": GroupSection, "data": DataSection, "optim": OptimSection,
+    "schedule": ScheduleSection, "parallel": ParallelSection,
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection
+    groups: GroupSection
+    data: DataSection
+    optim: OptimSection
+    schedule: ScheduleSection
+    parallel: ParallelSection
+
+    def flat(self) -> dict:
+        """The config as the flat key -> value mapping a user writes."""
+        out = {}
+        for sec in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, sec)))
+        return out
+
+
+def _leaf_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index = {}
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"config key {f.name} defined twice"
+            index[f.name] = (sec, f)
+    return index
+
+
+LEAVES = _leaf_index()
+
+
+def describe_keys() -> str:
+    """The config reference (for --help and the README)."""
+    lines = []
+    for sec, cls in SECTIONS.items():
+        lines.append(f"[{sec}]")
+        for f in dataclasses.fields(cls):
+            default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+            lines.append(f"  {f.name} ({default}): {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _coerce(value, typ, key: str, where: str):
+    """Check/convert a YAML or command-line value to the field's type; errors name the key."""
+    hints = get_args(typ) if get_origin(typ) is Union else (typ,)
+    if value is None and type(None) in hints:
+        return None
+    if isinstance(value, str) and str not in hints and Any not in hints:
+        # Command-line overrides arrive as strings: parse them as YAML scalars (3e-4, true, 12).
+        value = yaml.safe_load(value)
+    for t in hints:
+        if t is Any:
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = "/".join(getattr(t, "__name__", str(t)) for t in hints)
+    raise UserError(f"{where}: `{key}` must be {names}, got {value!r}")
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    """Parse a YAML mapping and remember each top-level key's line (for error messages)."""
+    try:
+        text = path.read_text()
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data, node = {}, None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a run config must be a mapping of `key: value` lines")
+    lines = {}
+    if node is not None:
+        for k, _ in node.value:
+            lines[k.value] = k.start_mark.line + 1
+    return data, lines
+
+
+def _unknown(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, LEAVES, n=1)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    return UserError(f"{where}: unknown config key `{key}`{hint}; see `python -m pipeline.train --help`")
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        if not a.startswith("--") or "=" not in a:
+            raise UserError(f"override {a!r} must look like --key=value")
+        k, v = a[2:].split("=", 1)
+        if k not in LEAVES:
+            raise _unknown(k, f"command-line flag --{k}")
+        out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML run config, apply overrides, check types and the checks that need no model."""
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        data, lines = _yaml_with_lines(path)
+        for k, v in data.items():
+            loc = f"{path}:{lines.get(k, '?')}"
+            if k not in LEAVES:
+                raise _unknown(str(k), loc)
+            values[k], where[k] = v, loc
+    for k, v in (overrides or {}).items():
+        if k not in LEAVES:
+            raise _unknown(k, f"override --{k}")
+        values[k], where[k] = v, f"override --{k}"
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        kwargs = {}
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                kwargs[f.name] = _coerce(values[f.name], hints[f.name], f.name, where[f.name])
+            elif f.default is dataclasses.MISSING:
+                src = str(path) if path else "the command line"
+                raise UserError(f"{src}: required config key `{f.name}` is missing ({f.metadata['doc']})")
+        sections[sec] = cls(**kwargs)
+    cfg = RunConfig(**sections)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
+    """Checks that need only the config itself (model-dependent checks live in pipeline.groups)."""
+    where = where or {}
+
+    def bad(key, msg):
+        raise UserError(f"{where.get(key, 'config')}: `{key}` {msg}")
+
+    g, d, s, p = cfg.groups, cfg.data, cfg.schedule, cfg.parallel
+    if g.phase not in PHASES:
+        bad("phase", f"must be one of {', '.join(PHASES)}, got {g.phase!r}")
+    for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every"):
+        if getattr(getattr(cfg, LEAVES[k][0]), k) < 1:
+            bad(k, "must be >= 1")
+    if s.steps < 0:
+        bad("steps", "must be >= 0")
+    if s.save_every < 1:
+        bad("save_every", "must be >= 1")
+    if s.keep_last < 0:
+        bad("keep_last", "must be >= 0 (0 keeps every checkpoint)")
+    if d.global_batch_size % d.micro_batch_size:
+        bad("global_batch_size", f"({d.global_batch_size}) must be a multiple of micro_batch_size ({d.micro_batch_size})")
+    for k in ("raw_start", "format_start"):
+        v = getattr(g, k)
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            bad(k, f"as a fraction must lie in [0, 1], got {v}")
+        if isinstance(v, int) and v < 0:
+            bad(k, f"must be >= 0, got {v}")
+    data_sources(cfg.data.data, where.get("data", "config"))
+
+
+def data_sources(data, where: str = "config") -> list[tuple[str, float]]:
+    """Normalise `data` to [(manifest path, weight)]."""
+    if isinstance(data, str):
+        return [(data, 1.0)]
+    if isinstance(data, list) and data:
+        out = []
+        for i, item in enumerate(data):
+            if not (isinstance(item, dict) and isinstance(item.get("path"), str)
+                    and set(item) <= {"path", "weight"}):
+                raise UserError(f"{where}: `data[{i}]` must be {{path: MANIFEST, weight: W}}, got {item!r}")
+            w = item.get("weight", 1.0)
+            if not isinstance(w, (int, float)) or w <= 0:
+                raise UserError(f"{where}: `data[{i}].weight` must be a positive number, got {w!r}")
+            out.append((item["path"], float(w)))
+        return out
+    raise UserError(f"{where}: `data` must be a manifest path or a list of {{path, weight}}, got {data!r}")
+
+
+def load_ds_config(cfg: RunConfig, use_gpu: bool) -> tuple[dict, str]:
+    """The DeepSpeed JSON from ds_configs/ with the run's values merged in (never a second copy)."""
+    name = cfg.parallel.ds_config
+    if name == "auto":
+        name = str(DS_CONFIG_DIR / ("gpu_bf16_zero1.json" if use_gpu else "cpu_fp32_zero1.json"))
+    path = Path(name)
+    if not path.is_file() and (DS_CONFIG_DIR / name).is_file():
+        path = DS_CONFIG_DIR / name
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"`ds_config`: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage > 1:
+        raise UserError(
+            f"{path}: `zero_optimization.stage` is {stage}, but DeepSpeed pipelines support only ZeRO stage 0 or 1 "
+            "(stages 2 and 3 partition gradients/parameters, which the pipeline engine refuses)")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in ds:
+            raise UserError(f"{path}: `{key}` is derived from the run config (global_batch_size, micro_batch_size); remove it")
+    return ds, str(path)

@@ -1,0 +1,71 @@
+"""Stable layer names: decoder layer i is `model.layers.i` everywhere.
+
+The pipeline has exactly one entry per HF decoder layer, so DeepSpeed's checkpoint file
+`layer_{i:02d}-model_states.pt` holds HF layer i. The embeddings ride on layer 0 and the
+final norm and LM head on layer L-1, instead of being entries of their own, because an
+extra entry would shift every index by one and break "layer i is layers.i".
+
+Keys inside pipeline layer i and their HF names:
+    decoder.X        -> model.layers.{i}.X
+    embed_tokens.X   -> model.embed_tokens.X      (layer 0 only)
+    norm.X           -> model.norm.X              (layer L-1 only)
+    lm_head.X        -> lm_head.X                 (layer L-1 only; dropped when tied)
+    anchor           -> (none) a 1-element trainable scalar that lets a stage with nothing
+                        to train join backward; it multiplies by zero and is never exported.
+"""
+from __future__ import annotations
+
+import re
+
+ANCHOR = "anchor"
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def layer_file(i: int) -> str:
+    """DeepSpeed's per-layer checkpoint file for global layer index i."""
+    return f"layer_{i:02d}-model_states.pt"
+
+
+def to_hf_name(layer: int, key: str) -> str | None:
+    """HF parameter name of `key` inside pipeline layer `layer` (None: not exported)."""
+    if key == ANCHOR:
+        return None
+    head, _, rest = key.partition(".")
+    if head == "decoder":
+        return f"model.layers.{layer}.{rest}"
+    if head in ("embed_tokens", "norm"):
+        return f"model.{key}"
+    if head == "lm_head":
+        return key
+    raise KeyError(f"unexpected key {key!r} in pipeline layer {layer}")
+
+
+def to_pipeline_name(hf_name: str, num_layers: int) -> tuple[int, str]:
+    """Inverse of to_hf_name: (pipeline layer index, key inside it)."""
+    m = _HF_LAYER.match(hf_name)
+    if m:
+        return int(m.group(1)), f"decoder.{m.group(2)}"
+    if hf_name.startswith("model.embed_tokens."):
+        return 0, hf_name[len("model."):]
+    if hf_name.startswith("model.norm."):
+        return num_layers - 1, hf_name[len("model."):]
+    if hf_name.startswith("lm_head."):
+        return num_layers - 1, hf_name
+    raise KeyError(f"unexpected HF parameter name {hf_name!r}")
+
+
+def group_of(hf_name: str, raw_start: int, format_start: int) -> str:
+    """Which layer group an HF parameter belongs to: 'frozen', 'raw' or 'format'.
+
+    Embeddings belong to the frozen prefix; final norm and LM head to the format group.
+    (With tied embeddings, the shared matrix is the embedding and so stays frozen.)
+    """
+    m = _HF_LAYER.match(hf_name)
+    if m:
+        i = int(m.group(1))
+        return "frozen" if i < raw_start else ("raw" if i < format_start else "format")
+    if hf_name.startswith("model.embed_tokens."):
+        return "frozen"
+    if hf_name.startswith(("model.norm.", "lm_head.")):
+        return "format"
+    raise KeyError(f"unexpected HF parameter name {hf_name!r}")

@@ -1,0 +1,73 @@
+"""The plain PyTorch loop the pipeline is checked against (parity tests) and timed against (bench).
+
+Same HF model, same trained parameters (chosen by name), same batches, torch's AdamW, the same
+LR schedule and clipping; no DeepSpeed. A dozen lines of training anyone can audit.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig, data_sources, load_ds_config
+from .data import open_data, to_inputs_labels
+from .groups import Groups
+from .hf import load_causal_lm
+from .model import causal_lm_loss
+from .names import group_of
+from .parallel import lr_factor
+
+
+def trainable_by_name(model, groups: Groups, tied: bool) -> list[torch.nn.Parameter]:
+    params = []
+    for name, p in model.named_parameters():
+        group = group_of(name, groups.raw_start, groups.format_start)
+        if tied and name == "lm_head.weight":
+            group = "frozen"
+        p.requires_grad_(group in groups.trained_groups)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def batches(cfg: RunConfig, start_step: int = 0):
+    """Yield, per step, the list of (inputs, labels) micro-batches in global sample order."""
+    data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
+    G, m = cfg.data.global_batch_size, cfg.data.micro_batch_size
+    step = start_step
+    while True:
+        micro = []
+        for first in range(step * G, (step + 1) * G, m):
+            pairs = [data.sample(g) for g in range(first, first + m)]
+            tokens = torch.stack([torch.from_numpy(p[0].astype("int64")) for p in pairs])
+            mask = torch.stack([torch.from_numpy(p[1]) for p in pairs]) if data.has_mask else None
+            micro.append(to_inputs_labels(tokens, mask))
+        yield micro
+        step += 1
+
+
+def train_reference(cfg: RunConfig, groups: Groups, tied: bool, steps: int | None = None):
+    """Returns (per-step losses, model)."""
+    torch.manual_seed(cfg.schedule.seed)
+    model = load_causal_lm(cfg.model.model)
+    model.train()
+    params = trainable_by_name(model, groups, tied)
+    # betas and eps come from the same ds_configs/ JSON the pipeline merges, so the two cannot drift.
+    ds_params = load_ds_config(cfg, use_gpu=False)[0]["optimizer"]["params"]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    losses = []
+    it = batches(cfg)
+    for _ in range(cfg.schedule.steps if steps is None else steps):
+        micro = next(it)
+        total = 0.0
+        for inputs, labels in micro:
+            loss = causal_lm_loss(model(input_ids=inputs).logits, labels) / len(micro)
+            loss.backward()
+            total += loss.item()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, model
