@@ -90,3 +90,18 @@ def resume(engine, ckpt_dir: Path) -> tuple[int, dict]:
         raise UserError(verdict[0])
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_for(step))
     return step, client_state or {}
+
+
+def optimizer_numel_per_stage(tag_dir: Path) -> dict[int, int]:
+    """Parameters that have optimizer state, per pipeline stage, summed over the data-parallel
+    ZeRO-1 partitions (padding excluded). Frozen parameters must contribute nothing."""
+    import torch
+
+    out: dict[int, int] = {}
+    for f in sorted(Path(tag_dir).glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+        stage = int(f.stem.split("_mp_rank_")[1].split("_")[0])
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        # param_slice_mappings: per param group, {param name: (numel, start)} of this rank's slice.
+        n = sum(frag.numel for group in osd["param_slice_mappings"] for frag in group.values())
+        out[stage] = out.get(stage, 0) + n
+    return out

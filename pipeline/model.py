@@ -57,8 +57,15 @@ class DecoderLayerPipe(nn.Module):
 
 
 def causal_lm_loss(logits, labels):
-    """Mean cross-entropy over labels that are not IGNORE_INDEX (labels are already shifted)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over labels that are not IGNORE_INDEX (labels are already shifted).
+
+    Same value as the HF model's own loss, except that a micro-batch with no target at all (a chat
+    window holding no assistant token) gives 0 instead of NaN, so it contributes nothing.
+    """
+    flat = labels.reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class GroupAlignedPipe(PipelineModule):
@@ -84,10 +91,10 @@ def layer_specs(hf_model, groups: Groups, bounds: list[int]) -> list[LayerSpec]:
     inner = hf_model.model
     L = groups.num_layers
     frozen_stages = fully_frozen_stages(groups, bounds)
-    # A fully frozen stage gets its anchor on its last layer (only if it is not the last stage,
-    # which has the loss and no outgoing activations; a frozen last stage is impossible anyway
-    # because the format group always trains or sits above trained layers).
-    anchored = {bounds[s + 1] - 1 for s in frozen_stages if s < len(bounds) - 2}
+    # A fully frozen stage gets its anchor on its last layer. That includes a frozen last stage
+    # (the format group during `raw`): it cannot skip backward, since the raw group's gradients
+    # flow through it, and DeepSpeed still wants a parameter to build its optimizer from.
+    anchored = {bounds[s + 1] - 1 for s in frozen_stages}
     specs = []
     for i in range(L):
         specs.append(LayerSpec(

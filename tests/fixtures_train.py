@@ -1,0 +1,99 @@
+"""A tiny but real training setup: an HF tokenizer dir, a 4-layer Llama saved to disk, raw and
+chat shards packed by `data_prep`, and run configs. Built once per test session (see the
+`train_setup` fixture in the tests that use it) because packing and saving take a few seconds.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fixtures_tok import conversations, documents, make_hf_tokenizer, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def make_tiny_llama(out: Path, vocab_size: int, layers: int = 4, hidden: int = 32, tie: bool = False,
+                    seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=tie)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    return out
+
+
+def build_setup(root: Path) -> dict:
+    """Returns paths: tokenizer, model, raw manifest, chat manifest."""
+    from data_prep.__main__ import main as data_prep_main
+    from transformers import AutoTokenizer
+
+    tok_dir = make_hf_tokenizer(root / "tok", vocab_size=300)
+    vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    model = make_tiny_llama(root / "model", vocab)
+    for f in tok_dir.iterdir():  # a user's model dir carries its tokenizer
+        (model / f.name).write_bytes(f.read_bytes())
+    raw = write_jsonl(root / "raw.jsonl", [{"text": d} for d in documents(200, seed=3)])
+    chat = write_jsonl(root / "chat.jsonl", conversations(150, seed=4))
+    data_prep_main(["raw", str(raw), "--tokenizer", str(model), "--output-prefix", str(root / "data/raw"),
+                    "--val-fraction", "0.05"])
+    data_prep_main(["chat", str(chat), "--tokenizer", str(model), "--output-prefix", str(root / "data/chat"),
+                    "--val-fraction", "0.05"])
+    return {"root": root, "model": model, "raw": root / "data/raw.manifest.json",
+            "chat": root / "data/chat.manifest.json"}
+
+
+def write_config(path: Path, setup: dict, phase: str, out: Path, **overrides) -> Path:
+    cfg = {
+        "model": str(setup["model"]), "data": str(setup["chat" if phase == "chat" else "raw"]),
+        "phase": phase, "raw_start": 1, "format_start": 3, "seq_len": 16,
+        "micro_batch_size": 2, "global_batch_size": 4, "steps": 10, "lr": 3e-3,
+        "warmup_steps": 2, "out": str(out), "save_every": 5, "keep_last": 2, "seed": 1,
+    }
+    cfg.update(overrides)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
+    e["PYTHONPATH"] = f"{REPO}:{REPO / 'tests'}"
+    return e
+
+
+def run_train(args: list[str], ranks: int = 1, timeout: int = 400, check: bool = True, launcher: str = "python"):
+    """Run the real entry point: one process, or `deepspeed --num_gpus N` CPU ranks."""
+    if ranks == 1 and launcher == "python":
+        cmd = [sys.executable, "-m", "pipeline.train", *args]
+    else:
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               "--module", "pipeline.train", *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed_script(script: str, args: list[str], ranks: int, timeout: int = 600):
+    """`deepspeed --num_gpus N script args...` on CPU ranks; fails the test with the ranks' output."""
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), script, *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
