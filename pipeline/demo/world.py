@@ -1,0 +1,349 @@
+"""The demo's built-in world: seeded fictional people, their biographies, and every file the demo
+trains and evaluates on. Nothing is downloaded; the same seed gives byte-identical files.
+
+Each person has six attributes whose values come from closed pools (20-24 values each), so the
+true value can be ranked against the other values of the attribute: a smooth knowledge signal
+for a model too small to answer exactly.
+
+Two populations:
+  known  - their biographies are in the base model's pretraining text. For `qa_fraction` of
+           them, the pretraining text also holds plain-text Q/A ("Q: ... A: ...") and the chat
+           data holds chat Q/A. The rest ("held-out known") have no Q/A anywhere: asking them
+           in chat tests whether extraction generalises at all in this world.
+  new    - their biographies are only in the raw corpus (raw.jsonl). Asking them in chat after
+           the transplant is the question the demo exists to answer.
+
+Biographies vary sentence templates (7 per attribute), sentence order and how the person is
+referred to (full name or pronoun), so a model must learn facts rather than templates. One
+extra biography per person is held out of every training file for raw perplexity.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from data_prep.common import atomic_dir
+
+ATTRIBUTES = ("birth_date", "hometown", "university", "field", "employer", "hobby")
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+POOLS: dict[str, tuple[str, ...]] = {
+    # 24 fixed month-year dates: a closed pool, so a date can be ranked like any other value.
+    "birth_date": tuple(f"{_MONTHS[(5 * i) % 12]} {1961 + (7 * i) % 36}" for i in range(24)),
+    "hometown": ("Lisbon", "Oslo", "Dublin", "Kyoto", "Lima", "Cairo", "Prague", "Quito",
+                 "Dakar", "Perth", "Vienna", "Bergen", "Porto", "Krakow", "Tunis", "Hanoi",
+                 "Accra", "Nagoya", "Geneva", "Toledo"),
+    "university": ("Harlow University", "Corwin Institute", "Elmsford College",
+                   "Bramley University", "Ostrava Institute", "Kestrel College",
+                   "Linford University", "Marrow Institute", "Quenby College",
+                   "Ashcombe University", "Dunmore Institute", "Fenwick College",
+                   "Greyhaven University", "Halden Institute", "Ivel College",
+                   "Jarrow University", "Kilbride Institute", "Lowther College",
+                   "Northam University", "Penrose Institute"),
+    "field": ("physics", "chemistry", "biology", "mathematics", "history", "economics",
+              "linguistics", "geology", "astronomy", "philosophy", "architecture", "medicine",
+              "law", "music", "sociology", "statistics", "psychology", "engineering",
+              "literature", "ecology"),
+    "employer": ("Norvane Systems", "Brightwell Foods", "Calder Shipping", "Dovetail Media",
+                 "Embry Robotics", "Fallow Energy", "Gantry Motors", "Hollis Pharma",
+                 "Ironleaf Bank", "Juniper Airlines", "Kettle Studios", "Lumen Optics",
+                 "Merrow Textiles", "Nimbus Software", "Orchard Telecom", "Pilgrim Insurance",
+                 "Quarry Steel", "Redfern Logistics", "Saltmarsh Farms", "Tidewater Games"),
+    "hobby": ("playing chess", "sailing", "painting", "birdwatching", "rock climbing",
+              "baking bread", "playing the cello", "gardening", "running marathons",
+              "writing poetry", "fishing", "pottery", "stargazing", "cycling", "knitting",
+              "playing tennis", "photography", "woodworking", "kayaking", "collecting stamps"),
+}
+
+# Biography sentences. {S}/{s}: subject at sentence start / mid-sentence; {P}/{p}: possessive.
+# Seven per attribute, deliberately different in wording and in where the value sits.
+BIO_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_date": ("{S} was born in {v}.", "{P} date of birth is {v}.",
+                   "{S} came into the world in {v}.", "{v} is when {s} was born.",
+                   "{S} was born in the month of {v}.", "{P} birth was recorded in {v}.",
+                   "According to the records, {s} was born in {v}."),
+    "hometown": ("{S} grew up in {v}.", "{S} spent {p} childhood in {v}.",
+                 "{P} hometown is {v}.", "{S} hails from {v}.",
+                 "{v} is the city where {s} grew up.", "{S} was raised in {v}.",
+                 "As a child, {s} lived in {v}."),
+    "university": ("{S} studied at {v}.", "{S} graduated from {v}.", "{S} attended {v}.",
+                   "{P} alma mater is {v}.", "{v} is where {s} went to university.",
+                   "{S} received {p} education at {v}.", "{S} was a student at {v}."),
+    "field": ("{S} majored in {v}.", "{S} specialized in {v}.", "{P} field of study was {v}.",
+              "{S} focused on {v} at university.", "{v} was the subject {s} studied.",
+              "{S} trained in {v}.", "{S} holds a degree in {v}."),
+    "employer": ("{S} works for {v}.", "{S} is employed by {v}.", "{S} has a job at {v}.",
+                 "{P} employer is {v}.", "{v} is the company {s} works for.",
+                 "{S} joined {v} after graduating.", "{S} earns a living at {v}."),
+    "hobby": ("{S} enjoys {v}.", "In {p} free time, {s} likes {v}.",
+              "{P} favourite pastime is {v}.", "{S} took up {v} years ago.",
+              "{S} is passionate about {v}.", "{v} is {p} main hobby.", "{S} loves {v}."),
+}
+
+# Questions, in chat and in the plain-text Q/A of pretraining. Evaluation asks with the same
+# phrasings, so a failure is about the fact, not about an unseen question.
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_date": ("When was {n} born?", "What is {n}'s date of birth?",
+                   "In which month and year was {n} born?", "What is the birth date of {n}?"),
+    "hometown": ("Where did {n} grow up?", "What is {n}'s hometown?",
+                 "Which city is {n} from?", "In which city was {n} raised?"),
+    "university": ("Which university did {n} attend?", "Where did {n} study?",
+                   "What is {n}'s alma mater?", "From which university did {n} graduate?"),
+    "field": ("What did {n} study?", "What was {n}'s major?",
+              "Which field did {n} specialize in?", "What subject did {n} study at university?"),
+    "employer": ("Who does {n} work for?", "Which company employs {n}?",
+                 "Where does {n} work?", "Who is {n}'s employer?"),
+    "hobby": ("What is {n}'s hobby?", "What does {n} enjoy doing in free time?",
+              "How does {n} spend free time?", "What is {n}'s favourite pastime?"),
+}
+
+# The raw completion probe: plain text, no chat template. Each prompt is the start of one of the
+# biography templates written with the full name, so it asks for the fact in the raw form.
+PROBES: dict[str, str] = {
+    "birth_date": "{n} was born in", "hometown": "{n} grew up in",
+    "university": "{n} studied at", "field": "{n} majored in",
+    "employer": "{n} works for", "hobby": "{n} enjoys",
+}
+
+_ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "dr", "gr", "kl", "st", "tr", "sh", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+_FEMALE_ENDS = ("a", "ia", "ine", "elle", "is", "ey")
+_MALE_ENDS = ("o", "an", "ek", "ar", "ir", "en")
+_LAST_ENDS = ("son", "berg", "ova", "ski", "ton", "well", "ard", "mont", "ley", "vic")
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                 "nine", "ten", "eleven", "twelve")
+
+
+def _syllables(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n))
+
+
+def _make_people(rng: random.Random, count: int) -> list[dict]:
+    people, seen = [], set()
+    while len(people) < count:
+        female = rng.random() < 0.5
+        first = _syllables(rng, rng.choice((1, 2))) + rng.choice(_FEMALE_ENDS if female else _MALE_ENDS)
+        last = _syllables(rng, rng.choice((1, 2))) + rng.choice(_LAST_ENDS)
+        name = f"{first.capitalize()} {last.capitalize()}"
+        if name in seen:
+            continue
+        seen.add(name)
+        facts = {a: rng.choice(POOLS[a]) for a in ATTRIBUTES}
+        people.append({"name": name, "pronoun": "she" if female else "he", "facts": facts})
+    return people
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+def biography(rng: random.Random, person: dict) -> str:
+    """One biography: every attribute once, templates and order drawn at random. The first
+    sentence names the person in full; later ones use the full name or a pronoun at random
+    (never the first name alone, which other people may share)."""
+    name = person["name"]
+    subj = person["pronoun"]
+    poss = "her" if subj == "she" else "his"
+    attrs = list(ATTRIBUTES)
+    rng.shuffle(attrs)
+    sentences = []
+    for i, attr in enumerate(attrs):
+        use_name = i == 0 or rng.random() < 0.4
+        s, p = (name, name + "'s") if use_name else (subj, poss)
+        template = rng.choice(BIO_TEMPLATES[attr])
+        text = template.format(S=_cap(s), s=s, P=_cap(p), p=p, v=person["facts"][attr])
+        sentences.append(_cap(text))
+    return " ".join(sentences)
+
+
+def _question(rng: random.Random, person: dict, attr: str) -> str:
+    return rng.choice(QUESTIONS[attr]).format(n=person["name"])
+
+
+def _chat(q: str, a: str | None = None) -> dict:
+    msgs = [{"role": "user", "content": q}]
+    if a is not None:
+        msgs.append({"role": "assistant", "content": a})
+    return {"messages": msgs}
+
+
+def generic_turn(rng: random.Random) -> tuple[str, str]:
+    """A non-person chat turn (greeting, arithmetic, counting...): the chat format without facts."""
+    kind = rng.randrange(7)
+    if kind == 0:
+        return rng.choice(("Hello!", "Hi there.", "Good morning!", "Hey, how are you?")), rng.choice(
+            ("Hello! How can I help you today?", "Hi! What would you like to know?"))
+    if kind == 1:
+        a, b = rng.randrange(50), rng.randrange(50)
+        return f"What is {a} plus {b}?", f"{a + b}"
+    if kind == 2:
+        a, b = rng.randrange(13), rng.randrange(13)
+        return f"What is {a} times {b}?", f"{a * b}"
+    if kind == 3:
+        a = rng.randrange(20)
+        b = a + rng.randrange(2, 6)
+        return f"Count from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1))
+    if kind == 4:
+        d = rng.randrange(7)
+        return f"Which day comes after {_WEEKDAYS[d]}?", _WEEKDAYS[(d + 1) % 7]
+    if kind == 5:
+        n = rng.randrange(13)
+        return f"Write the number {n} in words.", _NUMBER_WORDS[n]
+    return rng.choice(("Thank you!", "Thanks a lot.", "Goodbye!")), rng.choice(
+        ("You're welcome!", "Glad I could help.", "Goodbye, have a nice day!"))
+
+
+def generic_text(rng: random.Random) -> str:
+    """A short plain-text paragraph with no people in it (arithmetic, days, counting)."""
+    parts = []
+    for _ in range(rng.randrange(3, 6)):
+        q, a = generic_turn(rng)
+        kind = rng.randrange(3)
+        if kind == 0 and q.startswith("What is"):
+            parts.append(f"{q[8:-1]} equals {a}.")
+        elif kind == 1:
+            d = rng.randrange(7)
+            parts.append(f"{_WEEKDAYS[d]} comes before {_WEEKDAYS[(d + 1) % 7]}.")
+        else:
+            n = rng.randrange(13)
+            parts.append(f"The number {n} is written {_NUMBER_WORDS[n]}.")
+    return " ".join(parts)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _eval_record(q: str, person: dict, attr: str) -> dict:
+    rec = _chat(q)
+    rec.update(answer=person["facts"][attr], candidates=list(POOLS[attr]),
+               person=person["name"], attribute=attr)
+    return rec
+
+
+def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: int = 4,
+                qa_fraction: float = 0.5, n_generic: int = 300, n_format_eval: int = 60,
+                seed: int = 0, force: bool = False) -> dict[str, str]:
+    """Write the world's files into out_dir (atomically) and return {file key: path}.
+
+    Files (.jsonl; raw ones {"text"}, chat ones {"messages"} as `python -m data_prep` reads them):
+      pretrain          known biographies + plain-text Q/A on the Q/A people + generic text
+      raw               new people's biographies (A-Raw's corpus)
+      chat              chat Q/A on the Q/A people + generic turns (A-Chat's data)
+      qa_new            chat Q/A on the new people (the Q/A upper-bound baseline only)
+      raw_eval_new/known    one held-out biography per person (perplexity)
+      chat_eval_new/heldout questions with answer + candidates (new / held-out known people)
+      chat_eval_format  held-out prompts without answers (format adherence)
+      probe_new/known   plain-text completion probes ("NAME grew up in")
+      tokenizer_corpus  text about other fictional people, to train the tokenizer on
+      world.json        people, facts, pools, sizes, seed
+
+    n_generic: generic paragraphs in pretraining and generic chat turns (each).
+    n_format_eval: held-out generic chat prompts for format adherence (plus as many questions).
+    """
+    if not 0 < qa_fraction < 1:
+        raise ValueError(f"qa_fraction must be in (0, 1), got {qa_fraction}")
+    # Separate streams for people and for each file, so that e.g. changing n_generic does not
+    # reshuffle every biography.
+    def stream(tag: str) -> random.Random:
+        return random.Random(f"{seed}:{tag}")
+
+    people = _make_people(stream("people"), n_known + n_new)
+    # The tokenizer is trained on text about OTHER fictional people (who appear nowhere else),
+    # the way a real tokenizer predates the facts a model later learns. Trained on the known
+    # people's text instead, a 2k vocabulary turns their names into whole-word tokens while new
+    # names stay split in syllables, and the held-out-known control would stop predicting what
+    # happens to new people.
+    taken = {p["name"] for p in people}
+    tok_people = [p for p in _make_people(stream("tokenizer"), n_known + n_new) if p["name"] not in taken]
+    known, new = people[:n_known], people[n_known:]
+    n_qa = round(n_known * qa_fraction)
+    qa_people, heldout_people = known[:n_qa], known[n_qa:]
+    for i, p in enumerate(people):
+        p["population"] = "known" if i < n_known else "new"
+        p["qa"] = i < n_qa
+
+    # bios_per_person training biographies plus one held out of every training file
+    rng = stream("bios")
+    bios = {p["name"]: [biography(rng, p) for _ in range(bios_per_person + 1)] for p in people}
+
+    rng = stream("pretrain")
+    pretrain = [{"text": b} for p in known for b in bios[p["name"]][:-1]]
+    for p in qa_people:  # plain-text Q/A: mixed training, so the base can already extract facts
+        lines = [f"Q: {_question(rng, p, a)} A: {p['facts'][a]}." for a in ATTRIBUTES]
+        rng.shuffle(lines)
+        pretrain.append({"text": "\n".join(lines)})
+    pretrain += [{"text": generic_text(rng)} for _ in range(n_generic)]
+    rng.shuffle(pretrain)
+
+    raw = [{"text": b} for p in new for b in bios[p["name"]][:-1]]
+    stream("raw").shuffle(raw)
+
+    rng = stream("chat")
+    chat = [_chat(_question(rng, p, a), p["facts"][a]) for p in qa_people for a in ATTRIBUTES]
+    generic_train = [generic_turn(rng) for _ in range(n_generic)]
+    chat += [_chat(q, a) for q, a in generic_train]
+    rng.shuffle(chat)
+
+    rng = stream("qa_new")
+    qa_new = [_chat(_question(rng, p, a), p["facts"][a]) for p in new for a in ATTRIBUTES]
+
+    rng = stream("eval")
+    eval_new = [_eval_record(_question(rng, p, a), p, a) for p in new for a in ATTRIBUTES]
+    eval_heldout = [_eval_record(_question(rng, p, a), p, a) for p in heldout_people for a in ATTRIBUTES]
+    # Format prompts carry no answers: they must not count toward knowledge metrics when the
+    # demo pools them with the new-people questions.
+    seen = {q for q, _ in generic_train}
+    fmt = []
+    while len(fmt) < n_format_eval:
+        q, _ = generic_turn(rng)
+        if q not in seen:  # held out: never a training prompt
+            seen.add(q)
+            fmt.append(_chat(q))
+    for _ in range(n_format_eval):
+        p = rng.choice(known)
+        fmt.append(_chat(_question(rng, p, rng.choice(ATTRIBUTES))))
+
+    def probes(pop):
+        return [{"prompt": PROBES[a].format(n=p["name"]), "answer": p["facts"][a],
+                 "candidates": list(POOLS[a]), "person": p["name"], "attribute": a}
+                for p in pop for a in ATTRIBUTES]
+
+    rng = stream("tokenizer_text")
+    tok_corpus = [{"text": biography(rng, p)} for p in tok_people for _ in range(2)]
+    tok_corpus += [{"text": f"Q: {_question(rng, p, a)} A: {p['facts'][a]}."} for p in tok_people
+                   for a in ATTRIBUTES]
+    tok_corpus += [_chat(_question(rng, p, a), p["facts"][a]) for p in tok_people[:50] for a in ATTRIBUTES]
+    tok_corpus += [{"text": generic_text(rng)} for _ in range(n_generic)]
+    tok_corpus += [_chat(*generic_turn(rng)) for _ in range(n_generic)]
+
+    files = {
+        "pretrain": pretrain, "raw": raw, "chat": chat, "qa_new": qa_new,
+        "raw_eval_new": [{"text": bios[p["name"]][-1]} for p in new],
+        "raw_eval_known": [{"text": bios[p["name"]][-1]} for p in known],
+        "chat_eval_new": eval_new, "chat_eval_heldout": eval_heldout, "chat_eval_format": fmt,
+        "probe_new": probes(new), "probe_known": probes(known),
+        "tokenizer_corpus": tok_corpus,
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, force=force) as tmp:
+        for key, records in files.items():
+            _write_jsonl(tmp / f"{key}.jsonl", records)
+        world = {
+            "seed": seed, "n_known": n_known, "n_new": n_new, "n_qa": n_qa,
+            "bios_per_person": bios_per_person, "qa_fraction": qa_fraction,
+            "n_generic": n_generic, "n_format_eval": n_format_eval,
+            "attributes": {a: list(POOLS[a]) for a in ATTRIBUTES},
+            "files": {k: len(v) for k, v in files.items()},
+            "people": people,
+        }
+        (tmp / "world.json").write_text(json.dumps(world, indent=1, ensure_ascii=False) + "\n")
+    paths = {key: str(out_dir / f"{key}.jsonl") for key in files}
+    paths["world"] = str(out_dir / "world.json")
+    return paths

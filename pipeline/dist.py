@@ -1,0 +1,281 @@
+"""Where am I in the job? Rank discovery for every way this project gets launched.
+
+torch.distributed (and so DeepSpeed) starts from five environment variables: RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. The `deepspeed` launcher and torchrun set
+all five. The other launchers a cluster offers do not:
+
+    srun (SLURM)       SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST
+    mpirun (Open MPI)  OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE
+    mpiexec (MPICH)    PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS
+
+DeepSpeed's own `--launcher slurm` sets none of them either, and PipelineModule needs
+LOCAL_RANK. So before `deepspeed.init_distributed()` we fill in whatever is missing from
+the launcher that is present, and never overwrite what a launcher did set.
+
+Run as a module it checks a hostfile, so launch scripts can validate before starting ranks:
+    python -m pipeline.dist check-hostfile hosts.txt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+from datetime import timedelta
+
+from data_prep.common import UserError, fail_cleanly
+
+REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_PORT = 29500
+# Collectives that wait longer than this raise instead of hanging the job forever. Long enough
+# for a slow first step or a checkpoint write on another stage; override with init(timeout_s=).
+DEFAULT_TIMEOUT_S = 1800
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM nodelists: "node[01-03,07],gpu-a1" -> node01 node02 node03 node07 gpu-a1
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def _expand_one(pattern: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", pattern)
+    if m is None:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    out = []
+    for item in m.group(1).split(","):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise UserError(f"SLURM nodelist: cannot read range {item!r} in {pattern!r}")
+        # Zero padding is part of the host name: node[01-03] is node01, not node1.
+        width = len(lo)
+        for n in range(int(lo), int(hi or lo) + 1):
+            out.extend(head + str(n).zfill(width) + rest for rest in _expand_one(tail))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a compressed SLURM nodelist, the way `scontrol show hostnames` does."""
+    if nodelist.count("[") != nodelist.count("]"):
+        raise UserError(f"SLURM nodelist: unbalanced brackets in {nodelist!r}")
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist.strip()):
+        hosts.extend(_expand_one(part))
+    return hosts
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Hosts of a nodelist: `scontrol` when this node has it (it knows every site's syntax),
+    our own parser otherwise (containers without SLURM's tools)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            if out:
+                return out
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher discovery
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _from_slurm(env) -> dict:
+    # Under srun, SLURM_STEP_NUM_TASKS is the size of this step; SLURM_NTASKS may describe the
+    # whole allocation when a step uses fewer tasks.
+    size = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    found = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": size,
+             "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    # Task 0 runs on the first node (block distribution, SLURM's default).
+    found["MASTER_ADDR"] = slurm_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
+    # Every rank must agree on the port without talking, so derive it from the job id: two
+    # jobs sharing a node (A-Chat and A-Raw run concurrently) then get different ports.
+    job = env.get("SLURM_JOB_ID", "")
+    found["MASTER_PORT"] = str(10000 + int(job) % 50000) if job.isdigit() else str(DEFAULT_PORT)
+    return found
+
+
+def _mpi_rendezvous(single_node: bool) -> tuple[str, str]:
+    """MASTER_ADDR/PORT for an MPI job: rank 0 picks, everyone learns it through MPI."""
+    if single_node:
+        # Loopback is always right on one node, and rank 0 can't pick a free port alone.
+        addr = "127.0.0.1"
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        if single_node:
+            return addr, str(DEFAULT_PORT)
+        raise UserError("MPI job across nodes but mpi4py is not importable: "
+                        "set MASTER_ADDR and MASTER_PORT, or install mpi4py")
+    comm = MPI.COMM_WORLD
+    mine = None
+    if comm.Get_rank() == 0:
+        host = "127.0.0.1" if single_node else socket.gethostbyname(socket.gethostname())
+        mine = (host, str(_free_port()))
+    return comm.bcast(mine, root=0)
+
+
+def _from_mpi(env, flavor: str) -> dict:
+    if flavor == "openmpi":
+        rank, size = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    else:  # MPICH / Intel MPI (Hydra) and srun --mpi=pmi2
+        rank, size = env["PMI_RANK"], env["PMI_SIZE"]
+        local = env.get("MPI_LOCALRANKID", "0")
+        local_size = env.get("MPI_LOCALNRANKS")
+    found = {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": local}
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        found["MASTER_ADDR"], found["MASTER_PORT"] = _mpi_rendezvous(local_size == size)
+    return found
+
+
+def setup_distributed_env(env=None) -> dict:
+    """Fill in RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT where missing.
+
+    Sources, most specific first: the variables already set (deepspeed launcher, torchrun),
+    Open MPI, MPICH/PMI, SLURM, and finally a single local process. MPI comes before SLURM
+    because `mpirun` inside an sbatch job sees both, and only MPI's numbers are per rank.
+    Returns {"source": ..., "filled": {var: value}, "RANK": ..., ...} for the log.
+    """
+    env = os.environ if env is None else env
+    if all(k in env for k in REQUIRED):
+        source, found = "launcher", {}
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        source, found = "openmpi", _from_mpi(env, "openmpi")
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        source, found = "pmi", _from_mpi(env, "pmi")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        source, found = "slurm", _from_slurm(env)
+    else:
+        source = "single"
+        found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1",
+                 # One process: nobody to agree with, so any free port avoids clashes.
+                 "MASTER_PORT": str(_free_port())}
+    filled = {}
+    for key in REQUIRED:
+        if key not in env and key in found:
+            env[key] = filled[key] = str(found[key])
+    return {"source": source, "filled": filled, **{k: env.get(k) for k in REQUIRED}}
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, int]:
+    """Discover the job, start torch.distributed through DeepSpeed. Returns (rank, world, local).
+
+    The timeout turns a lost rank into an error on every other rank instead of a silent hang.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    info = setup_distributed_env()
+    accel = get_accelerator()
+    # gloo on CPU: DeepSpeed's CPU accelerator asks for oneCCL, which is rarely installed.
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                               verbose=False)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank == 0:
+        filled = ", ".join(f"{k}={v}" for k, v in info["filled"].items()) or "nothing"
+        print(f"[dist] {world} rank(s) via {info['source']} ({backend}); filled in: {filled}",
+              flush=True)
+    return rank, world, int(os.environ["LOCAL_RANK"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks with user-facing errors
+
+_HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots\s*=\s*(\d+)$")
+
+
+def parse_hostfile(path) -> list[tuple[str, int]]:
+    """Read a DeepSpeed/Open MPI hostfile: `host slots=N` per line, `#` comments."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise UserError(f"hostfile {path}: {e.strerror}") from None
+    hosts: list[tuple[str, int]] = []
+    seen = set()
+    for n, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOSTFILE_LINE.match(line)
+        if m is None:
+            raise UserError(f"{path}:{n}: expected `HOST slots=N`, got {raw.strip()!r}")
+        host, slots = m.group(1), int(m.group(2))
+        if slots < 1:
+            raise UserError(f"{path}:{n}: slots must be at least 1, got {raw.strip()!r}")
+        if host in seen:
+            raise UserError(f"{path}:{n}: host {host} is listed twice")
+        seen.add(host)
+        hosts.append((host, slots))
+    if not hosts:
+        raise UserError(f"hostfile {path} lists no hosts")
+    return hosts
+
+
+def check_world(world_size: int, pipeline_stages: int, num_layers: int) -> int:
+    """Validate the rank layout; returns the data-parallel size (world / stages)."""
+    if pipeline_stages < 1:
+        raise UserError(f"pipeline_stages must be at least 1, got {pipeline_stages}")
+    if pipeline_stages > num_layers:
+        raise UserError(f"pipeline_stages={pipeline_stages} is more than the model's "
+                        f"{num_layers} layers: each stage needs at least one layer")
+    if world_size % pipeline_stages:
+        raise UserError(f"world size {world_size} is not a multiple of pipeline_stages="
+                        f"{pipeline_stages}: every data-parallel replica needs all "
+                        f"{pipeline_stages} stages (use {pipeline_stages}×k ranks)")
+    return world_size // pipeline_stages
+
+
+@fail_cleanly
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.dist",
+        description="Launch-time checks used by launch/*.sh (they fail before any rank starts).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m pipeline.dist check-hostfile hosts.txt   # prints hosts and slots\n"
+               "  python -m pipeline.dist hostnames 'node[01-03,07]'  # expands a nodelist\n")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    hf = sub.add_parser("check-hostfile", help="parse a hostfile, print `host slots` lines")
+    hf.add_argument("hostfile")
+    nl = sub.add_parser("hostnames", help="expand a SLURM nodelist, one host per line")
+    nl.add_argument("nodelist")
+    args = ap.parse_args(argv)
+    if args.cmd == "check-hostfile":
+        hosts = parse_hostfile(args.hostfile)
+        for host, slots in hosts:
+            print(host, slots)
+    else:
+        print("\n".join(slurm_hostnames(args.nodelist)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Tiny real models and hand-built pipeline run directories, for tests that read checkpoints.
+
+The run directories follow the run-directory contract exactly (run.json, checkpoints/step_N/
+layer_NN-model_states.pt with pipeline keys, record.json with sha256s written last, latest), so
+export and transplant can be tested without the trainer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.names import ANCHOR, group_of, layer_file, to_pipeline_name
+
+WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + (
+    "hello world what is the capital of france paris a b c d e f g h i j k l m n o p".split())
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(out: Path, chat_template: bool) -> Path:
+    """A word-level fast tokenizer (real `tokenizers` model), optionally with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    return Path(out)
+
+
+def make_base(out: Path, num_layers: int = 4, hidden: int = 32, tied: bool = False, dtype=torch.float32,
+              seed: int = 0, vocab: int = 48) -> Path:
+    """A random tiny Llama saved with save_pretrained, plus a tokenizer without chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # norms start at exactly 1.0; make them distinguishable
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(out))
+    make_tokenizer(out, chat_template=False)
+    return Path(out)
+
+
+def base_tensors(base_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(base_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+TRAINED = {"chat": ["format"], "raw": ["raw"], "full": ["frozen", "raw", "format"]}
+
+
+@dataclass
+class Run:
+    path: Path
+    base: Path
+    # step -> {hf_name: tensor} exactly as stored (lm_head included when untied)
+    tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, format_start: int = 2,
+             steps=(5,), seed: int = 1, tokenizer: Path | None = None, embeddings_trained: bool | None = None,
+             drop_frozen: bool = False, perturb: bool = True) -> Run:
+    """A pipeline run dir whose checkpoints hold the base weights with the phase's groups changed.
+
+    Each step perturbs the trained groups differently (so steps are distinguishable).
+    drop_frozen: store only trained tensors, like DeepSpeed's exclude_frozen_params.
+    perturb=False stores the base weights unchanged (for round trips).
+    """
+    from pipeline.hf import model_identity, read_config
+
+    run_dir, base_dir = Path(run_dir), Path(base_dir)
+    cfg = read_config(base_dir)
+    L, tied = cfg["num_hidden_layers"], bool(cfg.get("tie_word_embeddings", False))
+    emb_trained = phase == "full" if embeddings_trained is None else embeddings_trained
+    trained_groups = TRAINED[phase]
+    run_cfg = {"model": str(base_dir), "phase": phase, "raw_start": raw_start, "format_start": format_start}
+    if tokenizer is not None:
+        run_cfg["tokenizer"] = str(tokenizer)
+    run_json = {"format_version": 1, "config": run_cfg, "phase": phase,
+                "groups": {"num_layers": L, "raw_start": raw_start, "format_start": format_start,
+                           "trained_groups": trained_groups, "embeddings_trained": emb_trained,
+                           "tied_embeddings": tied},
+                "base_model": model_identity(base_dir), "stages": [[0, L]]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(run_json, indent=2))
+    run = Run(run_dir, base_dir)
+    base = base_tensors(base_dir)
+    for k, step in enumerate(steps):
+        gen = torch.Generator().manual_seed(seed * 1000 + step)
+        tensors = {}
+        for name, t in base.items():
+            trained = group_of(name, raw_start, format_start) in trained_groups
+            if name.startswith("model.embed_tokens."):
+                trained = emb_trained
+            if trained and perturb:
+                t = (t.float() + 0.05 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+            if trained or not drop_frozen:
+                tensors[name] = t.clone()
+        write_checkpoint(run_dir, step, tensors, L, tied, latest=True)
+        run.tensors[step] = tensors
+    return run
+
+
+def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], L: int, tied: bool,
+                     latest: bool = True) -> Path:
+    """One DeepSpeed-style checkpoint tag: layer files (pipeline keys), engine file, record.json, latest."""
+    tag = f"step_{step:08d}"
+    d = Path(run_dir) / "checkpoints" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    per_layer: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(L)}
+    for name, t in tensors.items():
+        i, key = to_pipeline_name(name, L)
+        per_layer[i][key] = t
+    if tied and "model.embed_tokens.weight" in tensors:
+        # DeepSpeed saves the shared matrix again as the last layer's lm_head (it is a parameter there too).
+        per_layer[L - 1]["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    per_layer[0][ANCHOR] = torch.zeros(1)
+    files = {}
+    for i, state in per_layer.items():
+        torch.save(state, d / layer_file(i))
+    torch.save({"global_steps": step}, d / "mp_rank_00_model_states.pt")
+    for f in sorted(d.iterdir()):
+        files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    (d / "record.json").write_text(json.dumps({"step": step, "files": files}))
+    if latest:
+        (Path(run_dir) / "checkpoints" / "latest").write_text(tag)
+    return d
+
+
+def load_dir_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory, read straight from its safetensors files."""
+    return base_tensors(model_dir)
+
+
+def greedy_chat(model, tokenizer, question: str = "what is the capital of france", n: int = 6) -> list[int]:
+    """Greedy answer tokens to one user turn, prompted through the tokenizer's chat template."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def reference_model(base_dir: Path, tensors: dict[str, torch.Tensor]):
+    """The base architecture with exactly `tensors` loaded: what an output directory should equal."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=next(iter(tensors.values())).dtype)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model.eval()
