@@ -26,7 +26,7 @@ export MPLBACKEND := Agg
 .PHONY: setup test demo bench data chat raw transplant eval clean help
 
 help:  ## list targets
-	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s '	'
+	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | column -t -s '	'
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,26 @@ setup: $(VENV)/.stamp  ## create .venv and install the project with its test ext
 PYTEST_ARGS ?=
 test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs included)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ---- the main job ---------------------------------------------------------------------------
+# Where the demo writes everything (world, shards, runs, models, results). Reruns continue.
+DEMO_OUT ?= runs/demo
+# ABLATIONS=1 adds raw_trains_format, a low raw lr and a format_start sweep (longer than 20 min).
+ABLATIONS ?= 0
+# DEMO_SIZE=tiny is a ~2-minute plumbing check with meaningless numbers.
+DEMO_SIZE ?= full
+
+demo: setup  ## the whole method on the built-in synthetic world, on CPU (~15 min): table in $(DEMO_OUT)/results.md
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(filter 1,$(ABLATIONS)),--ablations)
+
+# ---- benchmarks -------------------------------------------------------------------------------
+# small keeps a CPU run under 10 minutes; medium uses bigger models for steadier ratios.
+BENCH_SIZE ?= small
+
+bench: setup  ## speed and memory against plain baselines -> bench/results/latest.{json,md}
+	$(PY) -m bench.run --size $(BENCH_SIZE)
+
+include launch/Makefile.targets.mk
+
+clean:  ## remove the venv, caches and runs/ (your data and configs stay)
+	rm -rf $(VENV) .cache runs .pytest_cache

@@ -153,6 +153,12 @@ def _coerce(value, typ, key: str, where: str):
     if isinstance(value, str) and str not in hints and Any not in hints:
         # Command-line overrides arrive as strings: parse them as YAML scalars (3e-4, true, 12).
         value = yaml.safe_load(value)
+    if isinstance(value, str) and float in hints:
+        # YAML 1.1 reads `3e-4` (no dot) as a string; nobody means a string there.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     for t in hints:
         if t is Any:
             return value
