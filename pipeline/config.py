@@ -50,6 +50,10 @@ class GroupSection:
         "LM head are what A-Chat trains and what the transplant takes from A-Chat.", 0.75)
     raw_trains_format: bool = doc(
         "Ablation: during `raw`, train the format group too (the method keeps it frozen).", False)
+    anchor_weight: float = doc(
+        "Representation anchoring during `raw`: adds weight x MSE between the hidden state entering the "
+        "format group and the base model's, so A-Chat's format group still fits after the transplant. "
+        "Costs a second (frozen, forward-only) pass through the raw group. 0 turns it off.", 0.0)
 
 
 @dataclass(kw_only=True)
@@ -260,6 +264,10 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
     for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every"):
         if getattr(getattr(cfg, LEAVES[k][0]), k) < 1:
             bad(k, "must be >= 1")
+    if g.anchor_weight < 0:
+        bad("anchor_weight", "must be >= 0")
+    if g.anchor_weight > 0 and g.phase != "raw":
+        bad("anchor_weight", f"applies to `phase: raw` only (this run is `{g.phase}`)")
     if s.steps < 0:
         bad("steps", "must be >= 0")
     if s.save_every < 1:

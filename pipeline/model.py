@@ -19,12 +19,45 @@ from .names import ANCHOR, to_hf_name
 IGNORE_INDEX = -100
 
 
-class DecoderLayerPipe(nn.Module):
-    """HF decoder layer i, plus the embeddings on layer 0 and the norm and head on layer L-1."""
+class AnchorGrad(torch.autograd.Function):
+    """Identity on h whose backward adds the gradient of `scale * mean((h - h_base)^2)`.
 
-    def __init__(self, index, decoder, rotary, config, embed_tokens=None, norm=None, lm_head=None, anchor=False):
+    Representation anchoring keeps the hidden state that enters the format group close to the base
+    model's, so A-Chat's format group still fits it after the transplant. The pipeline engine only
+    backpropagates the loss computed on the last stage, so instead of adding the term to that loss
+    its gradient is injected where h leaves the raw group. The result is the same gradient as
+    training on CE + weight * MSE; the cost is that the term is not part of the logged loss.
+    """
+
+    @staticmethod
+    def forward(ctx, h, h_base, scale):
+        ctx.save_for_backward(h, h_base)
+        ctx.scale = scale
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, h_base = ctx.saved_tensors
+        extra = (h.float() - h_base.float()) * (2.0 * ctx.scale / h.numel())
+        return grad + extra.to(grad.dtype), None, None
+
+
+class DecoderLayerPipe(nn.Module):
+    """HF decoder layer i, plus the embeddings on layer 0 and the norm and head on layer L-1.
+
+    With anchoring, layers of the raw group also carry a frozen copy of the base layer (`base`,
+    kept out of the state dict) and process the batch twice, stacked along the batch dimension:
+    the trained path and the base path. The last raw layer un-stacks and anchors.
+    """
+
+    def __init__(self, index, decoder, rotary, config, embed_tokens=None, norm=None, lm_head=None, anchor=False,
+                 base=None, anchor_first=False, anchor_scale=None):
         super().__init__()
         self.index = index
+        # Not registered as submodules: never trained, saved, exported or cast by the engine.
+        self.base = [base] if base is not None else None
+        self.anchor_first = anchor_first  # stack [h; h] here (first raw layer)
+        self.anchor_scale = anchor_scale  # not None: last raw layer, un-stack and inject the gradient
         self.config = config
         self.decoder = decoder
         self.embed_tokens = embed_tokens
@@ -46,14 +79,38 @@ class DecoderLayerPipe(nn.Module):
         mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
                                   position_ids=pos)
         cos_sin = self.rotary[0](h, position_ids=pos)
-        h = self.decoder(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-        if isinstance(h, tuple):  # older transformers return (hidden,)
-            h = h[0]
+        if self.base is None:
+            h = self._layer(self.decoder, h, mask, pos, cos_sin)
+        else:
+            h = self._anchored(h, mask, pos, cos_sin)
         if self.anchor is not None:
             h = h + 0.0 * self.anchor
         if self.lm_head is not None:
             h = self.lm_head(self.norm(h))
         return h
+
+
+    @staticmethod
+    def _layer(layer, h, mask, pos, cos_sin):
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        return h[0] if isinstance(h, tuple) else h  # older transformers return (hidden,)
+
+    def _anchored(self, h, mask, pos, cos_sin):
+        base = self.base[0]
+        if next(base.parameters()).dtype != h.dtype or next(base.parameters()).device != h.device:
+            base.to(device=h.device, dtype=h.dtype)
+        if self.anchor_first:
+            h = torch.cat([h, h.detach()])
+        h, h_base = h.chunk(2)
+        if mask is not None:
+            mask = mask[: h.shape[0]]
+        cos_sin = tuple(t[: h.shape[0]] if t.shape[0] > 1 else t for t in cos_sin)
+        h = self._layer(self.decoder, h, mask, pos, cos_sin)
+        with torch.no_grad():
+            h_base = self._layer(base, h_base, mask, pos, cos_sin)
+        if self.anchor_scale is not None:
+            return AnchorGrad.apply(h, h_base, self.anchor_scale)
+        return torch.cat([h, h_base])
 
 
 def causal_lm_loss(logits, labels):
@@ -87,7 +144,8 @@ def fully_frozen_stages(groups: Groups, bounds: list[int]) -> set[int]:
             if not any(groups.layer_trained(i) for i in range(bounds[s], bounds[s + 1]))}
 
 
-def layer_specs(hf_model, groups: Groups, bounds: list[int]) -> list[LayerSpec]:
+def layer_specs(hf_model, groups: Groups, bounds: list[int], anchor_weight: float = 0.0,
+                grad_accum: int = 1) -> list[LayerSpec]:
     inner = hf_model.model
     L = groups.num_layers
     frozen_stages = fully_frozen_stages(groups, bounds)
@@ -95,14 +153,25 @@ def layer_specs(hf_model, groups: Groups, bounds: list[int]) -> list[LayerSpec]:
     # (the format group during `raw`): it cannot skip backward, since the raw group's gradients
     # flow through it, and DeepSpeed still wants a parameter to build its optimizer from.
     anchored = {bounds[s + 1] - 1 for s in frozen_stages}
+    import copy
+
+    anchoring = anchor_weight > 0 and groups.phase == "raw"
     specs = []
     for i in range(L):
+        raw = groups.raw_start <= i < groups.format_start
+        extra = {}
+        if anchoring and raw:
+            # The engine scales the loss by 1/accumulation before backward; the injected gradient
+            # must be scaled the same way.
+            extra = dict(base=copy.deepcopy(inner.layers[i]).requires_grad_(False),
+                         anchor_first=i == groups.raw_start,
+                         anchor_scale=anchor_weight / grad_accum if i == groups.format_start - 1 else None)
         specs.append(LayerSpec(
             DecoderLayerPipe, i, inner.layers[i], inner.rotary_emb, hf_model.config,
             embed_tokens=inner.embed_tokens if i == 0 else None,
             norm=inner.norm if i == L - 1 else None,
             lm_head=hf_model.lm_head if i == L - 1 else None,
-            anchor=i in anchored,
+            anchor=i in anchored, **extra,
         ))
     return specs
 
@@ -123,7 +192,8 @@ def set_trainable(module: nn.Module, layer_index: int, groups: Groups, tied: boo
 
 
 def build_pipeline(hf_model, groups: Groups, bounds: list[int], topology_kw: dict, tied: bool,
-                   activation_checkpoint_interval: int = 0) -> GroupAlignedPipe:
+                   activation_checkpoint_interval: int = 0, anchor_weight: float = 0.0,
+                   grad_accum: int = 1) -> GroupAlignedPipe:
     # Freeze by name first: LayerSpec builds reuse these very modules.
     for i in range(groups.num_layers):
         tmp = nn.Module()
@@ -137,7 +207,7 @@ def build_pipeline(hf_model, groups: Groups, bounds: list[int], topology_kw: dic
     if tied and groups.phase != "full":
         hf_model.model.embed_tokens.weight.requires_grad_(False)
     pipe = GroupAlignedPipe(
-        layers=layer_specs(hf_model, groups, bounds), stage_bounds=bounds, loss_fn=causal_lm_loss,
+        layers=layer_specs(hf_model, groups, bounds, anchor_weight, grad_accum), stage_bounds=bounds, loss_fn=causal_lm_loss,
         activation_checkpoint_interval=activation_checkpoint_interval,
         # Non-reentrant checkpointing: the reentrant mode breaks when a frozen prefix shares a stage.
         checkpointable_layers=["DecoderLayerPipe"], **topology_kw)

@@ -44,6 +44,19 @@ def batches(cfg: RunConfig, start_step: int = 0):
         step += 1
 
 
+def _anchor_mse(model, base_layers, groups: Groups, inputs, h):
+    """MSE between h (entering the format group) and the base raw group's output on the same input."""
+    with torch.no_grad():
+        out = model.model(input_ids=inputs, output_hidden_states=True)
+        hb = out.hidden_states[groups.raw_start]  # input of the first raw layer (frozen prefix output)
+        pos = torch.arange(inputs.shape[1]).unsqueeze(0)
+        cos_sin = model.model.rotary_emb(hb, position_ids=pos)
+        for layer in base_layers:
+            hb = layer(hb, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
+            hb = hb[0] if isinstance(hb, tuple) else hb
+    return torch.mean((h - hb) ** 2)
+
+
 def train_reference(cfg: RunConfig, groups: Groups, tied: bool, steps: int | None = None):
     """Returns (per-step losses, model)."""
     torch.manual_seed(cfg.schedule.seed)
@@ -55,15 +68,26 @@ def train_reference(cfg: RunConfig, groups: Groups, tied: bool, steps: int | Non
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    anchor = cfg.groups.anchor_weight if groups.phase == "raw" else 0.0
+    if anchor:
+        import copy
+        base_layers = copy.deepcopy(model.model.layers[groups.raw_start:groups.format_start]).requires_grad_(False)
+        captured = {}
+        # The hidden state entering the format group: the input of layer format_start.
+        model.model.layers[groups.format_start].register_forward_pre_hook(
+            lambda mod, args, kwargs: captured.update(h=args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
     losses = []
     it = batches(cfg)
     for _ in range(cfg.schedule.steps if steps is None else steps):
         micro = next(it)
         total = 0.0
         for inputs, labels in micro:
-            loss = causal_lm_loss(model(input_ids=inputs).logits, labels) / len(micro)
-            loss.backward()
-            total += loss.item()
+            loss = causal_lm_loss(model(input_ids=inputs).logits, labels)
+            total += loss.item() / len(micro)  # the logged loss is CE only, as in the pipeline
+            if anchor:
+                loss = loss + anchor * _anchor_mse(model, base_layers, groups, inputs, captured["h"])
+            (loss / len(micro)).backward()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()

@@ -22,7 +22,8 @@ from pipeline.names import layer_file, to_hf_name
 from pipeline.parallel import check_model
 from pipeline.reference import train_reference
 
-PHASES = ("chat", "raw", "full")
+PHASES = ("chat", "raw", "full", "raw_anchor")  # raw_anchor: `raw` with representation anchoring
+EXTRA = {"raw_anchor": {"anchor_weight": 50.0}}
 LAYOUTS = {"p1": (1, 1), "p2": (2, 2), "p2dp2": (4, 2)}  # name: (ranks, pipeline_stages)
 TOL = 1e-4
 
@@ -36,8 +37,8 @@ def setup(tmp_path_factory):
 def reference(setup):
     curves = {}
     for phase in PHASES:
-        cfg = load_config(ft.write_config(setup["root"] / f"ref_{phase}.yaml", setup, phase, setup["root"] / "unused",
-                                          seq_len=32))
+        cfg = load_config(ft.write_config(setup["root"] / f"ref_{phase}.yaml", setup, phase.split("_")[0],
+                                          setup["root"] / "unused", seq_len=32, **EXTRA.get(phase, {})))
         _, groups, tied = check_model(cfg)
         curves[phase], _ = train_reference(cfg, groups, tied)
     return curves
@@ -51,8 +52,8 @@ def runs(setup):
         cfgs = []
         for phase in PHASES:
             run = setup["root"] / "runs" / f"{phase}_{name}"
-            cfgs.append(str(ft.write_config(setup["root"] / f"{phase}_{name}.yaml", setup, phase, run,
-                                            pipeline_stages=stages, seq_len=32)))
+            cfgs.append(str(ft.write_config(setup["root"] / f"{phase}_{name}.yaml", setup, phase.split("_")[0], run,
+                                            pipeline_stages=stages, seq_len=32, **EXTRA.get(phase, {}))))
             out[(phase, name)] = run
         helper = str(ft.REPO / "tests" / "helpers" / "train_phases.py")
         if ranks == 1:
@@ -76,6 +77,11 @@ def test_loss_curve_matches_plain_pytorch(runs, reference, phase, layout):
     assert abs(ref[-1] - ref[0]) > 10 * TOL
     worst = max(abs(a - b) for a, b in zip(losses, ref))
     assert worst < TOL, f"{phase}/{layout}: pipeline {losses} vs reference {ref}"
+
+
+def test_anchoring_changes_the_training(reference):
+    """Otherwise the raw_anchor parity above would not show that anchoring is applied at all."""
+    assert max(abs(a - b) for a, b in zip(reference["raw"], reference["raw_anchor"])) > 10 * TOL
 
 
 def _final_layers(run: Path) -> dict[str, torch.Tensor]:

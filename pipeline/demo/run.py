@@ -145,6 +145,10 @@ class Demo:
         trained("naive", "naive", "a_chat", "raw", "naive", 160)
         trained("qa_upper", "qa_upper", "a_chat", "qa_new", "qa_upper", 90)
         trained("reattach", "reattach", "transplant", "chat", "transplant_reattach", 30)
+        # Remedy: representation anchoring during A-Raw (weight 1.0, as in the reference probe).
+        trained("raw", "a_raw_anchor", "base", "raw", "a_raw_anchor", 190, anchor_weight=1.0)
+        add("transplant (anchored A-Raw)", 8, lambda: self.transplant("a_raw_anchor", "a_chat", "transplant_anchor"),
+            self.models / "transplant_anchor")
         if self.ablations:
             trained("raw", "a_raw_raw_trains_format", "base", "raw", "a_raw_raw_trains_format", 170,
                     raw_trains_format=True)
@@ -167,7 +171,8 @@ class Demo:
         return S
 
     def model_names(self) -> list[str]:
-        names = ["base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "transplant_reattach"]
+        names = ["base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "transplant_reattach",
+                 "transplant_anchor"]
         if self.ablations:
             lo, hi = self.s["boundaries"]
             names += ["transplant_raw_trains_format", "transplant_lowlr"] + [f"transplant_fs{fs}" for fs in (hi - 1, hi + 1)]
@@ -233,11 +238,16 @@ def verdict_text(models: dict) -> str:
                  "columns can be read." if generalises else "Extraction does NOT generalise in this world, "
                  "so no conclusion about new people can be drawn from the knowledge columns."))
     fc, ft = get("a_chat", "format_adherence"), get("transplant", "format_adherence")
-    lines.append(f"- Format: A-Chat {fc:.2f}, transplant {ft:.2f}" +
-                 (" (kept)." if ft >= fc - 0.1 else " (the transplant BROKE the chat format)."))
-    if "transplant_reattach" in models:
-        lines.append(f"- Re-attach remedy: format {get('transplant_reattach', 'format_adherence'):.2f}, "
-                     f"knowledge rank {get('transplant_reattach', 'knowledge_rank'):.1f}.")
+    if fc < 0.5:
+        lines.append(f"- Format: A-Chat itself reaches only {fc:.2f} format adherence, so there is no chat format "
+                     f"for the transplant to keep (transplant {ft:.2f}); train A-Chat longer.")
+    else:
+        lines.append(f"- Format: A-Chat {fc:.2f}, transplant {ft:.2f}" +
+                     (" (kept)." if ft >= fc - 0.1 else " (the transplant BROKE the chat format)."))
+    for name, what in [("transplant_anchor", "Anchoring remedy"), ("transplant_reattach", "Re-attach remedy")]:
+        if name in models:
+            lines.append(f"- {what} (`{name}`): format {get(name, 'format_adherence'):.2f}, knowledge rank "
+                         f"{get(name, 'knowledge_rank'):.1f}, completion rank on new people {get(name, 'raw_rank_new'):.1f}.")
     kt, kc = get("transplant", "knowledge_rank"), get("a_chat", "knowledge_rank")
     lines.append(f"- Knowledge of new people in chat (rank, lower is better): transplant {kt:.1f}, A-Chat {kc:.1f}, "
                  f"Q/A upper bound {get('qa_upper', 'knowledge_rank'):.1f}, chance {chance:.1f}." +
