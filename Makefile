@@ -11,7 +11,8 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # DeepSpeed picks its accelerator at import; without a GPU it must be told, or it guesses CUDA.
-DS_ACCELERATOR ?= cpu
+# Default: cuda where nvidia-smi answers, cpu elsewhere.
+DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 # DeepSpeed JIT-builds a small op on its first start; caching it in the repo makes every later
 # start (each test, each demo phase) skip the ~30 s build.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions

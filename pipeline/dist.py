@@ -140,6 +140,15 @@ def _mpi_rendezvous(single_node: bool) -> tuple[str, str]:
     return comm.bcast(mine, root=0)
 
 
+def _mpi_local_rank() -> str:
+    """This rank's index among the ranks on its host (hostnames are unique per node)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    names = comm.allgather(MPI.Get_processor_name())
+    return str(names[: comm.Get_rank()].count(names[comm.Get_rank()]))
+
+
 def _from_mpi(env, flavor: str) -> dict:
     if flavor == "openmpi":
         rank, size = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
@@ -147,7 +156,9 @@ def _from_mpi(env, flavor: str) -> dict:
         local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
     else:  # MPICH / Intel MPI (Hydra) and srun --mpi=pmi2
         rank, size = env["PMI_RANK"], env["PMI_SIZE"]
-        local = env.get("MPI_LOCALRANKID", "0")
+        # Hydra sets MPI_LOCALRANKID; under srun SLURM_LOCALID says the same. Without either,
+        # ask MPI: guessing 0 would put every rank of a node on GPU 0.
+        local = env.get("MPI_LOCALRANKID") or env.get("SLURM_LOCALID") or _mpi_local_rank()
         local_size = env.get("MPI_LOCALNRANKS")
     found = {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": local}
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
