@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -151,7 +152,7 @@ def describe_keys() -> str:
 
 def _coerce(value, typ, key: str, where: str):
     """Check/convert a YAML or command-line value to the field's type; errors name the key."""
-    hints = get_args(typ) if get_origin(typ) is Union else (typ,)
+    hints = get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
     if value is None and type(None) in hints:
         return None
     if isinstance(value, str) and str not in hints and Any not in hints:

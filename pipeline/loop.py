@@ -1,6 +1,8 @@
 """The training loop: resume, step, log, checkpoint, plot."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,15 +55,23 @@ def write_or_check_record(job: Job, out: Path) -> None:
     atomic_write_json(path, rec)
 
 
-def data_check(job: Job, data) -> None:
-    for (path, _), w in zip(data_sources(job.cfg.data.data), data.sources):
+def data_check(cfg: RunConfig, hf_config: dict, data) -> None:
+    for (path, _), w in zip(data_sources(cfg.data.data), data.sources):
         vocab = w.vocab_size
-        if vocab > job.hf_config["vocab_size"]:
+        if vocab > hf_config["vocab_size"]:
             raise UserError(f"`data`: {path} was tokenized "
                             f"with a vocabulary of {vocab}, larger than the model's vocab_size "
-                            f"{job.hf_config['vocab_size']} ({job.cfg.model.model}/config.json)")
-    if job.cfg.groups.phase == "chat" and not data.has_mask:
+                            f"{hf_config['vocab_size']} ({cfg.model.model}/config.json)")
+    if cfg.groups.phase == "chat" and not data.has_mask:
         raise UserError("`data`: phase `chat` needs chat shards with a loss mask (made by `python -m data_prep chat`)")
+
+
+def _test_death(rank: int) -> int | None:
+    """Test hook (tests/test_reliability.py): LAYER_AWARE_TEST_DIE_RANK=r LAYER_AWARE_TEST_DIE_STEP=n
+    makes rank r SIGKILL itself after step n, as the OOM killer or a lost node would."""
+    if os.environ.get("LAYER_AWARE_TEST_DIE_RANK") == str(rank):
+        return int(os.environ["LAYER_AWARE_TEST_DIE_STEP"])
+    return None
 
 
 def train(job: Job) -> dict:
@@ -70,7 +80,7 @@ def train(job: Job) -> dict:
     ckpt_dir = out / "checkpoints"
     is_main = job.rank == 0
     data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
-    data_check(job, data)
+    data_check(cfg, job.hf_config, data)
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -88,16 +98,20 @@ def train(job: Job) -> dict:
     bar = tqdm(total=steps, initial=start, disable=not is_main, desc=f"{cfg.groups.phase}", unit="step",
                mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
     last = {}
+    die_at = _test_death(job.rank)
     for step in range(start + 1, steps + 1):
         t0 = time.perf_counter()
-        loss = engine.train_batch(data_iter=batches)
+        # float() waits for the device, so the step time includes kernels still queued on a GPU.
+        loss = float(engine.train_batch(data_iter=batches))
         dt = time.perf_counter() - t0
-        last = {"step": step, "loss": float(loss), "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
+        last = {"step": step, "loss": loss, "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
                 "tokens_per_s": G * S / dt, "step_time_s": dt}
         if step % cfg.schedule.log_every == 0 or step == steps:
             metrics.log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if step == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         if step % cfg.schedule.save_every == 0 or step == steps:
             checkpoint.save(engine, ckpt_dir, step, {"step": step}, cfg.schedule.keep_last)
     bar.close()

@@ -1,0 +1,278 @@
+"""`python -m data_prep chat`: chat conversations -> token shards + aligned loss-mask shards.
+
+The loss mask must mark exactly what the model should learn to write: each assistant
+message's content and its end-of-turn token, never the role header before it. We find those
+characters with the template itself, so any template works without knowing its syntax:
+
+    prompt_i = render(messages[:i], add_generation_prompt=True)   # ends right after the header
+    upto_i   = render(messages[:i+1])                             # ends after the turn
+    assistant span i = [len(prompt_i), len(upto_i.rstrip()))      # content + end-of-turn token
+
+Both renders must be prefixes of the full render (checked: a template that rewrites earlier
+turns is refused). Then the full text is tokenized once with character offsets and a token
+is masked iff its characters overlap an assistant span. The trailing whitespace the template
+puts between turns (ChatML's "\\n" after <|im_end|>) is not the model's to predict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .common import UserError
+from .manifest import command_line, totals, write_manifest
+from .mmidx import token_dtype
+from .raw import add_common_args, check_common
+from .shards import OutputSet, val_mask
+from .tokenizer import load_tokenizer, plain_backend, threads, tokenizer_identity, vocab_size
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+MAX_EXAMPLES = 20  # skipped-record reasons kept in the manifest
+
+EPILOG = """examples:
+  # the tokenizer's own chat template
+  python -m data_prep chat convs.jsonl --tokenizer models/base-chat --output-prefix data/chat
+
+  # a template from a file, skipping (and counting) malformed records
+  python -m data_prep chat data/sharegpt/ --tokenizer tok/ --chat-template chatml.jinja \\
+      --output-prefix data/chat --skip-bad
+
+input records, one JSON object per line:
+  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+  {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+
+output: token shards as for `raw` plus P.train.00000.mask.bin/.idx (uint8, 1 = assistant token)."""
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; becomes `file:line: why` (or is skipped with --skip-bad)."""
+
+
+def _messages(rec) -> list[dict]:
+    """Validate one record and return its messages in OpenAI form."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        raw, rkey, ckey, mapping = rec["messages"], "role", "content", {r: r for r in ROLES}
+    elif "conversations" in rec:
+        raw, rkey, ckey, mapping = rec["conversations"], "from", "value", SHAREGPT_ROLES
+    else:
+        raise BadRecord("no 'messages' (OpenAI) or 'conversations' (ShareGPT) list")
+    if not isinstance(raw, list) or not raw:
+        raise BadRecord("the message list is empty or not a list")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise BadRecord(f"message {i} is not an object")
+        role = m.get(rkey)
+        if role not in mapping:
+            raise BadRecord(f"message {i}: unknown {rkey} {role!r} (expected one of "
+                            f"{', '.join(mapping)})")
+        content = m.get(ckey)
+        if not isinstance(content, str) or not content.strip():
+            raise BadRecord(f"message {i} ({role}): empty content")
+        out.append({"role": mapping[role], "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise BadRecord("no assistant turn")
+    return out
+
+
+def _records(paths: list[Path]) -> Iterator[tuple[str, object]]:
+    """(where, record or BadRecord) for every record, in file order."""
+    for path in paths:
+        head = path.read_bytes()[:4096].lstrip()
+        if path.suffix == ".json" and head.startswith(b"["):
+            try:
+                records = json.loads(path.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{path}: invalid JSON ({e})")
+            for i, rec in enumerate(records):
+                yield f"{path}: record {i}", rec
+            continue
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield f"{path}:{lineno}", BadRecord(f"invalid JSON ({e})")
+
+
+def find_files(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for arg in inputs:
+        p = Path(arg)
+        if not p.exists():
+            raise UserError(f"input {p}: no such file or directory")
+        for f in (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
+                  if p.is_dir() else [p]):
+            if f.suffix.lower() not in (".jsonl", ".json"):
+                raise UserError(f"input {f}: unknown extension {f.suffix!r} (expected .jsonl or .json)")
+            files.append(f)
+    return files
+
+
+class Renderer:
+    """Chat template rendering plus the assistant character spans (see the module docstring)."""
+
+    def __init__(self, tok, template_flag: str):
+        self.tok, self.flag = tok, template_flag
+
+    def render(self, msgs: list[dict], gen: bool) -> str:
+        import jinja2
+
+        try:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except jinja2.TemplateSyntaxError as e:
+            raise UserError(f"{self.flag}: template syntax error at line {e.lineno}: {e.message}")
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors for bad input
+            raise BadRecord(f"the chat template refused it ({type(e).__name__}: {e})")
+
+    def __call__(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        full = self.render(msgs, gen=False)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(msgs[:i], gen=True) if i else self._empty_prompt()
+            upto = self.render(msgs[: i + 1], gen=False)
+            if not (full.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt)):
+                raise UserError(f"{self.flag}: the chat template does not render a conversation's "
+                                "beginning as a prefix of the whole, so the assistant tokens "
+                                "cannot be located; use a template without history rewriting")
+            a = len(prompt)
+            spans.append((a, a + len(upto[a:].rstrip())))
+        return full, spans
+
+    def _empty_prompt(self) -> str:
+        # An assistant turn first: the prompt is whatever the template emits before any message.
+        try:
+            return self.render([], gen=True)
+        except BadRecord:
+            return ""
+
+
+def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """1 for each token whose characters overlap an assistant span."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if len(offsets):
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        for a, b in spans:
+            mask |= ((ends > a) & (starts < b)) | ((starts == ends) & (starts >= a) & (starts < b))
+    return mask
+
+
+def run(args, argv: list[str] | None = None) -> dict:
+    """Do the whole job for parsed `args`; returns a summary (also printed as the final line)."""
+    check_common(args)
+    with threads(args.workers):  # first, so the tokenizer's thread pool gets --workers threads
+        return _run(args, argv)
+
+
+def _run(args, argv: list[str] | None) -> dict:
+    files = find_files(args.inputs)
+    if not files:
+        raise UserError(f"inputs {' '.join(args.inputs)}: no .jsonl/.json files found")
+    tok = load_tokenizer(args.tokenizer)
+    flag = f"--tokenizer {args.tokenizer}"
+    if args.chat_template is not None:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise UserError(f"--chat-template {path}: no such file")
+        tok.chat_template = path.read_text()
+        flag = f"--chat-template {path}"
+    elif not getattr(tok, "chat_template", None):
+        raise UserError(f"--tokenizer {args.tokenizer}: has no chat template; pass "
+                        "--chat-template FILE (a Jinja template, e.g. ChatML)")
+    identity = tokenizer_identity(args.tokenizer, tok)
+    vocab = vocab_size(tok)
+    dtype = token_dtype(vocab)
+    renderer = Renderer(tok, flag)
+    backend = plain_backend(tok)
+
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    stats = {"documents": 0, "tokens": 0, "assistant_tokens": 0, "skipped": 0}
+    examples: list[str] = []
+    with OutputSet(args.output_prefix, dtype, args.shard_tokens, with_mask=True,
+                   force=args.force) as out:
+        bar = tqdm(desc="chat", unit=" convs", disable=None, file=sys.stderr)
+        batch: list[tuple[str, list]] = []
+
+        def flush():
+            encs = backend.encode_batch([t for t, _ in batch], add_special_tokens=False)
+            toks = [np.array(e.ids, dtype=dtype) for e in encs]
+            masks = [token_mask(np.array(e.offsets, dtype=np.int64).reshape(-1, 2), s)
+                     for e, (_, s) in zip(encs, batch)]
+            sizes = np.array([len(t) for t in toks], dtype=np.int64)
+            is_val = val_mask(stats["documents"], len(batch), args.seed, args.val_fraction)
+            for split, sel in (("train", ~is_val), ("val", is_val)):
+                idx = np.flatnonzero(sel)
+                if len(idx):
+                    out.writers[split].add(np.concatenate([toks[i] for i in idx]), sizes[idx],
+                                           np.concatenate([masks[i] for i in idx]))
+            stats["documents"] += len(batch)
+            stats["tokens"] += int(sizes.sum())
+            stats["assistant_tokens"] += int(sum(int(m.sum()) for m in masks))
+            bar.update(len(batch))
+            batch.clear()
+
+        for where, rec in _records(files):
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                text, spans = renderer(_messages(rec))
+            except BadRecord as e:
+                if not args.skip_bad:
+                    raise UserError(f"{where}: {e} (pass --skip-bad to skip such records)") from None
+                stats["skipped"] += 1
+                if len(examples) < MAX_EXAMPLES:
+                    examples.append(f"{where}: {e}")
+                continue
+            batch.append((text, spans))
+            if len(batch) >= args.batch_docs:
+                flush()
+        if batch:
+            flush()
+        bar.close()
+        if stats["documents"] == 0:
+            raise UserError(f"inputs {' '.join(map(str, args.inputs))}: no usable conversations "
+                            f"({stats['skipped']} skipped)")
+        body = {"kind": "chat", "dtype": dtype.name, "mask_dtype": "uint8", "vocab_size": vocab,
+                "eod_token_id": None, "append_eod": False, "tokenizer": identity,
+                "chat_template": tok.chat_template, "seed": args.seed,
+                "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens,
+                "assistant_tokens": stats["assistant_tokens"],
+                "skipped_records": stats["skipped"], "skipped_examples": examples,
+                "command": command_line(argv if argv is not None else sys.argv[2:], "chat")}
+        records = out.finish()
+    path = write_manifest(args.output_prefix, {**body, "totals": totals(records), "shards": records})
+    secs = time.perf_counter() - start
+    print(f"chat: {stats['documents']:,} conversations ({stats['skipped']:,} skipped), "
+          f"{stats['tokens']:,} tokens ({stats['assistant_tokens']:,} assistant) in {secs:.1f}s "
+          f"({stats['tokens'] / max(secs, 1e-9):,.0f} tokens/s) -> {path}")
+    return {**stats, "seconds": secs, "manifest": str(path)}
+
+
+def parser(sub=None) -> argparse.ArgumentParser:
+    kw = dict(description="Tokenize chat conversations (OpenAI or ShareGPT JSONL) with a chat "
+                          "template into token shards plus aligned assistant-only loss-mask shards.",
+              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("chat", help="chat JSONL -> token + loss-mask shards", **kw) if sub \
+        else argparse.ArgumentParser(**kw)
+    p.add_argument("inputs", nargs="+", help=".jsonl/.json files or directories of them")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file to use instead of the tokenizer's own")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (counted in the manifest) instead of stopping")
+    add_common_args(p)
+    p.set_defaults(batch_docs=256)
+    return p

@@ -1,0 +1,119 @@
+"""Tiny real tokenizers and corpora, built in a temp dir in well under a second.
+
+Nothing can be downloaded here, so tests train their own: a SentencePiece BPE `.model`, and an
+HF fast tokenizer directory (byte-level BPE, like Llama 3 / Qwen) with a ChatML template.
+Both are loaded back through the real loading code (data_prep.tokenizer.load_tokenizer,
+AutoTokenizer.from_pretrained). Other test files import these builders.
+"""
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("the a of and to in is was for on that with as by at from it an be this are "
+         "river mountain city king queen library engine layer model token shard window "
+         "north south east west ancient modern small large quick brown fox jumps lazy dog "
+         "alpha beta gamma delta seven eleven hundred thousand purple orange yellow "
+         "Paris Lyon Oslo Bergen museum bridge harbour castle garden winter summer").split()
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def sentence(rng: random.Random, n: int | None = None) -> str:
+    words = [rng.choice(WORDS) for _ in range(n or rng.randint(4, 14))]
+    return " ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","])
+
+
+def document(rng: random.Random, sentences: int | None = None) -> str:
+    return " ".join(sentence(rng) for _ in range(sentences or rng.randint(1, 8)))
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [document(rng) for _ in range(n)]
+
+
+def make_sp_model(tmp: Path, vocab_size: int = 400) -> Path:
+    """A SentencePiece BPE model trained on WORDS text; returns the .model path."""
+    import sentencepiece as spm
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    text = tmp / "sp_train.txt"
+    text.write_text("\n".join(documents(300, seed=1)) + "\nÜnïcödé ünïcödé 0123456789 ?!.,:;\n")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp / "sp"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        character_coverage=1.0)
+    return tmp / "sp.model"
+
+
+def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | None = CHATML) -> Path:
+    """An HF fast tokenizer directory (byte-level BPE; eos <|endoftext|>, ChatML specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(documents(300, seed=2), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                  pad_token="<|pad|>", bos_token=None, unk_token=None)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def conversations(n: int, seed: int = 0, sharegpt: bool = False) -> list[dict]:
+    """n multi-turn conversations (some with a system message) in OpenAI or ShareGPT form."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": sentence(rng)}] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": sentence(rng)})
+            msgs.append({"role": "assistant", "content": document(rng, rng.randint(1, 3))})
+        if sharegpt:
+            names = {"system": "system", "user": "human", "assistant": "gpt"}
+            out.append({"conversations": [{"from": names[m["role"]], "value": m["content"]}
+                                          for m in msgs]})
+        else:
+            out.append({"messages": msgs})
+    return out
+
+
+def read_shard(prefix_dir: Path, name: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Parse .idx by hand (not with data_prep.mmidx) and split .bin into documents."""
+    idx = (prefix_dir / f"{name}.idx").read_bytes()
+    magic, version, code, n, d = struct.unpack_from("<9sQBQQ", idx)
+    assert magic == b"MMIDIDX\x00\x00" and version == 1
+    dtype = {8: np.uint16, 4: np.int32, 1: np.uint8}[code]
+    off = 9 + 8 + 1 + 8 + 8
+    sizes = np.frombuffer(idx, "<i4", n, off)
+    pointers = np.frombuffer(idx, "<i8", n, off + 4 * n)
+    doc_idx = np.frombuffer(idx, "<i8", d, off + 12 * n)
+    assert len(idx) == off + 12 * n + 8 * d
+    assert d == n + 1 and (doc_idx == np.arange(n + 1)).all()
+    item = np.dtype(dtype).itemsize
+    assert (pointers == np.concatenate([[0], np.cumsum(sizes)[:-1]]) * item).all()
+    data = np.fromfile(prefix_dir / f"{name}.bin", dtype=dtype)
+    assert len(data) == sizes.sum()
+    docs = [data[p // item: p // item + s] for p, s in zip(pointers, sizes)]
+    return np.dtype(dtype), docs
