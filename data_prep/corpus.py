@@ -95,6 +95,8 @@ def _json_records(path: Path) -> Iterator[tuple[int, object]]:
 
 def _diagnose_json(path: Path, key: str, err: Exception | None) -> UserError:
     """Find the first record at fault in a .json/.jsonl file that datasets could not use."""
+    if not path.read_bytes().strip():
+        return UserError(f"{path}: empty file: no documents to read")
     try:
         whole = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError):

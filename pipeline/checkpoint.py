@@ -9,8 +9,10 @@ checkpoint that disagrees with its record is caught when opened).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -63,6 +65,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if rank == 0:
+        # Test hook (tests/test_reliability.py): hold the tag dir in its incomplete state (every
+        # file written, no record.json yet) so a test can kill the job exactly there.
+        time.sleep(float(os.environ.get("LAYER_AWARE_TEST_PAUSE_IN_SAVE", 0)))
         files = {p.name: sha256_file(p) for p in sorted(tag_dir.iterdir()) if p.is_file()}
         atomic_write_json(tag_dir / RECORD, {"step": step, "files": files})
         atomic_write_text(ckpt_dir / "latest", tag + "\n")

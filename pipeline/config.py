@@ -62,6 +62,9 @@ class DataSection:
     data: Any = doc(
         "A data-prep manifest (`P.manifest.json`), or a weighted list `[{path: M1, weight: 2}, {path: M2, weight: 1}]` "
         "whose samples are interleaved deterministically in proportion to the weights.")
+    verify_data: str = doc(
+        "How the shards are checked against their manifest when training opens them: `sha256` (every byte, "
+        "catches corruption; costs one read of the corpus per start) or `size` (file sizes only).", "sha256")
     seq_len: int = doc("Tokens per training sequence. Fixed: pipeline stages exchange shapes once.", 256)
     micro_batch_size: int = doc("Sequences per rank per forward/backward.", 4)
     global_batch_size: int = doc(
@@ -118,11 +121,14 @@ class RunConfig:
     optim: OptimSection
     schedule: ScheduleSection
     parallel: ParallelSection
+    # key -> "file:line" (or "override --key") it came from, so checks that need the model can
+    # name the line too. Not part of the config itself.
+    where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def flat(self) -> dict:
         """The config as the flat key -> value mapping a user writes."""
         out = {}
-        for sec in SECTIONS:
+        for sec in SECTIONS:  # `where` is not a section, so it never reaches run.json
             out.update(dataclasses.asdict(getattr(self, sec)))
         return out
 
@@ -248,6 +254,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
                 raise UserError(f"{src}: required config key `{f.name}` is missing ({f.metadata['doc']})")
         sections[sec] = cls(**kwargs)
     cfg = RunConfig(**sections)
+    cfg.where = where
     validate(cfg, where)
     return cfg
 
@@ -269,6 +276,8 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
         bad("anchor_weight", "must be >= 0")
     if g.anchor_weight > 0 and g.phase != "raw":
         bad("anchor_weight", f"applies to `phase: raw` only (this run is `{g.phase}`)")
+    if d.verify_data not in ("sha256", "size"):
+        bad("verify_data", f"must be `sha256` or `size`, got {d.verify_data!r}")
     if s.steps < 0:
         bad("steps", "must be >= 0")
     if s.save_every < 1:

@@ -72,6 +72,9 @@ def micro_batches(data: Mixture, micro: int, dp_rank: int, dp_size: int, start_s
         g += micro * dp_size
 
 
-def open_data(sources: list[tuple[str, float]], seq_len: int, seed: int) -> Mixture:
-    windows = [TokenWindows(path, split="train", seq_len=seq_len, seed=seed + i) for i, (path, _) in enumerate(sources)]
+def open_data(sources: list[tuple[str, float]], seq_len: int, seed: int, verify: str = "size") -> Mixture:
+    """verify="sha256" re-hashes every shard against its manifest (catches a same-size corruption,
+    costs one read of the corpus); "size" only compares file sizes (catches truncation)."""
+    windows = [TokenWindows(path, split="train", seq_len=seq_len, seed=seed + i, verify=verify)
+               for i, (path, _) in enumerate(sources)]
     return Mixture(windows, [w for _, w in sources], seed)

@@ -64,16 +64,18 @@ def resolve_boundary(value, num_layers: int, key: str) -> int:
 
 
 def make_groups(raw_start, format_start, num_layers: int, phase: str, raw_trains_format: bool = False,
-                where: str = "config") -> Groups:
+                where: dict | None = None) -> Groups:
+    """`where` maps a key to the "file:line" it came from (RunConfig.where)."""
+    w = lambda key: (where or {}).get(key, "config")
     r = resolve_boundary(raw_start, num_layers, "raw_start")
     f = resolve_boundary(format_start, num_layers, "format_start")
     if f > num_layers - 1:
-        raise UserError(f"{where}: `format_start` ({format_start} -> layer {f}) must be < the layer count "
+        raise UserError(f"{w('format_start')}: `format_start` ({format_start} -> layer {f}) must be < the layer count "
                         f"({num_layers}): the format group needs at least one layer")
     if f < 1:
-        raise UserError(f"{where}: `format_start` ({format_start} -> layer {f}) must be >= 1")
+        raise UserError(f"{w('format_start')}: `format_start` ({format_start} -> layer {f}) must be >= 1")
     if r >= f:
-        raise UserError(f"{where}: `raw_start` ({raw_start} -> layer {r}) must be < `format_start` "
+        raise UserError(f"{w('raw_start')}: `raw_start` ({raw_start} -> layer {r}) must be < `format_start` "
                         f"({format_start} -> layer {f}): the raw group would be empty")
     return Groups(num_layers, r, f, phase, raw_trains_format)
 

@@ -79,7 +79,7 @@ def train(job: Job) -> dict:
     out = Path(cfg.schedule.out)
     ckpt_dir = out / "checkpoints"
     is_main = job.rank == 0
-    data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
+    data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed, cfg.data.verify_data)
     data_check(cfg, job.hf_config, data)
 
     if is_main:

@@ -98,16 +98,16 @@ def check_model(cfg: RunConfig) -> tuple[dict, Groups, bool]:
     L = hf_cfg["num_hidden_layers"]
     max_pos = hf_cfg.get("max_position_embeddings")
     if max_pos and cfg.data.seq_len > max_pos:
-        raise UserError(f"`seq_len` ({cfg.data.seq_len}) exceeds the model's max_position_embeddings ({max_pos}) "
+        raise UserError(f"{cfg.where.get('seq_len', 'config')}: `seq_len` ({cfg.data.seq_len}) exceeds the model's max_position_embeddings ({max_pos}) "
                         f"in {cfg.model.model}/config.json")
     g = cfg.groups
-    groups = make_groups(g.raw_start, g.format_start, L, g.phase, g.raw_trains_format)
+    groups = make_groups(g.raw_start, g.format_start, L, g.phase, g.raw_trains_format, cfg.where)
     tied = bool(hf_cfg.get("tie_word_embeddings", False))
     if tied and g.phase == "full" and cfg.parallel.pipeline_stages > 1:
         raise UserError("`phase: full` with tied embeddings needs `pipeline_stages: 1`: the shared matrix would "
                         "live on the first and last stage and train in two places")
     if cfg.parallel.pipeline_stages > L:
-        raise UserError(f"`pipeline_stages` ({cfg.parallel.pipeline_stages}) is more than the model's {L} layers")
+        raise UserError(f"{cfg.where.get('pipeline_stages', 'config')}: `pipeline_stages` ({cfg.parallel.pipeline_stages}) is more than the model's {L} layers")
     return hf_cfg, groups, tied
 
 

@@ -35,17 +35,45 @@ def parse_args(argv):
     return args, rest
 
 
+def preflight(cfg) -> None:
+    """Every check that needs no other rank, before DeepSpeed starts: a mistake in the model, the
+    layer boundaries, the DeepSpeed JSON or the data fails in seconds, with one message, and
+    before anything is written. (The world size is known here only when the launcher set
+    WORLD_SIZE; under mpirun/srun the same check runs once the ranks have met.)"""
+    import os
+
+    import torch
+
+    from .config import data_sources, load_ds_config
+    from .data import open_data
+    from .groups import partition
+    from .loop import data_check
+    from .parallel import batch_plan, check_model
+
+    hf_config, groups, _ = check_model(cfg)
+    partition(groups, cfg.parallel.pipeline_stages)
+    load_ds_config(cfg, torch.cuda.is_available())
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        batch_plan(cfg, int(os.environ["WORLD_SIZE"]))
+    data_check(cfg, hf_config, open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed))
+
+
 @fail_cleanly
 def main(argv=None):
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, parse_overrides(rest))
+    preflight(cfg)
 
     from .dist import init
     from .loop import train
     from .parallel import build_job
+    from .watchdog import guard
 
     rank, world_size, _ = init(timeout_s=cfg.parallel.dist_timeout_s)
-    train(build_job(cfg, rank, world_size))
+    # With several ranks, a failure anywhere ends every rank with a message naming the rank
+    # that stopped (pipeline/watchdog.py), instead of a hang or a wall of tracebacks.
+    with guard(rank, world_size):
+        train(build_job(cfg, rank, world_size))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""Bad inputs, through the real entry points: each is refused with one `error: ...` line that names
+the file (and line), config key or flag at fault, exit status 2, no traceback, and nothing written.
+
+Every case calls an entry point's `main([...])` in this process (data_prep, pipeline.train,
+pipeline.transplant, pipeline.export, pipeline.dist), so the suite takes seconds: pipeline.train
+runs its checks (`preflight`) before it starts any rank, so none of these needs DeepSpeed to run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fixtures_train as ft
+from fixtures_ckpt import make_base, make_run
+from fixtures_tok import make_hf_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """The tiny training setup, data packed with a bigger tokenizer, and runs to transplant/export."""
+    from data_prep.__main__ import main as prep
+
+    root = tmp_path_factory.mktemp("bad")
+    s = ft.build_setup(root)
+    big = make_hf_tokenizer(root / "bigtok", vocab_size=600)
+    prep(["raw", str(root / "raw.jsonl"), "--tokenizer", str(big), "--output-prefix", str(root / "big/raw")])
+    s["big"] = root / "big/raw.manifest.json"
+    s["bare_tok"] = make_hf_tokenizer(root / "baretok", chat_template=None)
+    base = make_base(root / "base")
+    s["base"] = base
+    s["raw_run"] = make_run(root / "a-raw", base, "raw", format_start=2).path
+    s["chat_run"] = make_run(root / "a-chat", base, "chat", format_start=2).path
+    # Same shapes, other weights: a different base model (run.json base_model fingerprint differs).
+    s["other_base_raw"] = make_run(root / "b-raw", make_base(root / "base-b", seed=7), "raw", format_start=2).path
+    s["deeper_chat"] = make_run(root / "c-chat", make_base(root / "base-6", num_layers=6), "chat",
+                                format_start=2).path
+    return s
+
+
+def call(capsys, entry: str, argv: list) -> str:
+    """Run an entry point's main(argv) in-process; return stderr, asserting the clean-error contract."""
+    import importlib
+
+    main = importlib.import_module(entry).main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, f"{entry}: exit {e.value.code}\n{err}"
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, f"expected one `error: ` line:\n{err}"
+    return lines[0]
+
+
+def names(err: str, *parts: str) -> None:
+    for p in parts:
+        assert p in err, f"{p!r} not named in: {err}"
+
+
+def nothing_in(path: Path) -> None:
+    assert not path.exists() or not any(path.iterdir()), sorted(p.name for p in path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# data_prep: corpora, conversations, tokenizers
+
+def prep_raw(capsys, tmp_path, files, tokenizer):
+    out = tmp_path / "out"
+    err = call(capsys, "data_prep.__main__", ["raw", *files, "--tokenizer", tokenizer, "--output-prefix", out / "d"])
+    nothing_in(out)
+    return err
+
+
+def prep_chat(capsys, tmp_path, files, tokenizer):
+    out = tmp_path / "out"
+    err = call(capsys, "data_prep.__main__", ["chat", *files, "--tokenizer", tokenizer, "--output-prefix", out / "c"])
+    nothing_in(out)
+    return err
+
+
+def test_malformed_jsonl(w, tmp_path, capsys):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "broken\n')
+    names(prep_raw(capsys, tmp_path, [f], w["model"]), "c.jsonl:2", "JSON")
+
+
+def test_non_utf8_text(w, tmp_path, capsys):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    names(prep_raw(capsys, tmp_path, [f], w["model"]), "latin1.txt", "UTF-8")
+
+
+def test_empty_corpus(w, tmp_path, capsys):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    names(prep_raw(capsys, tmp_path, [f], w["model"]), "empty.jsonl")
+
+
+def test_chat_record_without_assistant_turn(w, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"}]},
+                                           {"messages": [{"role": "user", "content": "anyone?"}]}])
+    names(prep_chat(capsys, tmp_path, [f], w["model"]), "c.jsonl:2", "assistant")
+
+
+def test_unknown_role(w, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "wizard", "content": "hi"},
+                                                         {"role": "assistant", "content": "x"}]}])
+    names(prep_chat(capsys, tmp_path, [f], w["model"]), "c.jsonl:1", "wizard")
+
+
+def test_tokenizer_without_chat_template(w, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "x"}]}])
+    names(prep_chat(capsys, tmp_path, [f], w["bare_tok"]), "--tokenizer", str(w["bare_tok"]), "chat template")
+
+
+def test_data_prep_output_exists(w, tmp_path, capsys):
+    from data_prep.__main__ import main as prep
+
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": "some words here"}] * 20)
+    prep(["raw", str(f), "--tokenizer", str(w["model"]), "--output-prefix", str(tmp_path / "o/d")])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    err = call(capsys, "data_prep.__main__", ["raw", f, "--tokenizer", w["model"], "--output-prefix", tmp_path / "o/d"])
+    names(err, "--force")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline.train: config, model, layout, data (all refused before any rank starts)
+
+def train_err(capsys, w, tmp_path, phase="raw", extra_argv=(), **overrides) -> str:
+    out = tmp_path / "run"
+    cfg = ft.write_config(tmp_path / "cfg.yaml", w, phase, out, **overrides)
+    err = call(capsys, "pipeline.train", [cfg, *extra_argv])
+    assert not out.exists(), "a refused run wrote its run directory"
+    return err
+
+
+def line_of(cfg: Path, key: str) -> str:
+    n = next(i for i, l in enumerate(cfg.read_text().splitlines(), 1) if l.startswith(f"{key}:"))
+    return f"{cfg}:{n}"
+
+
+def test_unknown_config_key_is_a_typo(w, tmp_path, capsys):
+    err = train_err(capsys, w, tmp_path, save_evry=2)
+    names(err, line_of(tmp_path / "cfg.yaml", "save_evry"), "`save_evry`", "did you mean `save_every`")
+
+
+def test_unknown_command_line_flag(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, extra_argv=["--stpes=5"]), "--stpes", "did you mean `steps`")
+
+
+def test_wrong_value_type(w, tmp_path, capsys):
+    err = train_err(capsys, w, tmp_path, lr="fast")
+    names(err, line_of(tmp_path / "cfg.yaml", "lr"), "`lr`")
+
+
+def test_invalid_yaml(w, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {w['model']}\nphase: [raw\nout: {tmp_path / 'run'}\n")
+    names(call(capsys, "pipeline.train", [cfg]), f"{cfg}:", "invalid YAML")
+    assert not (tmp_path / "run").exists()
+
+
+def test_raw_start_not_below_format_start(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, raw_start=3, format_start=2), "`raw_start`", "`format_start`")
+
+
+def test_boundary_beyond_layer_count(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, format_start=9), "`format_start`", "layer count (4)")
+
+
+def test_more_pipeline_stages_than_layers(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, pipeline_stages=5), "`pipeline_stages`", "4 layers")
+
+
+def test_world_size_not_divisible_by_stages(w, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what `deepspeed --num_gpus 3` or torchrun sets
+    names(train_err(capsys, w, tmp_path, pipeline_stages=2), "world size 3", "`pipeline_stages`")
+
+
+def test_zero_stage_2_with_a_pipeline(w, tmp_path, capsys):
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {}}}))
+    names(train_err(capsys, w, tmp_path, ds_config=str(ds)), str(ds), "zero_optimization.stage")
+
+
+def test_seq_len_above_model_maximum(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, seq_len=512), "`seq_len`", "max_position_embeddings",
+          f"{w['model']}/config.json")
+
+
+def test_data_from_a_larger_tokenizer(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, data=str(w["big"])), "`data`", str(w["big"]), "vocab")
+
+
+def test_chat_phase_on_raw_shards(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, phase="chat", data=str(w["raw"])), "`data`", "loss mask")
+
+
+def test_missing_manifest(w, tmp_path, capsys):
+    missing = tmp_path / "nope.manifest.json"
+    names(train_err(capsys, w, tmp_path, data=str(missing)), str(missing))
+
+
+def test_truncated_shard(w, tmp_path, capsys):
+    """A shard cut short (a copy interrupted, a full disk) is caught when the data is opened."""
+    data = tmp_path / "data"
+    shutil.copytree(Path(w["raw"]).parent, data)
+    shard = sorted(data.glob("raw*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-6])
+    names(train_err(capsys, w, tmp_path, data=str(data / "raw.manifest.json")), shard.name, "bytes")
+
+
+def test_hostfile_that_does_not_parse(tmp_path, capsys):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("node01 slots=4\nnode02 slots four\n")
+    names(call(capsys, "pipeline.dist", ["check-hostfile", hosts]), f"{hosts}:2", "slots=N")
+
+
+# ---------------------------------------------------------------------------------------------
+# transplant and export
+
+def test_transplant_of_models_with_different_shapes(w, tmp_path, capsys):
+    out = tmp_path / "t"
+    err = call(capsys, "pipeline.transplant", ["--raw", w["raw_run"], "--chat", w["deeper_chat"], "--out", out])
+    names(err, "--raw", "--chat", "num_hidden_layers")
+    assert not out.exists()
+
+
+def test_transplant_of_different_base_models(w, tmp_path, capsys):
+    out = tmp_path / "t"
+    err = call(capsys, "pipeline.transplant", ["--raw", w["other_base_raw"], "--chat", w["chat_run"], "--out", out])
+    names(err, "--raw", "--chat", "different base models", "base_model")
+    assert not out.exists()
+
+
+def test_transplant_into_a_non_empty_out_dir(w, tmp_path, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = call(capsys, "pipeline.transplant", ["--raw", w["raw_run"], "--chat", w["chat_run"], "--out", out])
+    names(err, str(out), "--force")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_export_of_a_missing_checkpoint_step(w, tmp_path, capsys):
+    out = tmp_path / "e"
+    names(call(capsys, "pipeline.export", [w["chat_run"], "--step", 99, "--out", out]), "--step 99")
+    assert not out.exists()
+
+
+def test_checkpoint_file_that_disagrees_with_its_record(w, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(w["chat_run"], run)
+    f = run / "checkpoints/step_00000005/layer_02-model_states.pt"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x01  # one flipped bit, same size
+    f.write_bytes(bytes(b))
+    out = tmp_path / "e"
+    names(call(capsys, "pipeline.export", [run, "--out", out]), "layer_02-model_states.pt", "sha256", "record.json")
+    assert not out.exists()
+
+
+def test_the_suite_has_at_least_20_distinct_cases():
+    cases = [n for n in globals() if n.startswith("test_") and n != "test_the_suite_has_at_least_20_distinct_cases"]
+    assert len(cases) >= 20, cases
