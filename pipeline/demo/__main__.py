@@ -34,7 +34,7 @@ def main(argv=None):
                    help="full: the real demo; tiny: minutes-long plumbing check with meaningless numbers")
     p.add_argument("--seed", type=int, default=0, help="one seed for the world, init, data order (default 0)")
     p.add_argument("--ablations", action="store_true", help="also run the ablations (takes longer than 20 min)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per step (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per step (default 1: robust when other work shares the cores)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from .run import Demo
