@@ -41,10 +41,13 @@ $(VENV)/.stamp: pyproject.toml
 
 setup: $(VENV)/.stamp  ## create .venv and install the project with its test extras
 
-# pytest exits 5 when it collects nothing; that is a broken suite, so it is not forgiven here.
 PYTEST_ARGS ?=
+# pytest exits 5 when it collected no test: that is a broken suite (a bad path or a lost
+# conftest), not a pass, so it fails with a message instead of passing quietly.
 test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs included)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (PYTEST_ARGS='$(PYTEST_ARGS)')" >&2; exit 1; fi; \
+	exit $$rc
 
 # ---- the main job ---------------------------------------------------------------------------
 # Where the demo writes everything (world, shards, runs, models, results). Reruns continue.

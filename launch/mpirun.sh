@@ -8,6 +8,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -42,7 +44,6 @@ examples:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
 
 DRY_RUN="${DRY_RUN:-0}"
 case "${1:-}" in
@@ -53,9 +54,7 @@ esac
 CONFIG="$1"; shift
 [ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of launch/mpirun.sh)"
 
-if [ -z "${PY:-}" ]; then
-  if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
-fi
+find_python
 MPIRUN="${MPIRUN:-$(dirname "$(command -v "$PY")")/mpirun}"
 [ -x "$MPIRUN" ] || MPIRUN=mpirun
 ENTRY="${ENTRY:-pipeline.train}"

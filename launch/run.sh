@@ -12,6 +12,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -43,7 +45,6 @@ On SLURM use launch/slurm/train.sbatch; with mpirun use launch/mpirun.sh.
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
 
 DRY_RUN="${DRY_RUN:-0}"
 case "${1:-}" in
@@ -54,9 +55,7 @@ esac
 CONFIG="$1"; shift
 [ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of launch/run.sh)"
 
-if [ -z "${PY:-}" ]; then
-  if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
-fi
+find_python
 # The launcher that belongs to that python, so the ranks run in the same environment.
 DEEPSPEED="${DEEPSPEED:-$(dirname "$(command -v "$PY")")/deepspeed}"
 [ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed

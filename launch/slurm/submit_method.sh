@@ -15,6 +15,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
 HERE="$REPO/launch/slurm"
 
 usage() {
@@ -40,7 +42,6 @@ examples:
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
 
 DRY_RUN="${DRY_RUN:-0}"
 case "${1:-}" in
