@@ -57,7 +57,7 @@ ABLATIONS ?= 0
 # DEMO_SIZE=tiny is a ~2-minute plumbing check with meaningless numbers.
 DEMO_SIZE ?= full
 
-demo: setup  ## the whole method on the built-in synthetic world, on CPU (~15 min): table in $(DEMO_OUT)/results.md
+demo: setup  ## the whole method on the built-in synthetic world, on CPU (~11 min): table in $(DEMO_OUT)/results.md
 	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(filter 1,$(ABLATIONS)),--ablations)
 
 # ---- benchmarks -------------------------------------------------------------------------------

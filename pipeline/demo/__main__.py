@@ -15,7 +15,7 @@ from data_prep.common import fail_cleanly
 EPILOG = """\
 examples:
   make demo                                   (the same as the next line, after setting up .venv)
-  python -m pipeline.demo --out runs/demo     (~15 min on 2 CPU cores)
+  python -m pipeline.demo --out runs/demo     (~11 min on 2 CPU cores)
   python -m pipeline.demo --ablations         (adds raw_trains_format, low raw lr, a format_start sweep)
   python -m pipeline.demo --size tiny --out /tmp/demo-smoke   (a 1-minute plumbing check)
 

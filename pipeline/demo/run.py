@@ -25,7 +25,7 @@ from data_prep.common import UserError, atomic_write_json
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "demo"
 
-# Sizes: the full demo fits ~15 min on 2 CPU cores; `tiny` only proves the plumbing (tests).
+# Sizes: the full demo takes ~11 min on 2 CPU cores; `tiny` only proves the plumbing (tests).
 SIZES = {
     "full": dict(world=dict(n_known=200, n_new=100, bios_per_person=4), vocab=2048,
                  model=dict(layers=8, hidden=128), seq_len=128, boundaries=(2, 6),
