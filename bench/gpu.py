@@ -67,6 +67,9 @@ def parse_args(argv):
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 16; tiny: 4)")
     ap.add_argument("--warmup", type=int, default=3, help="steps dropped from each side (default 3, at least 1)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per side (default 8)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile_layers: true for the pipeline, and the same per-layer torch.compile for the "
+                         "plain loop, so the ratio stays like for like (fuses the elementwise kernels)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's dense bf16 peak for MFU (default: 989 for H100/H200; required for others)")
     return ap.parse_args(argv)
@@ -139,7 +142,8 @@ def run_pipeline(cfg_path: Path, metrics: Path, env: dict, timeout: float) -> li
     return stamps
 
 
-def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool) -> tuple[list[float], dict]:
+def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
+                        compile_layers: bool = False) -> tuple[list[float], dict]:
     """The plain loop of pipeline.reference on the GPU: same model, batches, optimizer settings.
 
     Mixed precision the way plain PyTorch does it (fp32 weights, autocast to bf16), the honest
@@ -159,6 +163,9 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool) -> 
     torch.manual_seed(cfg.schedule.seed)
     model = load_causal_lm(cfg.model.model).to(device)
     model.train()
+    if compile_layers:
+        for layer in model.model.layers:
+            layer.compile()
     params = trainable_by_name(model, groups, tied)
     ds_params = load_ds_config(cfg, use_gpu=device == "cuda")[0]["optimizer"]["params"]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
@@ -288,7 +295,7 @@ def main(argv=None) -> int:
     res = {"device": dev_name, "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "torch": torch.__version__, "cuda": torch.version.cuda, "workdir": str(work),
            "seq_len": S, "micro_batch": micro, "global_batch": G, "warmup_steps": W, "timed_steps": K,
-           "peak_tflops": peak}
+           "peak_tflops": peak, "compile_layers": args.compile}
     try:
         _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, make_llama, write_random_shards)
         code = 0
@@ -332,7 +339,7 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, make_llama, wr
            "micro_batch_size": micro, "global_batch_size": G, "steps": W + K, "lr": 1e-4, "warmup_steps": 0,
            "out": str(work / "run"), "save_every": 100_000, "keep_last": 1, "seed": 1,
            "ds_config": str(REPO / "ds_configs" / ("cpu_fp32_zero1.json" if tiny else "gpu_bf16_zero1.json")),
-           "activation_checkpoint_interval": 0}
+           "activation_checkpoint_interval": 0, "compile_layers": res.get("compile_layers", False)}
     cfg_path = work / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -348,7 +355,8 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, make_llama, wr
     log(f"  (the trainer's own step_time_s: {[round(t, 3) for t in own_times]})")
 
     log("plain PyTorch baseline on the same batches")
-    base_all, info = baseline_step_times(cfg_path, W + K, device, bf16=not tiny)
+    base_all, info = baseline_step_times(cfg_path, W + K, device, bf16=not tiny,
+                                         compile_layers=res.get("compile_layers", False))
     base_times = base_all[W:]
     log(f"baseline step times after warm-up: {[round(t, 3) for t in base_times]}")
     res.update(info)

@@ -103,6 +103,10 @@ class ParallelSection:
         "and ds_configs/gpu_bf16_zero1.json with one.", "auto")
     activation_checkpoint_interval: int = doc(
         "Recompute activations every N layers in backward (0: off). Trades ~30% more compute for memory.", 0)
+    compile_layers: bool = doc(
+        "torch.compile each decoder layer (in place: names and checkpoints are unchanged). On a GPU it fuses "
+        "the unfused norm/rotary/SiLU/cast kernels that take ~47% of a step (bench/results/gpu_profile_mb4.md); "
+        "costs a minute or two of compilation at the first step. Off on CPU, where it gains little.", False)
     dist_timeout_s: int = doc(
         "Collective timeout in seconds: a dead rank makes the others fail after this instead of hanging.", 120)
 

@@ -193,7 +193,7 @@ def set_trainable(module: nn.Module, layer_index: int, groups: Groups, tied: boo
 
 def build_pipeline(hf_model, groups: Groups, bounds: list[int], topology_kw: dict, tied: bool,
                    activation_checkpoint_interval: int = 0, anchor_weight: float = 0.0,
-                   grad_accum: int = 1) -> GroupAlignedPipe:
+                   grad_accum: int = 1, compile_layers: bool = False) -> GroupAlignedPipe:
     # Freeze by name first: LayerSpec builds reuse these very modules.
     for i in range(groups.num_layers):
         tmp = nn.Module()
@@ -206,6 +206,11 @@ def build_pipeline(hf_model, groups: Groups, bounds: list[int], topology_kw: dic
         set_trainable(tmp, i, groups, tied)
     if tied and groups.phase != "full":
         hf_model.model.embed_tokens.weight.requires_grad_(False)
+    if compile_layers:
+        # Module.compile() works in place, so parameter names (and so checkpoint keys and the
+        # transplant's name mapping) stay exactly the HF ones. Identical layers share one graph.
+        for layer in hf_model.model.layers:
+            layer.compile()
     pipe = GroupAlignedPipe(
         layers=layer_specs(hf_model, groups, bounds, anchor_weight, grad_accum), stage_bounds=bounds, loss_fn=causal_lm_loss,
         activation_checkpoint_interval=activation_checkpoint_interval,

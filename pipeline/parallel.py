@@ -127,7 +127,8 @@ def build_job(cfg: RunConfig, rank: int, world_size: int) -> Job:
     hf_model = load_causal_lm(cfg.model.model)
     topo = PipeDataParallelTopology(num_pp=cfg.parallel.pipeline_stages, num_dp=plan.dp_size)
     pipe = build_pipeline(hf_model, groups, bounds, {"topology": topo}, tied,
-                          cfg.parallel.activation_checkpoint_interval, cfg.groups.anchor_weight, plan.grad_accum)
+                          cfg.parallel.activation_checkpoint_interval, cfg.groups.anchor_weight, plan.grad_accum,
+                          cfg.parallel.compile_layers)
     n = lambda m: sum(p.numel() for p in m.parameters())
     counts = {"embed": n(hf_model.model.embed_tokens), "layers": [n(l) for l in hf_model.model.layers],
               "norm": n(hf_model.model.norm), "head": n(hf_model.lm_head)}
