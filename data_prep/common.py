@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -93,7 +92,10 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     if path.exists() and any(path.iterdir()) and not force:
         raise UserError(f"output directory {path} is not empty (pass --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    _remove_dead_leftovers(path)
+    tmp = _tmp_name(path)  # .tmp-NAME.PID: the pid tells a later run whether its writer is gone
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
@@ -107,6 +109,25 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_leftovers(path: Path) -> None:
+    """Delete `.tmp-NAME.PID` directories left by a killed writer of `path` (only dead pids: a
+    concurrent writer's work in progress is left alone)."""
+    for p in path.parent.glob(f".tmp-{path.name}.*"):
+        pid = p.name.rsplit(".", 1)[-1]
+        if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
