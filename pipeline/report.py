@@ -65,13 +65,16 @@ def chart_png(models: dict, title: str = "format adherence vs knowledge") -> byt
     import matplotlib.pyplot as plt
 
     xlabel, xs = knowledge_axis(models)
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    for name, x in xs.items():
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    markers = "osD^vP*Xh<>p"
+    for i, (name, x) in enumerate(xs.items()):
         y = models[name].get("format_adherence")
         if y is None:
             continue
-        ax.scatter([x], [y], s=40)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # A legend rather than text labels: the interesting models sit close together, where
+        # labels on the points would overlap into an unreadable smear.
+        ax.scatter([x], [y], s=45, marker=markers[i % len(markers)], label=name)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.axvline(0, color="grey", lw=0.8, ls="--")  # chance (rank axis) or zero accuracy
     ax.set_xlabel(xlabel)
     ax.set_ylabel("format adherence")
