@@ -156,7 +156,8 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
     from pipeline.hf import load_causal_lm
     from pipeline.model import causal_lm_loss
     from pipeline.parallel import check_model, lr_factor
-    from pipeline.reference import batches, trainable_by_name
+    from pipeline.model import trainable_by_name
+    from pipeline.reference import batches
 
     cfg = load_config(cfg_path)
     _, groups, tied = check_model(cfg)

@@ -168,7 +168,7 @@ def flop_ratio(cfg_path: Path) -> tuple[float, dict]:
     from pipeline.config import load_config
     from pipeline.names import to_pipeline_name
     from pipeline.parallel import check_model
-    from pipeline.reference import trainable_by_name
+    from pipeline.model import trainable_by_name
 
     cfg = load_config(cfg_path)
     hf_cfg, groups, tied = check_model(cfg)
@@ -230,7 +230,7 @@ def _stage_trained_numel(cfg_path: Path, run_dir: Path) -> dict[int, int]:
     from pipeline.config import load_config
     from pipeline.names import to_pipeline_name
     from pipeline.parallel import check_model
-    from pipeline.reference import trainable_by_name
+    from pipeline.model import trainable_by_name
 
     rec = json.loads((run_dir / "run.json").read_text())
     cfg = load_config(cfg_path)
@@ -343,9 +343,11 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     del job
     gc.collect()
 
+    from pipeline.model import trainable_by_name
+
     _, groups, tied = check_model(cfg)
     model = load_causal_lm(cfg.model.model)
-    params = reference.trainable_by_name(model, groups, tied)
+    params = trainable_by_name(model, groups, tied)
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
     batches = reference.batches(cfg)
 

@@ -111,7 +111,8 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a temp file's writer may still be running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,7 +127,7 @@ def _remove_dead_leftovers(path: Path) -> None:
     concurrent writer's work in progress is left alone)."""
     for p in path.parent.glob(f".tmp-{path.name}.*"):
         pid = p.name.rsplit(".", 1)[-1]
-        if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        if p.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 

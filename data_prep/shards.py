@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UserError, fsync_dir
+from .common import UserError, fsync_dir, pid_alive
 from .mmidx import index_bytes
 
 
@@ -38,16 +38,6 @@ def _our_files(prefix: Path) -> re.Pattern:
                       rf"|^\.tmp-{name}\.manifest\.json\.(\d+)$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(prefix: Path) -> int:
     """Delete temp files a killed run left for this prefix; refuse if their writer still runs."""
     pattern, removed = _our_files(prefix), 0
@@ -58,7 +48,7 @@ def clean_stale(prefix: Path) -> int:
         if not m or not p.name.startswith(".tmp-"):
             continue
         pid = int(m.group(6) or m.group(7) or os.getpid())
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             raise UserError(f"{p}: another run (pid {pid}) is writing --output-prefix {prefix}; "
                             "wait for it or pick another prefix (if no such run exists, "
                             "delete that prefix's .tmp-* files)")

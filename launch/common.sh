@@ -11,3 +11,19 @@ find_python() {
     if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
   fi
 }
+
+# The launchers' shared command line: [--dry-run | -h] CONFIG [--key=value ...].
+# Sets DRY_RUN (also from the environment), CONFIG, and ARGS (the overrides, passed through);
+# calls the script's own usage(). $1 is the script's name, for the error message.
+parse_launch_args() {
+  local me="$1"; shift
+  DRY_RUN="${DRY_RUN:-0}"
+  case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+  esac
+  [ $# -ge 1 ] || { usage >&2; exit 2; }
+  CONFIG="$1"; shift
+  [ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of $me)"
+  ARGS=("$@")
+}

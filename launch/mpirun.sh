@@ -44,15 +44,8 @@ examples:
 EOF
 }
 
-
-DRY_RUN="${DRY_RUN:-0}"
-case "${1:-}" in
-  -h|--help) usage; exit 0 ;;
-  --dry-run) DRY_RUN=1; shift ;;
-esac
-[ $# -ge 1 ] || { usage >&2; exit 2; }
-CONFIG="$1"; shift
-[ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of launch/mpirun.sh)"
+parse_launch_args launch/mpirun.sh "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
 
 find_python
 MPIRUN="${MPIRUN:-$(dirname "$(command -v "$PY")")/mpirun}"

@@ -45,15 +45,8 @@ On SLURM use launch/slurm/train.sbatch; with mpirun use launch/mpirun.sh.
 EOF
 }
 
-
-DRY_RUN="${DRY_RUN:-0}"
-case "${1:-}" in
-  -h|--help) usage; exit 0 ;;
-  --dry-run) DRY_RUN=1; shift ;;
-esac
-[ $# -ge 1 ] || { usage >&2; exit 2; }
-CONFIG="$1"; shift
-[ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of launch/run.sh)"
+parse_launch_args launch/run.sh "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
 
 find_python
 # The launcher that belongs to that python, so the ranks run in the same environment.

@@ -270,7 +270,7 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
     def bad(key, msg):
         raise UserError(f"{where.get(key, 'config')}: `{key}` {msg}")
 
-    g, d, s, p = cfg.groups, cfg.data, cfg.schedule, cfg.parallel
+    g, d, s = cfg.groups, cfg.data, cfg.schedule
     if g.phase not in PHASES:
         bad("phase", f"must be one of {', '.join(PHASES)}, got {g.phase!r}")
     for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every"):

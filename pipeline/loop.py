@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from .groups import Groups
-from .names import ANCHOR, to_hf_name
+from .names import group_of
 
 IGNORE_INDEX = -100
 
@@ -176,36 +176,30 @@ def layer_specs(hf_model, groups: Groups, bounds: list[int], anchor_weight: floa
     return specs
 
 
-def set_trainable(module: nn.Module, layer_index: int, groups: Groups, tied: bool) -> None:
-    """requires_grad by name: each parameter's HF name decides its group, its group decides."""
-    from .names import group_of
+def trainable_by_name(model, groups: Groups, tied: bool) -> list[nn.Parameter]:
+    """Set requires_grad on an HF model by parameter name: the name decides the group, the phase
+    decides whether the group trains. Returns the trained parameters.
 
-    for key, p in module.named_parameters():
-        if key == ANCHOR:
-            p.requires_grad_(True)
-            continue
-        hf = to_hf_name(layer_index, key)
-        group = group_of(hf, groups.raw_start, groups.format_start)
-        if tied and hf == "lm_head.weight":
+    The one place this is decided: the pipeline's LayerSpecs reuse these very modules, and the
+    reference loop trains the same model object, so both train exactly the same parameters.
+    """
+    params = []
+    for name, p in model.named_parameters():
+        group = group_of(name, groups.raw_start, groups.format_start)
+        if tied and name == "lm_head.weight":
             group = "frozen"  # the head *is* the embedding matrix, which belongs to the frozen prefix
         p.requires_grad_(group in groups.trained_groups)
+        if p.requires_grad:
+            params.append(p)
+    return params
 
 
 def build_pipeline(hf_model, groups: Groups, bounds: list[int], topology_kw: dict, tied: bool,
                    activation_checkpoint_interval: int = 0, anchor_weight: float = 0.0,
                    grad_accum: int = 1, compile_layers: bool = False) -> GroupAlignedPipe:
-    # Freeze by name first: LayerSpec builds reuse these very modules.
-    for i in range(groups.num_layers):
-        tmp = nn.Module()
-        tmp.decoder = hf_model.model.layers[i]
-        if i == 0:
-            tmp.embed_tokens = hf_model.model.embed_tokens
-        if i == groups.num_layers - 1:
-            tmp.norm = hf_model.model.norm
-            tmp.lm_head = hf_model.lm_head
-        set_trainable(tmp, i, groups, tied)
-    if tied and groups.phase != "full":
-        hf_model.model.embed_tokens.weight.requires_grad_(False)
+    # Freeze by name first: LayerSpec builds reuse these very modules. With tied embeddings the
+    # shared matrix is one Parameter, so freezing the head freezes the embedding too.
+    trainable_by_name(hf_model, groups, tied)
     if compile_layers:
         # Module.compile() works in place, so parameter names (and so checkpoint keys and the
         # transplant's name mapping) stay exactly the HF ones. Identical layers share one graph.

@@ -11,21 +11,8 @@ from .config import RunConfig, data_sources, load_ds_config
 from .data import open_data, to_inputs_labels
 from .groups import Groups
 from .hf import load_causal_lm
-from .model import causal_lm_loss
-from .names import group_of
+from .model import causal_lm_loss, trainable_by_name
 from .parallel import lr_factor
-
-
-def trainable_by_name(model, groups: Groups, tied: bool) -> list[torch.nn.Parameter]:
-    params = []
-    for name, p in model.named_parameters():
-        group = group_of(name, groups.raw_start, groups.format_start)
-        if tied and name == "lm_head.weight":
-            group = "frozen"
-        p.requires_grad_(group in groups.trained_groups)
-        if p.requires_grad:
-            params.append(p)
-    return params
 
 
 def batches(cfg: RunConfig, start_step: int = 0):
