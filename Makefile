@@ -1,6 +1,6 @@
 # layer-aware: every target sets itself up (the venv) first, so a fresh clone needs only `make demo`
 # or `make test`. Every option below is a `?=` default you can override on the command line,
-# e.g. `make chat CONFIG=configs/my_chat.yaml`.
+# e.g. `make chat CHAT_CONFIG=configs/my_chat.yaml`.
 
 # The Python that builds the venv. Any 3.10+ works.
 PYTHON ?= python3
@@ -64,12 +64,12 @@ demo: setup  ## the whole method on the built-in synthetic world, on CPU (~11 mi
 # small keeps a CPU run under 10 minutes; medium uses bigger models for steadier ratios.
 BENCH_SIZE ?= small
 
-bench: setup  ## speed and memory against plain baselines -> bench/results/latest.{json,md}
+bench: setup  ## speed and memory against plain baselines -> runs/bench/latest.{json,md}
 	$(PY) -m bench.run --size $(BENCH_SIZE)
 
 # On a GPU machine: ~1.1B Llama, bf16, pipeline vs plain PyTorch, tokens/s and MFU (~3 min on an H100).
 bench-gpu: setup  ## GPU tokens/s and MFU -> bench/results/gpu.{json,md}
-	DS_ACCELERATOR=cuda $(PY) bench/gpu.py
+	DS_ACCELERATOR=cuda $(PY) -m bench.gpu
 
 include launch/Makefile.targets.mk
 

@@ -33,12 +33,10 @@ from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # ~1.1B parameters. 16 heads of 128 (flash-attention friendly), GQA with 8 KV heads.
-MODEL_1B = dict(vocab=32000, hidden=2048, layers=22, heads=16, kv_heads=8, intermediate=5632, max_pos=2048)
-MODEL_TINY = dict(vocab=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=176, max_pos=64)
+MODEL_1B = dict(vocab_size=32000, hidden=2048, layers=22, heads=16, kv_heads=8, intermediate=5632, max_position=2048)
+MODEL_TINY = dict(vocab_size=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=176, max_position=64)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0}  # dense bf16, SXM
 GOAL_MFU, GOAL_SPEED = 0.45, 0.95
 T0 = time.perf_counter()
@@ -50,14 +48,16 @@ def log(msg: str) -> None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        prog="python bench/gpu.py", description=__doc__.splitlines()[0],
+        prog="python -m bench.gpu", description=__doc__.splitlines()[0],
         epilog="examples:\n"
-               "  python bench/gpu.py                         # H100/H200: ~3 min, writes bench/results/gpu.*\n"
-               "  python bench/gpu.py --micro-batch 8 --global-batch 32\n"
-               "  python bench/gpu.py --tiny --out /tmp/g     # CPU smoke run of the whole script\n",
+               "  python -m bench.gpu                         # H100/H200: ~3 min, writes runs/bench/gpu.*\n"
+               "  python -m bench.gpu --micro-batch 8 --global-batch 32\n"
+               "  python -m bench.gpu --tiny --out /tmp/g     # CPU smoke run of the whole script\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="toy model on CPU: checks the script, measures nothing")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where gpu.json and gpu.md go")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench",
+                    help="where gpu.json and gpu.md go (default runs/bench, untracked; bench/results holds the "
+                         "committed reference copy)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="model, shards and run dir (default: a temp dir in /dev/shm if it has ~24 GB free, else $TMPDIR)")
     ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (tiny: 32)")
@@ -144,7 +144,7 @@ def run_pipeline(cfg_path: Path, metrics: Path, env: dict, timeout: float) -> li
 
 def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
                         compile_layers: bool = False) -> tuple[list[float], dict]:
-    """The plain loop of pipeline.reference on the GPU: same model, batches, optimizer settings.
+    """The plain loop of tests.kit.reference on the GPU: same model, batches, optimizer settings.
 
     Mixed precision the way plain PyTorch does it (fp32 weights, autocast to bf16), the honest
     counterpart of DeepSpeed's bf16 weights + fp32 master copy. Returns step times and what
@@ -152,29 +152,29 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
     """
     import torch
 
-    from pipeline.config import load_config, load_ds_config
+    from pipeline.config import load_config
     from pipeline.hf import load_causal_lm
-    from pipeline.model import causal_lm_loss
-    from pipeline.parallel import check_model, lr_factor
-    from pipeline.model import trainable_by_name
-    from pipeline.reference import batches
+    from pipeline.training.model import causal_lm_loss
+    from pipeline.training.plan import build_plan
+    from pipeline.training.schedule import lr_factor
+    from tests.kit.reference import step_batches, trainable
 
     cfg = load_config(cfg_path)
-    _, groups, tied = check_model(cfg)
+    plan = build_plan(cfg, 1, use_gpu=device == "cuda")
     torch.manual_seed(cfg.schedule.seed)
     model = load_causal_lm(cfg.model.model).to(device)
     model.train()
     if compile_layers:
         for layer in model.model.layers:
             layer.compile()
-    params = trainable_by_name(model, groups, tied)
-    ds_params = load_ds_config(cfg, use_gpu=device == "cuda")[0]["optimizer"]["params"]
+    params = trainable(model, plan.groups)
+    ds_params = plan.ds_config["optimizer"]["params"]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    it = batches(cfg)
+    it = step_batches(plan)
     info = {"attn_implementation": model.config._attn_implementation}
 
     def step():
@@ -267,7 +267,8 @@ def main(argv=None) -> int:
     os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     import torch
 
-    from bench.synth import make_llama, write_random_shards
+    from bench.synth import write_random_shards
+    from tests.kit.models import tiny_llama
 
     if not tiny and not torch.cuda.is_available():
         print("error: no CUDA device visible (torch.cuda.is_available() is False); this script measures a GPU. "
@@ -293,12 +294,12 @@ def main(argv=None) -> int:
         print(f"error: --global-batch {G} must be a multiple of --micro-batch {micro}", file=sys.stderr)
         return 2
     work = pick_workdir(args.workdir, need_gb=0 if tiny else 24)
-    res = {"device": dev_name, "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    res = {"device": dev_name, "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
            "torch": torch.__version__, "cuda": torch.version.cuda, "workdir": str(work),
            "seq_len": S, "micro_batch": micro, "global_batch": G, "warmup_steps": W, "timed_steps": K,
            "peak_tflops": peak, "compile_layers": args.compile}
     try:
-        _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, make_llama, write_random_shards)
+        _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, write_random_shards)
         code = 0
     except Exception as e:  # noqa: BLE001 - reported in gpu.json and on stderr, then a failing exit
         res["error"] = f"{type(e).__name__}: {e}"
@@ -316,25 +317,25 @@ def main(argv=None) -> int:
     return code
 
 
-def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, make_llama, write_random_shards):
+def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, write_random_shards):
     import torch
     import yaml
 
-    from pipeline.metrics import read_metrics
+    from pipeline.training.metrics_log import read_metrics
 
     log(f"device {res['device']}; work dir {work}")
-    model_dir = make_llama(work / "model", **m, dtype=None if tiny else torch.bfloat16,
+    model_dir = tiny_llama(work / "model", **m, dtype=None if tiny else torch.bfloat16,
                            device="cpu" if tiny else "cuda")
     if device == "cuda":
         torch.cuda.empty_cache()
     n = count_params(model_dir)
     res["params"] = n
     res["model_desc"] = (f"Llama {n['total'] / 1e9:.2f}B ({m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads / "
-                         f"{m['kv_heads']} KV, MLP {m['intermediate']}, vocab {m['vocab']}), seq {S}, "
+                         f"{m['kv_heads']} KV, MLP {m['intermediate']}, vocab {m['vocab_size']}), seq {S}, "
                          f"batch {G} (micro {micro}), bf16" if not tiny else "toy model on CPU (fp32)")
     log(f"model: {res['model_desc']}")
     tokens = (W + K + 2) * G * (S + 1) * 2
-    manifest = write_random_shards(work / "data" / "raw", m["vocab"], tokens, seed=1)
+    manifest = write_random_shards(work / "data" / "raw", m["vocab_size"], tokens, seed=1)
     log(f"random token shards: {tokens:,} tokens")
     cfg = {"model": str(model_dir), "data": str(manifest), "phase": "full", "seq_len": S,
            "micro_batch_size": micro, "global_batch_size": G, "steps": W + K, "lr": 1e-4, "warmup_steps": 0,

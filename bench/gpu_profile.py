@@ -2,7 +2,7 @@
 
 Profiles one step of the plain loop on the same ~1.1B Llama (bf16 autocast, torch AdamW) and
 groups CUDA kernel time into matmul, attention, elementwise/norm, optimizer and other.
-`python bench/gpu_profile.py [--micro-batch 4] [--out DIR]` -> gpu_profile.md. GPU only.
+`python -m bench.gpu_profile [--micro-batch 4] [--out DIR]` -> gpu_profile.md. GPU only.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from gpu import MODEL_1B  # same model as the benchmark (bench/ is on sys.path when run as a script)
+from bench.gpu import MODEL_1B  # same model as the benchmark
 
 CATEGORIES = [("attention", ("flash", "sdpa", "fmha", "attention")),
               ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
@@ -31,7 +31,7 @@ def category(name: str) -> str:
 def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -39,12 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = ap.parse_args(argv)
     m = MODEL_1B
-    cfg = LlamaConfig(vocab_size=m["vocab"], hidden_size=m["hidden"], num_hidden_layers=m["layers"],
-                      num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
-                      intermediate_size=m["intermediate"], max_position_embeddings=m["max_pos"])
-    model = LlamaForCausalLM(cfg).cuda()
+    from tests.kit.models import tiny_llama_config
+
+    model = LlamaForCausalLM(tiny_llama_config(**m)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, m["vocab"], (a.micro_batch, a.seq_len), device="cuda")
+    x = torch.randint(0, m["vocab_size"], (a.micro_batch, a.seq_len), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -9,7 +9,7 @@ figures come from
   bench.transplant_mem   transplant peak RSS on two model sizes
 A part that fails is recorded as a failed figure carrying its error; the others still run.
 
-Writes bench/results/latest.json (the figures), latest.md (a table, the notes and any profiles)
+Writes runs/bench/latest.json (the figures), latest.md (a table, the notes and any profiles)
 and latest.meta.json (machine, versions, command, duration), then prints the markdown.
 """
 from __future__ import annotations
@@ -22,10 +22,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from data_prep.common import atomic_write_json, atomic_write_text, fail_cleanly  # noqa: E402
+from data_prep.common import atomic_write_json, atomic_write_text, fail_cleanly
 
 PARTS = ("train", "dataprep", "transplant")
 # bench sizes -> the sizes the other modules know. `tiny` is for the test suite: seconds, and the
@@ -38,7 +36,7 @@ examples:
   python -m bench.run --size medium --out /tmp/b    # bigger model and corpus
   python -m bench.run --parts train                 # only the training figures
   make bench BENCH_SIZE=medium
-GPU figures (tokens/s and MFU of a ~1B Llama): python bench/gpu.py (see its --help).
+GPU figures (tokens/s and MFU of a ~1B Llama): python -m bench.gpu (see its --help).
 """
 
 
@@ -172,7 +170,9 @@ def main(argv=None):
     ap.add_argument("--size", choices=list(PART_SIZE), default=os.environ.get("BENCH_SIZE", "small"),
                     help="small: < 10 min on 2 CPU cores (default, or $BENCH_SIZE); medium: bigger model and "
                          "corpus; tiny: seconds, for the tests")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench",
+                    help="results directory (default runs/bench, untracked; `--out bench/results` updates the "
+                         "committed reference copy, on purpose)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]

@@ -1,5 +1,5 @@
-"""What every benchmark needs and nothing more: a random-init Llama saved as an HF directory,
-random token shards written through data_prep's own writer, and the statistics of repeated timings.
+"""What every benchmark needs beside the test kit's models (tests.kit.models): random token shards
+written through data_prep's own writer, and the statistics of repeated timings.
 
 Random weights and random tokens cost the same FLOPs as real ones, so speed figures need no
 download; loss values from these runs mean nothing and are never reported.
@@ -12,29 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.common import UserError
-
-
-def make_llama(out: Path, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-               intermediate: int, max_pos: int, tie: bool = False, seed: int = 0, dtype=None,
-               device: str = "cpu") -> Path:
-    """Random-init LlamaForCausalLM saved with save_pretrained (what users hand the trainer).
-
-    `device="cuda"` initialises on the GPU: a 1B model's fp32 init on CPU alone takes ~20 s.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=max_pos, tie_word_embeddings=tie)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(str(out))
-    del model
-    return out
 
 
 def write_random_shards(prefix: Path, vocab: int, tokens: int, seed: int = 0, chat: bool = False) -> Path:

@@ -1,12 +1,12 @@
 """Training figures, each a ratio against a baseline measured in the same run on the same model and batches.
 
   1. tokens/s of `pipeline.train` (1 stage, phase full) vs the plain PyTorch loop of
-     pipeline.reference (HF model + torch AdamW) on the same batches.           goal >= 0.95
+     tests.kit.reference (HF model + torch AdamW) on the same batches.          goal >= 0.95
   2. step time of the chat phase (format group = last 25% of layers) vs the full fine-tune
      step, same pipeline, against the FLOP model's ratio.               goal <= 1.10 x FLOP ratio
   3. optimizer-state bytes per rank of each stage (P=2, ZeRO-1), read from the checkpoint
      files, vs what Adam needs for that stage's trained parameters / DP.        goal <= 1.05
-  4. time `pipeline.data.micro_batches` takes to make one step's batches vs the step.  goal < 1%
+  4. time `data_prep.reader.micro_batches` takes to make one step's batches vs the step.  goal < 1%
 
 The pipeline runs through its real entry point (`pipeline.train.main`) in this process, so
 several repetitions share one import of torch + DeepSpeed; the reference loop runs in the same
@@ -35,29 +35,29 @@ from pathlib import Path
 from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from bench.synth import figure, make_llama, median_spread, write_random_shards  # noqa: E402
+from bench.synth import figure, median_spread, write_random_shards  # noqa: E402
+from tests.kit.models import tiny_llama  # noqa: E402
+from tests.kit.train import free_port  # noqa: E402
 
 # Model and batch per size. `small` is big enough that per-step framework overhead does not
 # dominate a CPU step (~0.6 s), small enough that 5 interleaved reps take ~2 min on 2 cores.
 SIZES = {
-    "tiny": dict(model=dict(vocab=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=176, max_pos=64),
+    "tiny": dict(model=dict(vocab_size=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=176, max_position=64),
                  seq=32, micro=2, batch=4, warmup=1, steps=3, reps=2, dp=1, loader_steps=10),
-    "small": dict(model=dict(vocab=4096, hidden=256, layers=8, heads=4, kv_heads=2, intermediate=688, max_pos=256),
+    "small": dict(model=dict(vocab_size=4096, hidden=256, layers=8, heads=4, kv_heads=2, intermediate=688, max_position=256),
                   seq=128, micro=4, batch=8, warmup=2, steps=6, reps=5, dp=2, loader_steps=40),
-    "medium": dict(model=dict(vocab=8192, hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376,
-                              max_pos=512),
+    "medium": dict(model=dict(vocab_size=8192, hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376,
+                              max_position=512),
                    seq=256, micro=4, batch=8, warmup=2, steps=6, reps=5, dp=2, loader_steps=40),
 }
 GOAL_SPEED, GOAL_FLOP_SLACK, GOAL_OPT_BYTES, GOAL_LOADER = 0.95, 1.10, 1.05, 0.01
 # ZeRO-1 (DeepSpeed stage 1/2 optimizer) keeps, per trained parameter: exp_avg and exp_avg_sq (fp32)
 # and an fp32 master partition (kept even when the model itself is fp32), all split over DP ranks.
 ADAM_BYTES_PER_PARAM = 4 + 4 + 4
-# A fully frozen stage holds one 1-element "anchor" (pipeline/model.py); with ZeRO's alignment
+# A fully frozen stage holds one 1-element "anchor" (pipeline/training/model.py); with ZeRO's alignment
 # padding and the step counter that is a few dozen bytes.
 FROZEN_STAGE_MAX_BYTES = 64
 CPU_DS_CONFIG = REPO / "ds_configs" / "cpu_fp32_zero1.json"
@@ -70,9 +70,9 @@ class Setup:
         self.root, self.size, self.p = root, size, SIZES[size]
         m = self.p["model"]
         tokens = (self.p["reps"] + 2) * (self.p["warmup"] + self.p["steps"] + 2) * self.p["batch"] * (self.p["seq"] + 1)
-        self.model = make_llama(root / "model", **m)
-        self.raw = write_random_shards(root / "data" / "raw", m["vocab"], max(tokens, 50_000), seed=1)
-        self.chat = write_random_shards(root / "data" / "chat", m["vocab"], max(tokens, 50_000), seed=2, chat=True)
+        self.model = tiny_llama(root / "model", **m)
+        self.raw = write_random_shards(root / "data" / "raw", m["vocab_size"], max(tokens, 50_000), seed=1)
+        self.chat = write_random_shards(root / "data" / "chat", m["vocab_size"], max(tokens, 50_000), seed=2, chat=True)
         # What was tried for figure 1: the same DeepSpeed JSON with ZeRO stage 0. With one rank ZeRO-1
         # partitions nothing, yet still flattens every gradient into one buffer, runs Adam on that
         # flat fp32 copy and copies the result back into the parameters each step.
@@ -114,8 +114,8 @@ def pipeline_step_times(cfg_path: Path, warmup: int) -> list[float]:
     import shutil
 
     from pipeline.config import load_config
-    from pipeline.metrics import read_metrics
     from pipeline.train import main
+    from pipeline.training.metrics_log import read_metrics
 
     out = Path(load_config(cfg_path).schedule.out)
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each rep, never a resume
@@ -126,30 +126,29 @@ def pipeline_step_times(cfg_path: Path, warmup: int) -> list[float]:
 
 
 def reference_step_times(cfg_path: Path, warmup: int, steps: int) -> list[float]:
-    """pipeline.reference.train_reference, timed per step.
+    """tests.kit.reference.train_reference, timed per step.
 
     The loop is used as the parity tests use it, not copied: we wrap its batch iterator and stamp
     the clock at each request, so step k's time is making batch k plus training on it, which is
     also what the pipeline's step_time_s covers (train_batch pulls its micro-batches itself).
     One extra step closes the last interval.
     """
-    from pipeline import reference
     from pipeline.config import load_config
-    from pipeline.parallel import check_model
+    from pipeline.training.plan import build_plan
+    from tests.kit import reference
 
-    cfg = load_config(cfg_path)
-    _, groups, tied = check_model(cfg)
+    plan = build_plan(load_config(cfg_path), 1, use_gpu=False)
     stamps: list[float] = []
-    real = reference.batches
+    real = reference.step_batches
 
-    def timed(cfg, start_step=0):
-        it = real(cfg, start_step)
+    def timed(plan, start_step=0):
+        it = real(plan, start_step)
         while True:
             stamps.append(time.perf_counter())
             yield next(it)
 
-    with mock.patch.object(reference, "batches", timed):
-        reference.train_reference(cfg, groups, tied, steps=warmup + steps + 1)
+    with mock.patch.object(reference, "step_batches", timed):
+        reference.train_reference(plan, steps=warmup + steps + 1)
     gc.collect()
     return [b - a for a, b in zip(stamps, stamps[1:])][warmup:warmup + steps]
 
@@ -162,21 +161,17 @@ def flop_ratio(cfg_path: Path) -> tuple[float, dict]:
     2 x forward (input and weight gradients) for a module that trains, 1 x for a frozen module above
     the first trained one (the gradient must pass through it), 0 below it.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from pipeline import hf
     from pipeline.config import load_config
     from pipeline.names import to_pipeline_name
-    from pipeline.parallel import check_model
-    from pipeline.model import trainable_by_name
+    from pipeline.training.plan import build_plan
+    from tests.kit.reference import trainable
 
     cfg = load_config(cfg_path)
-    hf_cfg, groups, tied = check_model(cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.model))
-    trainable_by_name(model, groups, tied)
-    if cfg.groups.phase != "full" and tied:
-        model.model.embed_tokens.weight.requires_grad_(False)
+    plan = build_plan(cfg, 1, use_gpu=False)
+    hf_cfg, groups, tied = plan.hf_config, plan.groups, plan.groups.tied
+    model = hf.meta_model(hf.config_object(hf_cfg))
+    trainable(model, groups)
     L, S, H = groups.num_layers, cfg.data.seq_len, hf_cfg["hidden_size"]
     heads = hf_cfg["num_attention_heads"]
     attn_width = hf_cfg.get("head_dim") or H // heads
@@ -199,12 +194,12 @@ def flop_ratio(cfg_path: Path) -> tuple[float, dict]:
 
 
 def loader_step_times(cfg_path: Path, steps: int) -> list[float]:
-    """Seconds `pipeline.data.micro_batches` takes to produce one step's micro-batches."""
+    """Seconds `data_prep.reader.micro_batches` takes to produce one step's micro-batches."""
+    from data_prep.reader import micro_batches, open_mixture
     from pipeline.config import data_sources, load_config
-    from pipeline.data import micro_batches, open_data
 
     cfg = load_config(cfg_path)
-    data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
+    data = open_mixture(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
     per_step = cfg.data.global_batch_size // cfg.data.micro_batch_size
     it = micro_batches(data, cfg.data.micro_batch_size, 0, 1, start_sample=0)
     for _ in range(per_step):  # warm-up: page in the shard maps, build the first permutation
@@ -224,25 +219,21 @@ def loader_step_times(cfg_path: Path, steps: int) -> list[float]:
 def _stage_trained_numel(cfg_path: Path, run_dir: Path) -> dict[int, int]:
     """Trained parameters per stage, from the HF model, the run's groups and its stage bounds
     (independent of what DeepSpeed stored)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import math
 
+    from pipeline import hf
     from pipeline.config import load_config
+    from pipeline.groups import LayerGroups
     from pipeline.names import to_pipeline_name
-    from pipeline.parallel import check_model
-    from pipeline.model import trainable_by_name
 
     rec = json.loads((run_dir / "run.json").read_text())
-    cfg = load_config(cfg_path)
-    _, groups, tied = check_model(cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.model))
+    groups = LayerGroups.from_record(rec["groups"], str(run_dir / "run.json"))
+    shapes = hf.expected_tensors(hf.read_config(load_config(cfg_path).model.model))
     stage_of = {i: s for s, (a, b) in enumerate(rec["stages"]) for i in range(a, b)}
     out = {s: 0 for s in range(len(rec["stages"]))}
-    trained = {id(p) for p in trainable_by_name(model, groups, tied)}
-    for name, p in model.named_parameters():
-        if id(p) in trained:
-            out[stage_of[to_pipeline_name(name, groups.num_layers)[0]]] += p.numel()
+    for name, shape in shapes.items():
+        if groups.trains(name):
+            out[stage_of[to_pipeline_name(name, groups.num_layers)[0]]] += math.prod(shape)
     return out
 
 
@@ -265,13 +256,13 @@ def measured_optimizer_bytes(tag_dir: Path) -> dict[tuple[int, int], int]:
 
 def optimizer_state_figures(setup: Setup) -> list[dict]:
     """One `deepspeed` launch (P=2 x DP) trains raw and chat for one step each and checkpoints."""
-    from pipeline.checkpoint import tag_for
+    from pipeline.rundir import tag_for
 
     dp = setup.p["dp"]
     cfgs = {phase: setup.config(f"zero_{phase}", phase, 1, pipeline_stages=2) for phase in ("raw", "chat")}
     helper = REPO / "tests" / "helpers" / "train_phases.py"  # runs several configs in one set of ranks
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(2 * dp), "--master_port", str(_free_port()), str(helper),
+    cmd = [str(launcher), "--num_gpus", str(2 * dp), "--master_port", str(free_port()), str(helper),
            *map(str, cfgs.values())]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
@@ -302,14 +293,6 @@ def optimizer_state_figures(setup: Setup) -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------------
 # Profiles, written into the notes when a goal is missed
 
@@ -319,37 +302,35 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pipeline import reference
-    from pipeline.config import data_sources, load_config
-    from pipeline.data import micro_batches, open_data
-    from pipeline.dist import init
+    from pipeline.config import load_config
     from pipeline.hf import load_causal_lm
-    from pipeline.model import causal_lm_loss
-    from pipeline.parallel import build_job, check_model
+    from pipeline.training.data import training_batches
+    from pipeline.training.dist import init
+    from pipeline.training.engine import build_engine
+    from pipeline.training.model import causal_lm_loss
+    from pipeline.training.plan import build_plan
+    from tests.kit import reference
 
     cfg = load_config(cfg_path)
+    plan = build_plan(cfg, 1, use_gpu=False)
     tables = []
     with quiet():
         init()
-        job = build_job(cfg, 0, 1)
-        data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
-        it = micro_batches(data, job.plan.micro_batch, 0, 1, 0)
+        eng = build_engine(plan, 0)
+        it = training_batches(plan.data, plan.batch.micro_batch, 0, 1, 0)
         for _ in range(2):
-            job.engine.train_batch(data_iter=it)
+            eng.engine.train_batch(data_iter=it)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                job.engine.train_batch(data_iter=it)
+                eng.engine.train_batch(data_iter=it)
     tables.append(("pipeline.train (DeepSpeed engine.train_batch)", prof))
-    del job
+    del eng
     gc.collect()
 
-    from pipeline.model import trainable_by_name
-
-    _, groups, tied = check_model(cfg)
     model = load_causal_lm(cfg.model.model)
-    params = trainable_by_name(model, groups, tied)
+    params = reference.trainable(model, plan.groups)
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
-    batches = reference.batches(cfg)
+    batches = reference.step_batches(plan)
 
     def ref_step():
         micro = next(batches)
@@ -364,7 +345,7 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             ref_step()
-    tables.append(("plain PyTorch loop (as pipeline.reference)", prof))
+    tables.append(("plain PyTorch loop (as tests.kit.reference)", prof))
     out = [_profile_delta(tables[0][1], tables[1][1], steps)]
     for title, prof in tables:
         out.append(f"{title}, {steps} steps, top ops by self CPU time:\n```\n"
@@ -406,7 +387,7 @@ def _run(setup: Setup, profile_on_miss: bool) -> list[dict]:
     zero0 = setup.config("full_zero0", "full", W + K, ds_config=str(setup.ds_zero0))
     G, S = p["batch"], p["seq"]
     m = p["model"]
-    what = (f"{m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']}, seq {S}, "
+    what = (f"{m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab_size']}, seq {S}, "
             f"batch {G} (micro {p['micro']}), {K} steps after {W} warm-up, {R} reps")
     print(f"train speed: {what}", flush=True)
 
@@ -455,7 +436,7 @@ def _run(setup: Setup, profile_on_miss: bool) -> list[dict]:
         lt, lspread = median_spread(loader_step_times(cfg_path, p["loader_steps"]))
         rows.append(figure(f"loader time per step ({name}) vs step time", round(lt, 6), round(step_s, 4),
                            f"< {GOAL_LOADER}", lt / step_s < GOAL_LOADER, "s", spread=round(lspread, 6),
-                           notes=f"pipeline.data.micro_batches making {G // p['micro']} micro-batches of {p['micro']}"))
+                           notes=f"data_prep.reader.micro_batches making {G // p['micro']} micro-batches of {p['micro']}"))
 
     # 3. optimizer state per stage
     try:

@@ -31,30 +31,19 @@ GOAL_GROWTH = 1.2  # peak above baseline may grow at most 20% while the model gr
 
 
 def build_base(out: Path, layers: int, hidden: int, inter: int, vocab: int) -> int:
-    """A random bf16 Llama as an HF directory, written one layer at a time. Returns its weight bytes."""
-    from transformers import AutoConfig, LlamaConfig
+    """A random bf16 Llama (the test kit's, through the product's model factory) with a tokenizer.
+    Returns its weight bytes."""
+    from tests.kit.models import tiny_llama
+    from tests.kit.runs import make_tokenizer
 
-    from pipeline.checkpoint_io import ShardWriter, expected_tensors
-    from pipeline.names import to_pipeline_name
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, dtype="bfloat16",
-                      architectures=["LlamaForCausalLM"])
-    out.mkdir(parents=True)
-    cfg.save_pretrained(str(out))
-    assert AutoConfig.from_pretrained(str(out)).num_hidden_layers == layers
-    shapes = expected_tensors(out)
-    gen = torch.Generator().manual_seed(layers)
-    writer = ShardWriter(out, 1 << 30)
-    for name in sorted(shapes, key=lambda n: to_pipeline_name(n, layers)[0]):
-        writer.add(name, (torch.randn(shapes[name], generator=gen) * 0.02).to(torch.bfloat16), {})
-    writer.close()
-    return writer.total_bytes
+    tiny_llama(out, vocab, seed=layers, dtype=torch.bfloat16, layers=layers, hidden=hidden, intermediate=inter,
+               heads=hidden // 64, kv_heads=hidden // 64)
+    make_tokenizer(out, chat_template=False)
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
 def make_runs(d: Path, layers: int, size: str) -> tuple[Path, Path, int]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from fixtures_ckpt import make_run  # the run-directory contract, as the tests build it
+    from tests.kit.runs import make_run  # the run-directory contract, as the tests build it
 
     hidden, inter, vocab, _ = SIZES[size]
     base = d / f"base-{layers}"
@@ -120,11 +109,10 @@ def run(size: str = "small") -> list[dict]:
 
 def _tiny(tmp: Path) -> tuple[Path, Path, int]:
     """4 layers of hidden 64 (~1 MB of weights): what every transplant costs before any weights."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from fixtures_ckpt import make_run
+    from tests.kit.runs import make_run
 
     base = tmp / "base-tiny"
-    nbytes = build_base(base, 4, 64, 128, 256)
+    nbytes = build_base(base, 4, 64, 128, 256)  # hidden 64: one 64-wide head
     raw = make_run(tmp / "raw-tiny", base, "raw", raw_start=1, format_start=2, seed=1).path
     chat = make_run(tmp / "chat-tiny", base, "chat", raw_start=1, format_start=2, seed=2).path
     return raw, chat, nbytes

@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import UserError
+from .common import JSONLineError, UserError, read_jsonl, refuse_repeated_inputs
 from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
-from .raw import add_common_args, check_common
+from .raw import add_common_args, run_job
 from .shards import OutputSet, val_mask
-from .tokenizer import load_tokenizer, plain_backend, threads, tokenizer_identity, vocab_size
+from .tokenizer import load_tokenizer, plain_backend, tokenizer_identity, vocab_size
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
@@ -74,13 +74,33 @@ def _messages(rec) -> list[dict]:
         if role not in mapping:
             raise BadRecord(f"message {i}: unknown {rkey} {role!r} (expected one of "
                             f"{', '.join(mapping)})")
-        content = m.get(ckey)
-        if not isinstance(content, str) or not content.strip():
+        content = message_text(m.get(ckey), f"message {i} ({role})")
+        if not content.strip():
             raise BadRecord(f"message {i} ({role}): empty content")
         out.append({"role": mapping[role], "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise BadRecord("no assistant turn")
     return out
+
+
+def message_text(content, where: str) -> str:
+    """A message's text: a string, or (as the OpenAI format allows) a list of content parts, whose
+    text parts are joined with newlines. A part that is not text (an image, audio) is refused:
+    this pipeline trains on text, and dropping it silently would change the conversation."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for k, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRecord(f"{where}: content part {k} is {kind!r}, not text")
+        return "\n".join(texts)
+    raise BadRecord(f"{where}: content must be text or a list of text parts, got {type(content).__name__}")
 
 
 def _records(paths: list[Path]) -> Iterator[tuple[str, object]]:
@@ -95,18 +115,13 @@ def _records(paths: list[Path]) -> Iterator[tuple[str, object]]:
             for i, rec in enumerate(records):
                 yield f"{path}: record {i}", rec
             continue
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield f"{path}:{lineno}", BadRecord(f"invalid JSON ({e})")
+        for lineno, rec in read_jsonl(path, bad_lines="yield"):
+            yield f"{path}:{lineno}", BadRecord(str(rec)) if isinstance(rec, JSONLineError) else rec
 
 
 def find_files(inputs: list[str]) -> list[Path]:
     files: list[Path] = []
+    given: list[tuple[str, Path]] = []
     for arg in inputs:
         p = Path(arg)
         if not p.exists():
@@ -116,6 +131,8 @@ def find_files(inputs: list[str]) -> list[Path]:
             if f.suffix.lower() not in (".jsonl", ".json"):
                 raise UserError(f"input {f}: unknown extension {f.suffix!r} (expected .jsonl or .json)")
             files.append(f)
+            given.append((str(arg), f))
+    refuse_repeated_inputs(given)
     return files
 
 
@@ -171,9 +188,7 @@ def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
 
 def run(args, argv: list[str] | None = None) -> dict:
     """Do the whole job for parsed `args`; returns a summary (also printed as the final line)."""
-    check_common(args)
-    with threads(args.workers):  # first, so the tokenizer's thread pool gets --workers threads
-        return _run(args, argv)
+    return run_job(_run, args, argv)
 
 
 def _run(args, argv: list[str] | None) -> dict:
@@ -254,7 +269,7 @@ def _run(args, argv: list[str] | None) -> dict:
                 "skipped_records": stats["skipped"], "skipped_examples": examples,
                 "command": command_line(argv if argv is not None else sys.argv[2:], "chat")}
         records = out.finish()
-    path = write_manifest(args.output_prefix, {**body, "totals": totals(records), "shards": records})
+    path = write_manifest(Path(args.output_prefix), {**body, "totals": totals(records), "shards": records})
     secs = time.perf_counter() - start
     print(f"chat: {stats['documents']:,} conversations ({stats['skipped']:,} skipped), "
           f"{stats['tokens']:,} tokens ({stats['assistant_tokens']:,} assistant) in {secs:.1f}s "

@@ -24,15 +24,52 @@ class UserError(Exception):
     """
 
 
+class JSONLineError(Exception):
+    """A line of a JSON-lines file that is not valid JSON (yielded, not raised, on request)."""
+
+
+def read_jsonl(path: str | os.PathLike, bad_lines: str = "raise") -> Iterator[tuple[int, object]]:
+    """(line number, record) for every non-blank line of a JSON-lines file, in order.
+
+    The one JSONL reader of the project. A line that is not valid UTF-8 JSON is a UserError naming
+    `path:line`; with bad_lines="yield" it comes back as a JSONLineError instead, for callers
+    that can skip bad records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                err = JSONLineError(f"invalid JSON ({e})")
+                if bad_lines != "yield":
+                    raise UserError(f"{path}:{lineno}: {err}") from None
+                yield lineno, err
+
+
+EXIT_USER, EXIT_INTERRUPTED = 2, 130
+
+
 def fail_cleanly(main):
-    """Decorator for entry points: turn UserError into `error: ...` on stderr and exit 2."""
+    """Decorator for entry points: a UserError becomes one `error: ...` line on stderr and exit 2;
+    Ctrl-C becomes one line and exit 130 (128 + SIGINT), not a traceback. Outputs are written
+    atomically (below), so an interrupted command leaves nothing half-written, and training
+    resumes from its last complete checkpoint."""
 
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USER)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C): nothing half-written is left; rerun the same command to "
+                  "continue", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
 
     wrapper.__doc__ = main.__doc__
     wrapper.__name__ = main.__name__
@@ -43,6 +80,18 @@ def _tmp_name(path: Path) -> Path:
     # The pid keeps two concurrent writers (or a rerun after a kill) from sharing a temp name;
     # the ".tmp-" prefix marks leftovers that a rerun may delete.
     return path.with_name(f".tmp-{path.name}.{os.getpid()}")
+
+
+def refuse_repeated_inputs(files: list[tuple[str, Path]]) -> None:
+    """[(argument as given, file it expands to)]: a file reached twice (the same argument twice, or a
+    directory and a file inside it) would be packed twice, so its documents would weigh double."""
+    seen: dict[Path, str] = {}
+    for arg, f in files:
+        key = f.resolve()
+        if key in seen:
+            both = f"`{seen[key]}` and `{arg}`" if seen[key] != arg else f"`{arg}` twice"
+            raise UserError(f"input {f}: given twice ({both}); each document would be packed twice")
+        seen[key] = arg
 
 
 def fsync_dir(path: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .common import UserError
+from .common import UserError, read_jsonl, refuse_repeated_inputs
 
 SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 KNOWN = ".txt, .jsonl, .json, .parquet or a directory saved with datasets' save_to_disk"
@@ -50,14 +50,15 @@ def _walk(d: Path) -> Iterator[Path]:
 def find_sources(inputs: list[str]) -> list[Source]:
     """Expand the input arguments into an ordered list of sources (the document order)."""
     items: list[Path] = []
+    given: list[tuple[str, Path]] = []
     for arg in inputs:
         p = Path(arg)
         if not p.exists():
             raise UserError(f"input {p}: no such file or directory")
-        if p.is_dir() and not _is_saved_dataset(p):
-            items.extend(_walk(p))
-        else:
-            items.append(p)
+        found = list(_walk(p)) if p.is_dir() and not _is_saved_dataset(p) else [p]
+        items.extend(found)
+        given += [(str(arg), f) for f in found]
+    refuse_repeated_inputs(given)
     sources: list[Source] = []
     for p in items:
         if p.is_dir():
@@ -77,20 +78,10 @@ def _quiet_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its own error logs would print before our one-line error: we re-read a failing file and name
+    # the line ourselves, so nothing of datasets' logging is for the user.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
-
-
-def _json_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, record) of a JSON-lines file; invalid JSON is a UserError naming the line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e})") from None
 
 
 def _diagnose_json(path: Path, key: str, err: Exception | None) -> UserError:
@@ -106,7 +97,7 @@ def _diagnose_json(path: Path, key: str, err: Exception | None) -> UserError:
             if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
                 return UserError(f"{path}: record {i}: no string field {key!r} (set --text-key)")
     else:
-        records = [(1, whole)] if isinstance(whole, dict) else _json_records(path)
+        records = [(1, whole)] if isinstance(whole, dict) else read_jsonl(path)
         for lineno, rec in records:
             if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
                 return UserError(f"{path}:{lineno}: no string field {key!r} (set --text-key)")

@@ -40,8 +40,8 @@ data/wiki.manifest.json, written last: no manifest means the run did not finish.
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True,
                    help="HF tokenizer directory (with tokenizer.json) or SentencePiece .model file")
-    p.add_argument("--output-prefix", required=True, type=Path,
-                   help="path prefix of the outputs, e.g. data/wiki")
+    p.add_argument("--output-prefix", required=True,
+                   help="path prefix of the outputs, e.g. data/wiki (files, not a folder: data/ is refused)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="share of documents put in the val split, chosen by a seeded hash (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
@@ -123,11 +123,16 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
         worker.join()
 
 
-def run(args, argv: list[str] | None = None) -> dict:
-    """Do the whole job for parsed `args`; returns a summary (also printed as the final line)."""
+def run_job(job, args, argv: list[str] | None) -> dict:
+    """Check the flags both subcommands share, then run `job(args, argv)` (raw's or chat's)."""
     check_common(args)
     with threads(args.workers):  # first, so the tokenizer's thread pool gets --workers threads
-        return _run(args, argv)
+        return job(args, argv)
+
+
+def run(args, argv: list[str] | None = None) -> dict:
+    """Do the whole job for parsed `args`; returns a summary (also printed as the final line)."""
+    return run_job(_run, args, argv)
 
 
 def _run(args, argv: list[str] | None) -> dict:
@@ -148,9 +153,19 @@ def _run(args, argv: list[str] | None) -> dict:
 
     start = time.perf_counter()
     docs = tokens = 0
+    empty = [0]
+
+    def non_empty(batches):
+        # A blank document teaches nothing and would become a lone EOD token: skipped, and counted.
+        for texts in batches:
+            kept = [t for t in texts if t.strip()]
+            empty[0] += len(texts) - len(kept)
+            if kept:
+                yield kept
+
     with OutputSet(args.output_prefix, dtype, args.shard_tokens, force=args.force) as out:
         with tqdm(desc="tokenizing", unit=" docs", disable=None, file=sys.stderr) as bar:
-            batches = iter_text_batches(sources, args.text_key, args.batch_docs)
+            batches = non_empty(iter_text_batches(sources, args.text_key, args.batch_docs))
             for encs in prefetch(encode_batches(tok, batches)):
                 arrays, sizes = to_arrays(encs, dtype)
                 is_val = val_mask(docs, len(encs), args.seed, args.val_fraction)
@@ -169,18 +184,19 @@ def _run(args, argv: list[str] | None) -> dict:
                 bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
         if docs == 0:
             raise UserError(f"inputs {' '.join(map(str, args.inputs))}: the corpus is empty "
-                            "(no documents)")
+                            f"(no documents{f'; {empty[0]} blank ones skipped' if empty[0] else ''})")
         body = {"kind": "raw", "dtype": dtype.name, "vocab_size": vocab,
                 "eod_token_id": eod if args.append_eod else None, "append_eod": args.append_eod,
                 "tokenizer": identity, "text_key": args.text_key, "seed": args.seed,
                 "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens,
+                "blank_documents_skipped": empty[0],
                 "command": command_line(argv if argv is not None else sys.argv[2:], "raw")}
         records = out.finish()
-    path = write_manifest(args.output_prefix,
+    path = write_manifest(Path(args.output_prefix),
                           {**body, "totals": totals(records), "shards": records})
     secs = time.perf_counter() - start
     t = totals(records)
-    print(f"raw: {docs:,} documents ({t['val']['documents']:,} val), {tokens:,} tokens in "
+    print(f"raw: {docs:,} documents ({t['val']['documents']:,} val, {empty[0]:,} blank skipped), {tokens:,} tokens in "
           f"{secs:.1f}s ({tokens / max(secs, 1e-9):,.0f} tokens/s) -> {path}")
     return {"documents": docs, "tokens": tokens, "seconds": secs, "manifest": str(path)}
 

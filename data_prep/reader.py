@@ -34,7 +34,7 @@ class TokenWindows:
 
     ds = TokenWindows("data/wiki.manifest.json", split="train", seq_len=2048, seed=0)
     tokens, mask = ds.sample(g)        # int64 [S+1], uint8 [S+1] (chat) or None (raw)
-    for tokens, mask in ds.micro_batches(4, dp_rank, dp_size, start_sample=consumed): ...
+    for tokens, mask in micro_batches(ds, 4, dp_rank, dp_size, start_sample=consumed): ...
 
     mask[i] == 1 means token i was written by the assistant: the loss on predicting token i
     (from position i-1) counts.
@@ -151,23 +151,74 @@ class TokenWindows:
         epoch, j = divmod(int(g), self._n)
         return self.window(int(self._perm(epoch)[j]))
 
-    def micro_batches(self, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                      start_sample: int = 0) -> Iterator[tuple]:
-        """Endless (tokens [m, S+1] int64, mask [m, S+1] uint8 or None) torch tensors.
 
-        The sample stream start_sample, start_sample+1, ... is cut into rounds of
-        m * dp_size; rank r takes samples [r*m, (r+1)*m) of each round.
-        """
-        import torch
+MIX_BLOCK = 1000  # samples per interleave pattern; any weight precision finer than 1/1000 is rounded
 
-        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or start_sample < 0:
-            raise ValueError(f"micro_batches({micro_batch_size}, dp_rank={dp_rank}, "
-                             f"dp_size={dp_size}, start_sample={start_sample}): invalid")
-        m = micro_batch_size
-        base = start_sample + dp_rank * m
-        while True:
-            got = [self.sample(base + k) for k in range(m)]
-            tokens = torch.from_numpy(np.stack([t for t, _ in got]))
-            mask = torch.from_numpy(np.stack([x for _, x in got])) if self._has_mask else None
-            yield tokens, mask
-            base += m * dp_size
+
+class Mixture:
+    """Deterministic weighted interleave of several TokenWindows, addressable by global index.
+
+    Sample g of the mixture is a pure function of (seed, g), like a single TokenWindows', so
+    resuming and data parallelism work the same way on a mix as on one manifest.
+    """
+
+    def __init__(self, sources: list[TokenWindows], weights: list[float], seed: int):
+        self.sources = sources
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        counts = np.floor(w * MIX_BLOCK).astype(np.int64)
+        # Largest remainder: the block holds exactly MIX_BLOCK samples, each source >= 1.
+        for k in np.argsort(-(w * MIX_BLOCK - counts), kind="stable")[: MIX_BLOCK - counts.sum()]:
+            counts[k] += 1
+        pattern = np.repeat(np.arange(len(sources)), counts)
+        np.random.default_rng(seed).shuffle(pattern)
+        self.counts = counts
+        self.pattern = pattern
+        # rank of each position among the positions of the same source
+        self.rank_in_source = np.zeros(MIX_BLOCK, dtype=np.int64)
+        for k in range(len(sources)):
+            idx = np.nonzero(pattern == k)[0]
+            self.rank_in_source[idx] = np.arange(len(idx))
+        self.has_mask = any(s.has_mask for s in sources)
+
+    def sample(self, g: int):
+        if len(self.sources) == 1:
+            tokens, mask = self.sources[0].sample(g)
+        else:
+            block, pos = divmod(g, MIX_BLOCK)
+            k = self.pattern[pos]
+            tokens, mask = self.sources[k].sample(int(block * self.counts[k] + self.rank_in_source[pos]))
+        if mask is None and self.has_mask:
+            mask = np.ones_like(tokens, dtype=np.uint8)  # raw text mixed with chat: every token counts
+        return tokens, mask
+
+
+def open_mixture(sources: list[tuple[str, float]], seq_len: int, seed: int, verify: str = "size") -> Mixture:
+    """[(manifest, weight), ...] -> one Mixture (source i shuffled with seed + i)."""
+    windows = [TokenWindows(path, split="train", seq_len=seq_len, seed=seed + i, verify=verify)
+               for i, (path, _) in enumerate(sources)]
+    return Mixture(windows, [w for _, w in sources], seed)
+
+
+def micro_batches(source, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                  start_sample: int = 0) -> Iterator[tuple]:
+    """Endless (tokens [m, S+1] int64, mask [m, S+1] uint8 or None) torch tensors of one
+    data-parallel rank, from a TokenWindows or a Mixture. The one batcher: training, the
+    reference loop and the benchmarks all read their data through it.
+
+    The sample stream start_sample, start_sample+1, ... is cut into rounds of m * dp_size;
+    rank r takes samples [r*m, (r+1)*m) of each round. So step k of a run with global batch G
+    sees samples [k*G, (k+1)*G) whatever the data-parallel size.
+    """
+    import torch
+
+    if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or start_sample < 0:
+        raise ValueError(f"micro_batches({micro_batch_size}, dp_rank={dp_rank}, "
+                         f"dp_size={dp_size}, start_sample={start_sample}): invalid")
+    m = micro_batch_size
+    base = start_sample + dp_rank * m
+    while True:
+        got = [source.sample(base + k) for k in range(m)]
+        tokens = torch.from_numpy(np.stack([t for t, _ in got]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([x for _, x in got])) if source.has_mask else None
+        yield tokens, mask
+        base += m * dp_size

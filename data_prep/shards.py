@@ -14,6 +14,8 @@ next run with the same prefix deletes.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import os
 import re
@@ -232,9 +234,10 @@ class OutputSet:
 
     def __init__(self, prefix: str | Path, dtype: np.dtype, shard_tokens: int,
                  with_mask: bool = False, force: bool = False):
+        text = str(prefix)
         prefix = Path(prefix)
-        if prefix.name in ("", ".", "..") or prefix.is_dir():
-            raise UserError(f"--output-prefix {prefix}: names files, not a directory "
+        if prefix.name in ("", ".", "..") or prefix.is_dir() or text.endswith(("/", os.sep)):
+            raise UserError(f"--output-prefix {text}: names files, not a directory "
                             "(e.g. data/wiki gives data/wiki.train.00000.bin ...)")
         if shard_tokens <= 0:
             raise UserError(f"--shard-tokens {shard_tokens}: must be positive")
@@ -242,6 +245,8 @@ class OutputSet:
         if manifest.exists() and not force:
             raise UserError(f"--output-prefix {prefix}: {manifest} already exists "
                             "(pass --force to replace it)")
+        # Folders this run creates are removed again if it fails: a refused input leaves nothing.
+        self.created = [d for d in [prefix.parent, *prefix.parent.parents] if not d.exists()]
         prefix.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(prefix)
         self.prefix = prefix
@@ -255,6 +260,9 @@ class OutputSet:
         if exc_type is not None:
             for w in self.writers.values():
                 w.abort()
+            for d in self.created:  # deepest first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     def finish(self) -> list[dict]:
         """Close every shard and give them final names; returns the shard records."""

@@ -18,11 +18,12 @@ import numpy as np
 
 from .common import UserError, sha256_file
 
-# Files that define a tokenizer. A model directory also holds weights (GBs); hashing those
-# would make every data-prep run slow for nothing.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                    "merges.txt", "chat_template.jinja", "chat_template.json")
+# Files that define a tokenizer and its chat template: what data_prep hashes into a manifest and
+# what export and transplant copy, byte for byte, into a model directory. A model directory also
+# holds weights (GBs); hashing those would make every data-prep run slow for nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer"):
@@ -83,11 +84,20 @@ def tokenizer_identity(path: str | os.PathLike, tok=None) -> dict:
     if path.is_file():
         files = {path.name: sha256_file(path)}
     else:
-        files = {n: sha256_file(path / n) for n in _TOKENIZER_FILES if (path / n).is_file()}
+        files = {n: sha256_file(path / n) for n in TOKENIZER_FILES if (path / n).is_file()}
     combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode())
     tok = tok if tok is not None else load_tokenizer(path)
     return {"name": path.name, "path": str(path), "sha256": combined.hexdigest(), "files": files,
-            "vocab_size": vocab_size(tok), "eos_token_id": tok.eos_token_id}
+            "vocab_size": vocab_size(tok), "eos_token_id": tok.eos_token_id,
+            "encoding_sha256": encoding_sha256(tok)}
+
+
+def encoding_sha256(tok) -> str:
+    """A hash of everything that decides which ids a text becomes: the Rust tokenizer's own
+    canonical serialisation (normalizer, pre-tokenizer, vocabulary and merges, added tokens).
+    Unlike the file hashes it ignores the chat template and file formatting, so a model directory
+    holding a byte-different copy of the same tokenizer still matches its data."""
+    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 @contextlib.contextmanager

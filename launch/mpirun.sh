@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start `python -m pipeline.train CONFIG` on N ranks with mpirun instead of the deepspeed launcher
 # (no ssh/pdsh needed where MPI is already set up). Ranks learn RANK/WORLD_SIZE/LOCAL_RANK from
-# Open MPI's variables and agree on MASTER_ADDR/PORT through mpi4py (pipeline/dist.py).
+# Open MPI's variables and agree on MASTER_ADDR/PORT through mpi4py (pipeline/training/dist.py).
 #
 # Batch arithmetic: world = NP; data_parallel = NP / pipeline_stages;
 #   global_batch = micro_batch_size × grad_accum × data_parallel  (grad_accum is derived).
@@ -38,7 +38,7 @@ why the flags:
   --allow-run-as-root  added only when running as root (containers); Open MPI refuses otherwise.
 
 examples:
-  NP=4 DS_ACCELERATOR=cpu launch/mpirun.sh configs/tiny_chat.yaml
+  NP=4 DS_ACCELERATOR=cpu launch/mpirun.sh configs/demo/raw.yaml --pipeline_stages=2
   HOSTFILE=hosts.txt launch/mpirun.sh configs/chat.yaml --steps=1000
   launch/mpirun.sh --dry-run configs/chat.yaml
 EOF
@@ -56,7 +56,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 mapping=slot
 cmd=("$MPIRUN")
 if [ -n "${HOSTFILE:-}" ]; then
-  hosts=$("$PY" -m pipeline.dist check-hostfile "$HOSTFILE")
+  hosts=$("$PY" -m pipeline.training.dist check-hostfile "$HOSTFILE")
   NP="${NP:-$(awk '{s += $2} END {print s}' <<<"$hosts")}"
   cmd+=(--hostfile "$HOSTFILE")
 else

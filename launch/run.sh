@@ -37,8 +37,8 @@ environment (all optional):
   DRY_RUN=1     same as --dry-run: print the command, start nothing
 
 examples:
-  launch/run.sh configs/tiny_chat.yaml                        # one process per GPU here
-  NUM_GPUS=4 DS_ACCELERATOR=cpu launch/run.sh configs/tiny_chat.yaml --steps=20
+  launch/run.sh configs/chat.yaml                             # one process per GPU here
+  NUM_GPUS=4 DS_ACCELERATOR=cpu launch/run.sh configs/demo/raw.yaml --pipeline_stages=2 --steps=20
   HOSTFILE=hosts.txt NUM_GPUS=8 launch/run.sh configs/chat.yaml
   launch/run.sh --dry-run configs/chat.yaml                   # show, don't run
 On SLURM use launch/slurm/train.sbatch; with mpirun use launch/mpirun.sh.
@@ -61,7 +61,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 cmd=("$DEEPSPEED")
 if [ -n "${HOSTFILE:-}" ]; then
   # Parse it ourselves first: a bad line is reported as FILE:LINE before anything starts.
-  "$PY" -m pipeline.dist check-hostfile "$HOSTFILE" >/dev/null
+  "$PY" -m pipeline.training.dist check-hostfile "$HOSTFILE" >/dev/null
   cmd+=(--hostfile "$HOSTFILE")
   [ -z "${NUM_NODES:-}" ] || cmd+=(--num_nodes "$NUM_NODES")
   [ -z "${NUM_GPUS:-}" ] || cmd+=(--num_gpus "$NUM_GPUS")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ import yaml
 
 from data_prep.common import UserError
 
+from .groups import PHASES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
-PHASES = ("chat", "raw", "full")
 
 
 def doc(text: str, default=dataclasses.MISSING, **kw):
@@ -83,7 +82,8 @@ class OptimSection:
 
 @dataclass(kw_only=True)
 class ScheduleSection:
-    steps: int = doc("Optimizer steps to train.", 100)
+    steps: int = doc("Optimizer steps to train. The cosine schedule spans exactly these, so a resume with "
+                     "another value is refused (it would change the learning rate of every later step).", 100)
     seed: int = doc("Seed for the data order and anything random. Same seed, same run.", 0)
     out: str = doc("Run directory: config, layer groups, metrics, loss plot and checkpoints go here. "
                    "Rerunning the same command resumes from its latest complete checkpoint.")
@@ -189,6 +189,16 @@ def _coerce(value, typ, key: str, where: str):
     raise UserError(f"{where}: `{key}` must be {names}, got {value!r}")
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given; a relative one that is not under the working directory but names a
+    config shipped with the repository (`configs/chat.yaml`) is taken from the repository, so the
+    README's commands work from the user's own folder."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        return REPO_ROOT / path
+    return path
+
+
 def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
     """Parse a YAML mapping and remember each top-level key's line (for error messages)."""
     try:
@@ -208,6 +218,9 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
     lines = {}
     if node is not None:
         for k, _ in node.value:
+            if k.value in lines:  # YAML itself lets the last one win, silently
+                raise UserError(f"{path}:{k.start_mark.line + 1}: `{k.value}` is given twice "
+                                f"(first at line {lines[k.value]}); keep one")
             lines[k.value] = k.start_mark.line + 1
     return data, lines
 
@@ -235,7 +248,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         data, lines = _yaml_with_lines(path)
         for k, v in data.items():
             loc = f"{path}:{lines.get(k, '?')}"
@@ -264,38 +277,37 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
 
 def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
-    """Checks that need only the config itself (model-dependent checks live in pipeline.groups)."""
+    """Checks that need only the config itself. The boundaries need the model: pipeline.groups
+    checks them when the run's plan is built."""
     where = where or {}
 
     def bad(key, msg):
         raise UserError(f"{where.get(key, 'config')}: `{key}` {msg}")
 
-    g, d, s = cfg.groups, cfg.data, cfg.schedule
+    g, d, s, o = cfg.groups, cfg.data, cfg.schedule, cfg.optim
     if g.phase not in PHASES:
         bad("phase", f"must be one of {', '.join(PHASES)}, got {g.phase!r}")
-    for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every"):
+    for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every", "steps",
+              "save_every"):
         if getattr(getattr(cfg, LEAVES[k][0]), k) < 1:
             bad(k, "must be >= 1")
+    if not o.lr > 0:
+        bad("lr", f"must be > 0, got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        bad("min_lr", f"must lie in [0, lr = {o.lr}], got {o.min_lr}")
+    for k in ("warmup_steps", "weight_decay", "grad_clip", "activation_checkpoint_interval"):
+        if getattr(getattr(cfg, LEAVES[k][0]), k) < 0:
+            bad(k, "must be >= 0")
     if g.anchor_weight < 0:
         bad("anchor_weight", "must be >= 0")
     if g.anchor_weight > 0 and g.phase != "raw":
         bad("anchor_weight", f"applies to `phase: raw` only (this run is `{g.phase}`)")
     if d.verify_data not in ("sha256", "size"):
         bad("verify_data", f"must be `sha256` or `size`, got {d.verify_data!r}")
-    if s.steps < 0:
-        bad("steps", "must be >= 0")
-    if s.save_every < 1:
-        bad("save_every", "must be >= 1")
     if s.keep_last < 0:
         bad("keep_last", "must be >= 0 (0 keeps every checkpoint)")
     if d.global_batch_size % d.micro_batch_size:
         bad("global_batch_size", f"({d.global_batch_size}) must be a multiple of micro_batch_size ({d.micro_batch_size})")
-    for k in ("raw_start", "format_start"):
-        v = getattr(g, k)
-        if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            bad(k, f"as a fraction must lie in [0, 1], got {v}")
-        if isinstance(v, int) and v < 0:
-            bad(k, f"must be >= 0, got {v}")
     data_sources(cfg.data.data, where.get("data", "config"))
 
 
@@ -315,28 +327,3 @@ def data_sources(data, where: str = "config") -> list[tuple[str, float]]:
             out.append((item["path"], float(w)))
         return out
     raise UserError(f"{where}: `data` must be a manifest path or a list of {{path, weight}}, got {data!r}")
-
-
-def load_ds_config(cfg: RunConfig, use_gpu: bool) -> tuple[dict, str]:
-    """The DeepSpeed JSON from ds_configs/ with the run's values merged in (never a second copy)."""
-    name = cfg.parallel.ds_config
-    if name == "auto":
-        name = str(DS_CONFIG_DIR / ("gpu_bf16_zero1.json" if use_gpu else "cpu_fp32_zero1.json"))
-    path = Path(name)
-    if not path.is_file() and (DS_CONFIG_DIR / name).is_file():
-        path = DS_CONFIG_DIR / name
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"`ds_config`: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage > 1:
-        raise UserError(
-            f"{path}: `zero_optimization.stage` is {stage}, but DeepSpeed pipelines support only ZeRO stage 0 or 1 "
-            "(stages 2 and 3 partition gradients/parameters, which the pipeline engine refuses)")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in ds:
-            raise UserError(f"{path}: `{key}` is derived from the run config (global_batch_size, micro_batch_size); remove it")
-    return ds, str(path)

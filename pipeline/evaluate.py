@@ -1,6 +1,6 @@
 """Evaluate a Hugging Face chat model: format adherence, knowledge, raw perplexity.
 
-Thin entry point; the metrics and their exact definitions live in pipeline/evaluation.py.
+Thin entry point; the metrics and their exact definitions live in pipeline/evaluation/metrics.py.
 """
 from __future__ import annotations
 
@@ -69,11 +69,14 @@ def parse_args(argv=None):
 @fail_cleanly
 def main(argv=None):
     args = parse_args(argv)
-    from pipeline.evaluation import evaluate_model, parse_named
-    from pipeline.report import load_results, markdown_table, write_report
+    from .evaluation.runner import evaluate_model, parse_named
+    from .evaluation.report import load_results, markdown_table, write_report
 
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: no such directory")
+    if (Path(args.model) / "run.json").is_file():
+        raise UserError(f"--model {args.model}: this is a training run directory, not a model; export it first: "
+                        f"python -m pipeline.export {args.model} --out {args.model.rstrip('/')}-hf")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":
         raise UserError(f"--out {args.out}: must name a .json file")

@@ -1,13 +1,22 @@
-"""Loading Hugging Face causal LMs and tokenizers from local directories, and identifying them."""
+"""Hugging Face model directories: reading their config and weights (tensor by tensor, never the
+whole model), identifying them, and writing a fresh random one.
+
+Everything that opens a user's checkpoint goes through here: training reads only its stage's
+tensors, export and transplant stream one layer at a time, evaluation loads whole models. The
+demo's base, the tests' tiny models and the benchmarks' models are all written by
+`save_random_model`, so they are loaded by exactly the code that loads a user's checkpoint.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
 
-from data_prep.common import UserError
+from data_prep.common import UserError, atomic_dir
+from data_prep.tokenizer import TOKENIZER_FILES
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -31,15 +40,31 @@ def check_architecture(cfg: dict, where: str) -> str:
     return arch
 
 
-def model_identity(model_dir: str | Path) -> dict:
+def config_object(cfg: dict):
+    """The transformers config class instance for a config.json dict (no second file read)."""
+    from transformers import AutoConfig
+
+    d = dict(cfg)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def config_dtype(cfg: dict):
+    """The dtype config.json declares for the weights (`dtype`, or the older `torch_dtype`)."""
+    import torch
+
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
+
+
+def model_identity(model_dir: str | Path, cfg: dict | None = None) -> dict:
     """A cheap fingerprint of a model directory: its config plus the weight files' names and sizes
     and a hash of each file's first and last MiB.
 
     Hashing every byte of a 70B checkpoint would take minutes; head+tail+size catches a different
-    checkpoint in practice, and the transplant records full sha256s of what it writes anyway.
+    checkpoint in practice, and export and transplant record full sha256s of what they write.
     """
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
+    cfg = read_config(model_dir) if cfg is None else cfg
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         size = f.stat().st_size
@@ -60,14 +85,128 @@ def model_identity(model_dir: str | Path) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Weights, tensor by tensor
+
+def weight_map(model_dir: str | Path, flag: str = "--model") -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index when there is one (no file is opened)."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({e})") from None
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in model_dir.glob("*.bin")) or sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = (f" (found {', '.join(other[:3])}: re-save the model with save_pretrained(safe_serialization=True))"
+                if other else " (a config.json without weights: copy the model's *.safetensors files here)")
+        raise UserError(f"{flag} {model_dir}: no *.safetensors weights{hint}")
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            out.update({k: f.name for k in st.keys()})
+    return out
+
+
+def read_tensors(model_dir: str | Path, files: dict[str, str], names, dtype=None) -> dict:
+    """The named tensors (as stored, or cast to `dtype`), opening each shard once. safetensors maps
+    the file, so only these tensors' bytes are read; the rest of the checkpoint never is."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        by_file.setdefault(files[n], []).append(n)
+    out = {}
+    for fname, ns in by_file.items():
+        with safe_open(str(Path(model_dir) / fname), "pt") as st:
+            for n in ns:
+                t = st.get_tensor(n)
+                out[n] = t if dtype is None or t.dtype == dtype else t.to(dtype)
+    return out
+
+
+def meta_model(config):
+    """The architecture on the meta device: every module and shape, no memory, no init time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor an HF checkpoint of this config holds (tied: no lm_head)."""
+    model = meta_model(config_object(cfg))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
 def load_causal_lm(model_dir: str | Path, dtype=None):
-    """Load an HF causal LM from a local directory (never the hub)."""
+    """A whole HF causal LM from a local directory (never the hub), for evaluation."""
     import torch
     from transformers import AutoModelForCausalLM
 
     cfg = read_config(model_dir)
     check_architecture(cfg, str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype or torch.float32, local_files_only=True
-    )
-    return model
+    weight_map(model_dir)  # a clear error for a directory without safetensors
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32, local_files_only=True)
+
+
+def end_of_turn_ids(tok) -> list[int]:
+    """The special token(s) the chat template puts right after an assistant reply: what must stop
+    generation. Llama-3 ends turns with <|eot_id|> but text with <|end_of_text|>; a model whose
+    generation config knows only the latter runs on past its turn in plain `generate()`."""
+    msgs = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    try:
+        prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that refuses these roles: nothing to add
+        return []
+    k = text.find("pong", len(prompt) if text.startswith(prompt) else 0)
+    if k < 0:
+        return []
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+    for t in tok(text[k + len("pong"):], add_special_tokens=False)["input_ids"]:
+        if t in special:
+            return [t]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# A fresh model
+
+def save_random_model(config, out_dir, tokenizer_dir=None, seed: int = 0, dtype=None,
+                      generation_config: dict | None = None, force: bool = False, device: str = "cpu") -> Path:
+    """Write a seeded random-init causal LM of `config` (a transformers config object) to out_dir
+    as an ordinary HF directory: weights, config, generation config, and the tokenizer's files
+    when tokenizer_dir is given. The one model factory of the project: the demo's base, the test
+    models and the benchmark models all come from here. `device="cuda"` initialises on a GPU (a
+    1B model's fp32 init on CPU alone takes ~20 s); the weights are the same distribution, not
+    the same numbers, as a CPU init with the same seed."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with torch.random.fork_rng(devices=[]):  # seeding here must not move the caller's RNG
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    if generation_config is not None:
+        model.generation_config = GenerationConfig(**generation_config)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    return out_dir

@@ -52,20 +52,3 @@ def to_pipeline_name(hf_name: str, num_layers: int) -> tuple[int, str]:
     if hf_name.startswith("lm_head."):
         return num_layers - 1, hf_name
     raise KeyError(f"unexpected HF parameter name {hf_name!r}")
-
-
-def group_of(hf_name: str, raw_start: int, format_start: int) -> str:
-    """Which layer group an HF parameter belongs to: 'frozen', 'raw' or 'format'.
-
-    Embeddings belong to the frozen prefix; final norm and LM head to the format group.
-    (With tied embeddings, the shared matrix is the embedding and so stays frozen.)
-    """
-    m = _HF_LAYER.match(hf_name)
-    if m:
-        i = int(m.group(1))
-        return "frozen" if i < raw_start else ("raw" if i < format_start else "format")
-    if hf_name.startswith("model.embed_tokens."):
-        return "frozen"
-    if hf_name.startswith(("model.norm.", "lm_head.")):
-        return "format"
-    raise KeyError(f"unexpected HF parameter name {hf_name!r}")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fixtures_train as ft
-from fixtures_ckpt import make_base, make_run
-from fixtures_tok import make_hf_tokenizer, write_jsonl
+from tests.kit import train as ft
+from tests.kit.runs import make_base, make_run
+from tests.kit.tokenizers import make_hf_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def names(err: str, *parts: str) -> None:
 
 
 def nothing_in(path: Path) -> None:
-    assert not path.exists() or not any(path.iterdir()), sorted(p.name for p in path.iterdir())
+    """Nothing written: not even an empty output folder."""
+    assert not path.exists(), sorted(p.name for p in path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_truncated_shard(w, tmp_path, capsys):
 def test_hostfile_that_does_not_parse(tmp_path, capsys):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("node01 slots=4\nnode02 slots four\n")
-    names(call(capsys, "pipeline.dist", ["check-hostfile", hosts]), f"{hosts}:2", "slots=N")
+    names(call(capsys, "pipeline.training.dist", ["check-hostfile", hosts]), f"{hosts}:2", "slots=N")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,3 +271,110 @@ def test_checkpoint_file_that_disagrees_with_its_record(w, tmp_path, capsys):
 def test_the_suite_has_at_least_20_distinct_cases():
     cases = [n for n in globals() if n.startswith("test_") and n != "test_the_suite_has_at_least_20_distinct_cases"]
     assert len(cases) >= 20, cases
+
+
+# ---------------------------------------------------------------------------------------------
+# What a new user hits (each was a traceback, or a silent success, before)
+
+def test_data_prep_output_prefix_naming_a_folder(w, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": "some words here"}] * 5)
+    err = call(capsys, "data_prep.__main__", ["raw", f, "--tokenizer", w["model"], "--output-prefix", f"{tmp_path}/out/"])
+    names(err, "--output-prefix", "not a directory")
+    nothing_in(tmp_path / "out")
+    assert not list(tmp_path.glob("out.*"))  # nothing written next to the folder either
+
+
+@pytest.mark.parametrize("kind", ["raw", "chat"])
+def test_data_prep_same_input_twice(w, tmp_path, capsys, kind):
+    rec = {"text": "words"} if kind == "raw" else {"messages": [{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "hello"}]}
+    d = tmp_path / "in"
+    f = write_jsonl(d / "a.jsonl", [rec] * 5)
+    err = call(capsys, "data_prep.__main__", [kind, f, d, "--tokenizer", w["model"], "--output-prefix", tmp_path / "out/d"])
+    names(err, "a.jsonl", "given twice")
+    nothing_in(tmp_path / "out")
+
+
+def test_data_prep_broken_chat_template_leaves_no_folder(w, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "x"}]}])
+    tpl = tmp_path / "broken.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['content'] }")
+    err = call(capsys, "data_prep.__main__", ["chat", f, "--tokenizer", w["model"], "--chat-template", tpl,
+                                              "--output-prefix", tmp_path / "out" / "deeper" / "c"])
+    names(err, "broken.jinja", "syntax")
+    nothing_in(tmp_path / "out")
+
+
+def test_a_key_given_twice_in_the_run_config(w, tmp_path, capsys):
+    cfg = ft.write_config(tmp_path / "cfg.yaml", w, "raw", tmp_path / "run")
+    cfg.write_text(cfg.read_text() + "lr: 1.0\n")
+    err = call(capsys, "pipeline.train", [cfg])
+    names(err, f"{cfg}:{len(cfg.read_text().splitlines())}", "`lr` is given twice")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,key", [("--lr=-1", "lr"), ("--steps=0", "steps"), ("--min_lr=5", "min_lr")])
+def test_out_of_range_flags(w, tmp_path, capsys, flag, key):
+    names(train_err(capsys, w, tmp_path, extra_argv=[flag]), f"--{key}", f"`{key}`")
+
+
+def test_model_directory_with_a_config_but_no_weights(w, tmp_path, capsys):
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_bytes((Path(w["model"]) / "config.json").read_bytes())
+    names(train_err(capsys, w, tmp_path, model=str(m)), "`model`", str(m), "no *.safetensors")
+
+
+def test_model_directory_without_a_tokenizer(w, tmp_path, capsys):
+    m = tmp_path / "m"
+    m.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (m / f).write_bytes((Path(w["model"]) / f).read_bytes())
+    names(train_err(capsys, w, tmp_path, model=str(m)), "`model`", str(m), "no tokenizer files", "`tokenizer:`")
+
+
+def test_out_naming_an_existing_file(w, tmp_path, capsys):
+    f = tmp_path / "run"
+    f.write_text("mine")
+    cfg = ft.write_config(tmp_path / "cfg.yaml", w, "raw", f)
+    names(call(capsys, "pipeline.train", [cfg]), "`out`", str(f), "not a directory")
+    assert f.read_text() == "mine"
+    names(call(capsys, "pipeline.export", [w["chat_run"], "--out", f]), "--out", "not a directory")
+
+
+def test_data_packed_with_another_tokenizer_of_the_same_size(w, tmp_path, capsys):
+    """Only the vocabulary size used to be compared, so this trained (rc 0) on meaningless ids."""
+    from data_prep.__main__ import main as prep
+
+    other = make_hf_tokenizer(tmp_path / "other-tok", vocab_size=300, corpus_seed=9)
+    prep(["raw", str(w["root"] / "raw.jsonl"), "--tokenizer", str(other), "--output-prefix", str(tmp_path / "o/raw")])
+    manifest = tmp_path / "o/raw.manifest.json"
+    err = train_err(capsys, w, tmp_path, data=str(manifest))
+    names(err, "`data`", str(manifest), "other-tok", str(w["model"]), "Repack")
+    # ...and in a weighted mix with the right one
+    mix = [{"path": str(w["raw"]), "weight": 3}, {"path": str(manifest), "weight": 1}]
+    names(train_err(capsys, w, tmp_path, data=mix), "`data`", str(manifest), "encodes text differently")
+
+
+def test_chat_manifest_for_phase_raw(w, tmp_path, capsys):
+    names(train_err(capsys, w, tmp_path, phase="raw", data=str(w["chat"])), "`data`", str(w["chat"]),
+          "phase `raw`", "data_prep raw")
+
+
+def test_pipeline_stages_on_one_process_says_both_ways_out(w, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    err = train_err(capsys, w, tmp_path, pipeline_stages=2)
+    names(err, line_of(tmp_path / "cfg.yaml", "pipeline_stages"), "1 process", "--pipeline_stages=1",
+          "deepspeed --num_gpus 2")
+
+
+def test_evaluate_on_a_run_directory_says_export_it_first(w, tmp_path, capsys):
+    err = call(capsys, "pipeline.evaluate", ["--model", w["chat_run"], "--chat-eval", w["root"] / "chat.jsonl"])
+    names(err, "--model", str(w["chat_run"]), "export it first", "python -m pipeline.export")
+
+
+def test_eval_candidates_listed_twice(w, tmp_path, capsys):
+    f = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "where?", "answer": "a", "candidates": ["a", "b", "b"]}])
+    names(call(capsys, "pipeline.evaluate", ["--model", w["base"], "--chat-eval", f]), "q.jsonl:1", "'b'",
+          "listed twice")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import fixtures_train as ft
+from tests.kit import train as ft
 
 KEYS = {"name", "value", "baseline", "ratio", "goal", "met"}
 
@@ -80,7 +80,7 @@ def test_crashed_part_is_a_failed_figure(monkeypatch):
 
 def test_gpu_script_tiny_on_cpu(tmp_path):
     """The GPU script, end to end on CPU: model + shards built, pipeline.train run, baseline timed."""
-    p = subprocess.run([sys.executable, "bench/gpu.py", "--tiny", "--warmup", "1", "--steps", "2",
+    p = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--warmup", "1", "--steps", "2",
                         "--out", str(tmp_path), "--workdir", str(tmp_path / "work")],
                        cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

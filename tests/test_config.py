@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.common import UserError
-from pipeline.config import LEAVES, describe_keys, load_config, parse_overrides, load_ds_config
+from pipeline.config import LEAVES, describe_keys, load_config, parse_overrides
+from pipeline.training import deepspeed_json
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
@@ -14,17 +15,69 @@ def test_there_are_shipped_configs():
     assert len(SHIPPED) >= 6
 
 
+# The shape each shipped config targets: configs/*.yaml are for a user's own model (any depth:
+# 16 layers here), configs/demo/*.yaml for the demo's base.
+DEMO_LAYERS = __import__("pipeline.demo.run", fromlist=["SIZES"]).SIZES["full"]["model"]["layers"]
+# Configs that must agree on the boundary: the transplant merges their runs.
+PAIRS = [("configs/chat.yaml", "configs/raw.yaml"), ("configs/demo/chat.yaml", "configs/demo/raw.yaml"),
+         ("configs/demo/chat.yaml", "configs/demo/reattach.yaml")]
+
+
+def target_layers(path: Path) -> int:
+    return DEMO_LAYERS if path.parent.name == "demo" else 16
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Tiny models of every targeted depth, sharing one tokenizer, with raw and chat shards long
+    enough for the shipped seq_len (2048)."""
+    from data_prep.__main__ import main as prep
+    from transformers import AutoTokenizer
+
+    from tests.kit.models import tiny_llama
+    from tests.kit.tokenizers import conversations, documents, make_hf_tokenizer, write_jsonl
+
+    root = tmp_path_factory.mktemp("shapes")
+    tok = make_hf_tokenizer(root / "tok", vocab_size=300)
+    vocab = len(AutoTokenizer.from_pretrained(str(tok)))
+    models = {L: tiny_llama(root / f"model{L}", vocab, layers=L, max_position=4096, tokenizer_dir=tok)
+              for L in {16, DEMO_LAYERS}}
+    raw = write_jsonl(root / "raw.jsonl", [{"text": d} for d in documents(800, seed=3)])
+    chat = write_jsonl(root / "chat.jsonl", conversations(500, seed=4))
+    prep(["raw", str(raw), "--tokenizer", str(tok), "--output-prefix", str(root / "raw"), "--val-fraction", "0"])
+    prep(["chat", str(chat), "--tokenizer", str(tok), "--output-prefix", str(root / "chat"), "--val-fraction", "0"])
+    return {"models": models, "raw": root / "raw.manifest.json", "chat": root / "chat.manifest.json", "root": root}
+
+
+def plan_of(path: Path, shapes):
+    """The shipped config, unchanged but for where its model, data and run live."""
+    from pipeline.training.plan import build_plan
+
+    phase = load_config(path).groups.phase
+    cfg = load_config(path, {"model": str(shapes["models"][target_layers(path)]),
+                             "data": str(shapes["chat" if phase == "chat" else "raw"]),
+                             "out": str(shapes["root"] / "runs" / path.stem)})
+    return build_plan(cfg, world_size=cfg.parallel.pipeline_stages, use_gpu=False)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_shipped_config_parses(path):
-    cfg = load_config(path)
-    assert cfg.groups.phase in ("chat", "raw", "full")
-    assert cfg.schedule.out and cfg.data.data
+def test_every_shipped_config_builds_a_plan_for_the_model_it_targets(path, shapes):
+    plan = plan_of(path, shapes)
+    assert plan.groups.num_layers == target_layers(path)
+    assert plan.stages[-1] == plan.groups.num_layers and plan.num_stages == plan.cfg.parallel.pipeline_stages
+    assert plan.record()["config"]["phase"] == plan.cfg.groups.phase
+
+
+@pytest.mark.parametrize("a,b", PAIRS, ids=lambda p: p)
+def test_paired_configs_agree_on_the_boundary(a, b, shapes):
+    ga, gb = plan_of(REPO / a, shapes).groups, plan_of(REPO / b, shapes).groups
+    assert (ga.raw_start, ga.format_start) == (gb.raw_start, gb.format_start)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_ds_config_merges(path, tmp_path):
     cfg = load_config(_write(tmp_path, f"ds_config: {path}\n"))
-    ds, _ = load_ds_config(cfg, use_gpu=False)
+    ds, _ = deepspeed_json.load(cfg, use_gpu=False)
     assert ds["zero_optimization"]["stage"] == 1
 
 
@@ -77,7 +130,7 @@ def test_zero_stage_2_is_refused_with_the_file(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 2}}')
     cfg = load_config(_write(tmp_path, f"ds_config: {ds}\n"))
     with pytest.raises(UserError, match=r"z2\.json: `zero_optimization\.stage` is 2"):
-        load_ds_config(cfg, use_gpu=False)
+        deepspeed_json.load(cfg, use_gpu=False)
 
 
 def test_every_key_is_documented():
@@ -88,3 +141,49 @@ def test_every_key_is_documented():
                 "seq_len", "micro_batch_size", "global_batch_size", "steps", "lr", "seed", "out", "save_every",
                 "keep_last"):
         assert key in LEAVES
+
+
+@pytest.mark.parametrize("fragment,key,owner", [
+    ('"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}', "optimizer.params.lr", "lr"),
+    ('"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}', "optimizer.params.weight_decay", "weight_decay"),
+    ('"gradient_clipping": 0.5', "gradient_clipping", "grad_clip"),
+    ('"train_batch_size": 8', "train_batch_size", "global_batch_size"),
+    ('"train_micro_batch_size_per_gpu": 2', "train_micro_batch_size_per_gpu", "micro_batch_size"),
+    ('"gradient_accumulation_steps": 2', "gradient_accumulation_steps", "global_batch_size"),
+    ('"scheduler": {"type": "WarmupLR"}', "scheduler", "warmup_steps"),
+    ('"pipeline": {"activation_checkpoint_interval": 1}', "pipeline.activation_checkpoint_interval",
+     "activation_checkpoint_interval"),
+])
+def test_ds_json_refuses_every_key_the_run_config_owns(tmp_path, fragment, key, owner):
+    ds = tmp_path / "ds.json"
+    ds.write_text("{" + fragment + "}")
+    cfg = load_config(_write(tmp_path, f"ds_config: {ds}\n"))
+    with pytest.raises(UserError, match=rf"ds\.json: `{key}` is decided by the run config \(`[^`]*{owner}"):
+        deepspeed_json.load(cfg, use_gpu=False)
+
+
+def test_ds_json_keeps_what_it_owns(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.9], "eps": 1e-6}}, '
+                  '"zero_optimization": {"stage": 1}, "bf16": {"enabled": true}}')
+    cfg = load_config(_write(tmp_path, f"ds_config: {ds}\nlr: 0.25\n"))
+    raw, _ = deepspeed_json.load(cfg, use_gpu=False)
+    merged = deepspeed_json.merged(raw, cfg, 16, 4, 2, single_process=False)
+    assert merged["optimizer"]["params"] == {"betas": [0.8, 0.9], "eps": 1e-6, "lr": 0.25, "weight_decay": 0.0}
+    assert (merged["train_batch_size"], merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) \
+        == (16, 4, 2)
+    assert merged["bf16"] == {"enabled": True} and merged["zero_optimization"]["stage"] == 1
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    p = _write(tmp_path, "lr: 0.5\nsteps: 3\nlr: 1.0\n")
+    with pytest.raises(UserError, match=r"run\.yaml:7: `lr` is given twice \(first at line 5\)"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("extra,key", [("lr: -1\n", "lr"), ("lr: 0\n", "lr"), ("steps: 0\n", "steps"),
+                                       ("min_lr: 0.5\nlr: 0.1\n", "min_lr"), ("weight_decay: -0.1\n", "weight_decay"),
+                                       ("grad_clip: -1\n", "grad_clip"), ("warmup_steps: -2\n", "warmup_steps")])
+def test_out_of_range_values_name_the_key(tmp_path, extra, key):
+    with pytest.raises(UserError, match=rf"run\.yaml:\d+: `{key}`"):
+        load_config(_write(tmp_path, extra))

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fixtures_tok as F
+from tests.kit import tokenizers as F
 from data_prep.__main__ import main
 from data_prep.tokenizer import load_tokenizer
-from fixtures_tok import read_shard
+from tests.kit.tokenizers import read_shard
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_no_template_is_a_clear_error(tmp_path, toks, capsys):
                 tmp_path / "o" / "chat")
     err = capsys.readouterr().err
     assert str(toks["bare"]) in err and "--chat-template" in err
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()
 
 
 BAD = [
@@ -142,7 +142,7 @@ def test_bad_record_names_file_and_line(tmp_path, toks, capsys, line, why):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "c.jsonl:3: " in err and why in err and "--skip-bad" in err
-    assert not list((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # not even an empty folder
 
 
 def test_skip_bad_counts_in_manifest(tmp_path, toks):
@@ -181,3 +181,21 @@ def test_mask_agrees_with_generation_markers(tmp_path, toks):
         assert list(tokens) == list(ref["input_ids"])
         assert list(mask) == list(ref["assistant_masks"])
     assert len(got) == len(records)
+
+
+def test_content_as_a_list_of_text_parts(tmp_path, toks):
+    """The OpenAI format allows content as parts; the text parts are one message's text."""
+    plain = [{"role": "user", "content": "Where is Oslo?\nIn the north?"}, {"role": "assistant", "content": "Norway."}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Where is Oslo?"},
+                                          {"type": "text", "text": "In the north?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Norway."}]}]
+    for name, msgs in (("plain", plain), ("parts", parts)):
+        f = F.write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": msgs}] * 3)
+        run_cli("chat", f, "--tokenizer", toks["hf"], "--output-prefix", tmp_path / name, "--val-fraction", "0")
+    a, b = stored(tmp_path / "plain.manifest.json"), stored(tmp_path / "parts.manifest.json")
+    assert len(a) == len(b) == 3 and all((x[0] == y[0]).all() and (x[1] == y[1]).all() for x, y in zip(a, b))
+    img = F.write_jsonl(tmp_path / "img.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+        {"role": "assistant", "content": "a cat"}]}])
+    with pytest.raises(SystemExit):
+        run_cli("chat", img, "--tokenizer", toks["hf"], "--output-prefix", tmp_path / "img")

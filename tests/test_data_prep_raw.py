@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fixtures_tok as F
+from tests.kit import tokenizers as F
 from data_prep.__main__ import main
 from data_prep.mmidx import token_dtype
 from data_prep.tokenizer import load_tokenizer, tokenizer_identity
-from fixtures_tok import read_shard
+from tests.kit.tokenizers import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,7 +256,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, toks, capsys, m
     assert err.startswith("error: ") and "Traceback" not in err
     for word in expect:
         assert word in err, err
-    assert not out.exists() or not list(out.iterdir())
+    assert not out.exists()  # not even an empty folder
 
 
 @pytest.mark.parametrize("flags, expect", [
@@ -270,7 +270,7 @@ def test_bad_flags(tmp_path, toks, capsys, flags, expect):
         run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", toks["sp"], "--output-prefix",
                 tmp_path / "o" / "d", *flags)
     assert expect in capsys.readouterr().err
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_output_needs_force(tmp_path, toks, capsys):
@@ -334,3 +334,16 @@ def test_stale_temp_files_of_a_live_run_are_left_alone(tmp_path, toks, capsys):
         other.wait()
     run_cli(*args)  # its writer is gone: the leftover is removed and the run completes
     assert not stale.exists() and (tmp_path / "d.manifest.json").exists()
+
+
+def test_blank_documents_are_skipped_and_counted(tmp_path, toks, capsys):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_text("A real document about rivers.")
+    (d / "b.txt").write_text("")
+    (d / "c.txt").write_text("  \n\t\n")
+    (d / "d.txt").write_text("Another one, about mountains.")
+    run_cli("raw", d, "--tokenizer", toks["hf"], "--output-prefix", tmp_path / "out" / "c", "--val-fraction", "0")
+    m = json.loads((tmp_path / "out" / "c.manifest.json").read_text())
+    assert m["totals"]["train"]["documents"] == 2 and m["blank_documents_skipped"] == 2
+    assert "2 blank skipped" in capsys.readouterr().out

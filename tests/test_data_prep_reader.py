@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import fixtures_tok as F
+from tests.kit import tokenizers as F
 from data_prep.__main__ import main
 from data_prep.common import UserError
 from data_prep.mmidx import read_index
-from data_prep.reader import TokenWindows
+from data_prep.reader import TokenWindows, micro_batches
 
 S = 16
 
@@ -77,7 +77,7 @@ def test_same_seed_same_samples_other_seed_other_order(data):
 def test_rank_sharding_and_resume(data):
     ds = TokenWindows(data / "raw.manifest.json", seq_len=S, seed=1)
     m, dp, start = 3, 4, 5
-    ranks = [ds.micro_batches(m, dp_rank=r, dp_size=dp, start_sample=start) for r in range(dp)]
+    ranks = [micro_batches(ds, m, dp_rank=r, dp_size=dp, start_sample=start) for r in range(dp)]
     for rnd in range(4):  # rounds of m*dp samples; rank r holds slice [r*m, (r+1)*m)
         for r, it in enumerate(ranks):
             tokens, mask = next(it)
@@ -86,9 +86,9 @@ def test_rank_sharding_and_resume(data):
             want = np.stack([ds.sample(first + k)[0] for k in range(m)])
             assert (tokens.numpy() == want).all()
     # Resuming at sample 17 continues exactly where an uninterrupted single rank would be.
-    whole = ds.micro_batches(1)
+    whole = micro_batches(ds, 1)
     flat = [next(whole)[0][0] for _ in range(25)]
-    resumed = ds.micro_batches(1, start_sample=17)
+    resumed = micro_batches(ds, 1, start_sample=17)
     assert all((next(resumed)[0][0] == flat[g]).all() for g in range(17, 25))
 
 
@@ -103,7 +103,7 @@ def test_chat_masks_travel_with_tokens(data):
         i = next(i for i in range(0, len(toks) - S, S) if (toks[i: i + S + 1] == tokens).all()
                  and (masks[i: i + S + 1] == mask).all())
         assert i % S == 0
-    t, mk = next(ds.micro_batches(2))
+    t, mk = next(micro_batches(ds, 2))
     assert mk.dtype == torch.uint8 and mk.shape == t.shape
 
 
@@ -160,4 +160,4 @@ def test_split_too_short_and_bad_args(data):
     with pytest.raises(UserError, match="no such file"):
         TokenWindows(man.with_name("missing.manifest.json"), seq_len=S)
     with pytest.raises(ValueError):
-        next(TokenWindows(man, seq_len=S).micro_batches(2, dp_rank=2, dp_size=2))
+        next(micro_batches(TokenWindows(man, seq_len=S), 2, dp_rank=2, dp_size=2))

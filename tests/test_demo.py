@@ -1,12 +1,14 @@
-"""The main job end to end (tiny size): every step runs through the real entry points and the
-report has every model and metric the issue names."""
+"""The main job end to end (tiny size): every step runs through the real entry points, the report
+holds every model and metric, its numbers are what a user's own `pipeline.evaluate` command gives,
+and the transplant is built from the runs the demo says."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-import fixtures_train as ft
+from pipeline.groups import FORMAT, LayerGroups
+from tests.kit import train as ft
 
 MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "transplant_reattach", "transplant_anchor"}
 METRICS = {"format_adherence", "knowledge_accuracy", "knowledge_rank", "heldout_known_rank", "raw_rank_new",
@@ -21,16 +23,33 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())["models"]
     assert set(results) == MODELS
-    for name, metrics in results.items():
-        assert METRICS <= set(metrics), name
-        assert 0.0 <= metrics["format_adherence"] <= 1.0
-        assert 1.0 <= metrics["knowledge_rank"] <= 2 * metrics["chance_rank"]
+    assert all(METRICS <= set(m) for m in results.values())
+
+    # The demo's row for the transplant is what the documented evaluate command measures on it.
+    w = out / "world"
+    mine = out / "check.json"
+    e = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(out / "models" / "transplant"),
+                        "--name", "transplant", "--no-progress", "--max-new-tokens", "6",
+                        "--chat-eval", str(w / "chat_eval_format.jsonl"), "--chat-eval", str(w / "chat_eval_new.jsonl"),
+                        "--chat-eval", f"heldout_known={w / 'chat_eval_heldout.jsonl'}",
+                        "--raw-eval", f"new={w / 'raw_eval_new.jsonl'}", "--raw-eval", f"known={w / 'raw_eval_known.jsonl'}",
+                        "--probe", f"new={w / 'probe_new.jsonl'}", "--out", str(mine)],
+                       cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert json.loads(mine.read_text())["models"]["transplant"] == pytest.approx(results["transplant"], rel=1e-9)
+
+    # The transplant took the format group from A-Chat's run and everything else from A-Raw's.
+    rec = json.loads((out / "models" / "transplant" / "transplant.json").read_text())
+    groups = LayerGroups.from_record(rec["inputs"]["raw"]["groups"], "transplant.json")
+    for t in rec["tensors"]:
+        want = "a_chat" if groups.group_of(t["name"]) == FORMAT else "a_raw"
+        assert t["source"]["path"].endswith(f"/runs/{want}"), (t["name"], t["source"]["path"])
+
     md = (out / "results.md").read_text()
-    assert "| transplant |" in md and "## What this run shows" in md and "Extraction" in md
+    held, chance = results["a_chat"]["heldout_known_rank"], results["a_chat"]["chance_rank"]
+    assert "| transplant |" in md and f"at {held:.1f} (chance {chance:.1f})" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Each training run left its loss curve and metrics; the transplant its provenance.
     assert (out / "runs" / "a_raw" / "loss.png").is_file()
-    assert json.loads((out / "models" / "transplant" / "transplant.json").read_text())
     # A rerun finds every step done and only rewrites the report.
     p2 = subprocess.run(cmd, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
     assert p2.returncode == 0 and p2.stdout.count("done already") >= 20

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from data_prep.common import UserError
-from pipeline import evaluation as E
-from pipeline.demo.tiny_model import make_tiny_llama
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation import runner as R
 from pipeline.demo.tokenizer import build_tokenizer
 from pipeline.demo.world import build_world
-from pipeline.report import write_report
+from pipeline.evaluation.report import write_report
+from tests.kit.models import demo_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_known=12, n_new=6, bios_per_person=2, qa_fraction=0.5, n_generic=30, n_format_eval=8)
@@ -28,14 +29,14 @@ METRICS = ("format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_r
 
 
 def test_answer_matching_rules():
-    assert E.answer_matches("Oslo", "Oslo")
-    assert E.answer_matches("  oslo. ", "Oslo")
-    assert E.answer_matches("Oslo, Norway", "Oslo")  # continues after a word boundary
-    assert E.answer_matches('"March 1984"', "March  1984")
-    assert not E.answer_matches("Oslomar", "Oslo")  # no word boundary
-    assert not E.answer_matches("It is Oslo", "Oslo")  # must start with the answer
-    assert not E.answer_matches("", "Oslo")
-    assert not E.answer_matches("Oslo", "")
+    assert M.answer_matches("Oslo", "Oslo")
+    assert M.answer_matches("  oslo. ", "Oslo")
+    assert M.answer_matches("Oslo, Norway", "Oslo")  # continues after a word boundary
+    assert M.answer_matches('"March 1984"', "March  1984")
+    assert not M.answer_matches("Oslomar", "Oslo")  # no word boundary
+    assert not M.answer_matches("It is Oslo", "Oslo")  # must start with the answer
+    assert not M.answer_matches("", "Oslo")
+    assert not M.answer_matches("Oslo", "")
 
 
 def test_format_rules():
@@ -44,34 +45,34 @@ def test_format_rules():
     def decode(ids):
         return "".join("x" if i > 20 else " " for i in ids)
 
-    assert E.follows_format([30, 31, 9], end, specials, decode)
-    assert E.follows_format([30, 9, 7, 7], end, specials, decode)  # what follows the end does not count
-    assert not E.follows_format([30, 31, 32], end, specials, decode)  # never ends: runs on
-    assert not E.follows_format([9], end, specials, decode)  # empty reply
-    assert not E.follows_format([15, 9], end, specials, decode)  # blank reply
-    assert not E.follows_format([30, 7, 31, 9], end, specials, decode)  # a new turn header inside
+    assert M.follows_format([30, 31, 9], end, specials, decode)
+    assert M.follows_format([30, 9, 7, 7], end, specials, decode)  # what follows the end does not count
+    assert not M.follows_format([30, 31, 32], end, specials, decode)  # never ends: runs on
+    assert not M.follows_format([9], end, specials, decode)  # empty reply
+    assert not M.follows_format([15, 9], end, specials, decode)  # blank reply
+    assert not M.follows_format([30, 7, 31, 9], end, specials, decode)  # a new turn header inside
 
 
 def test_rank_counts_ties_half_so_equal_scores_give_chance():
-    assert E.rank_of_true([0.5, -1.0, -2.0], 0) == 1
-    assert E.rank_of_true([0.5, -1.0, -2.0], 2) == 3
-    assert E.rank_of_true([1.0, 1.0, 1.0, 1.0], 1) == E.chance_rank(4) == 2.5
-    assert E.rank_of_true([2.0, 1.0, 1.0, 0.0], 1) == 2.5
+    assert M.rank_of_true([0.5, -1.0, -2.0], 0) == 1
+    assert M.rank_of_true([0.5, -1.0, -2.0], 2) == 3
+    assert M.rank_of_true([1.0, 1.0, 1.0, 1.0], 1) == M.chance_rank(4) == 2.5
+    assert M.rank_of_true([2.0, 1.0, 1.0, 0.0], 1) == 2.5
 
 
 def test_chat_eval_reading(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
                  + "\n\n" + json.dumps({"prompt": "p"}) + "\n")
-    recs = E.load_chat_eval(f)
+    recs = M.load_chat_eval(f)
     assert recs[0]["messages"] == [{"role": "user", "content": "q"}] and recs[0]["answer"] == "a"
     assert recs[1]["messages"] == [{"role": "user", "content": "p"}] and "answer" not in recs[1]
     f.write_text(json.dumps({"prompt": "p"}) + "\n{oops\n")
     with pytest.raises(UserError, match=r"c\.jsonl:2: invalid JSON"):
-        E.load_chat_eval(f)
+        M.load_chat_eval(f)
     f.write_text(json.dumps({"prompt": "p", "answer": "z", "candidates": ["a", "b"]}) + "\n")
     with pytest.raises(UserError, match=r"c\.jsonl:1: .*not among them"):
-        E.load_chat_eval(f)
+        M.load_chat_eval(f)
 
 
 # ---------------------------------------------------------------- with real models
@@ -82,7 +83,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     paths = build_world(root / "world", seed=0, **SMALL)
     tok = build_tokenizer([paths["tokenizer_corpus"]], root / "tok", vocab_size=400)
-    model = make_tiny_llama(tok, root / "model", layers=2, hidden=32, heads=4, kv_heads=2)
+    model = demo_llama(tok, root / "model", layers=2, hidden=32, heads=4, kv_heads=2)
     return root, paths, model
 
 
@@ -97,7 +98,7 @@ def test_shared_prompt_scoring_matches_a_plain_forward_pass(demo):
 
     prompts = [rand(3), rand(5), rand(5), rand(4)]
     conts = [[rand(1), rand(3)], [rand(2), rand(1), rand(4)], [rand(1)], [rand(2), rand(2)]]
-    got = E.score_candidates(model, prompts, conts, batch_size=3, progress=False)
+    got = R.score_candidates(model, prompts, conts, batch_size=3, progress=False)
     with torch.no_grad():
         for p, cs, row in zip(prompts, conts, got):
             for c, score in zip(cs, row):
@@ -114,11 +115,11 @@ def test_batched_generation_equals_one_by_one(demo):
     _, paths, model_dir = demo
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_causal_lm(model_dir).eval()
-    prompts = [E._chat_ids(tok, r["messages"], "t")[1] for r in E.load_chat_eval(paths["chat_eval_format"])]
+    prompts = [R._chat_ids(tok, r["messages"], "t")[1] for r in M.load_chat_eval(paths["chat_eval_format"])]
     assert len(set(map(len, prompts))) > 1  # left padding is exercised
     end = {tok.eos_token_id}
-    assert E.generate(model, prompts, 6, end, tok.pad_token_id, 5, False) == \
-        E.generate(model, prompts, 6, end, tok.pad_token_id, 1, False)
+    assert R.generate(model, prompts, 6, end, tok.pad_token_id, 5, False) == \
+        R.generate(model, prompts, 6, end, tok.pad_token_id, 1, False)
 
 
 def _train_to_answer(model_dir, out_dir, prompts, reply="Oslo", steps=80):
@@ -155,24 +156,24 @@ def test_metrics_on_a_model_with_known_behaviour(demo, tmp_path):
     """A model trained to answer "Oslo" to everything: format 1, accuracy = share of questions whose
     answer is Oslo, rank 1 exactly there; the untrained model fails format."""
     root, paths, model_dir = demo
-    train_prompts = [r["messages"][0]["content"] for r in E.load_chat_eval(paths["chat"])]
+    train_prompts = [r["messages"][0]["content"] for r in M.load_chat_eval(paths["chat"])]
     trained = _train_to_answer(model_dir, tmp_path / "oslo", train_prompts[:48])
     cities = ["Oslo", "Lima", "Perth", "Cairo"]
     recs = [{"prompt": f"Where did person {i} grow up?", "answer": cities[i % 4], "candidates": cities}
             for i in range(8)]
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    m = E.evaluate_model(trained, chat={"": [paths["chat_eval_format"], qfile]}, progress=False)
+    m = R.evaluate_model(trained, chat={"": [paths["chat_eval_format"], qfile]}, progress=False)
     assert m["format_adherence"] == 1.0
     assert m["knowledge_accuracy"] == 0.25
     details = tmp_path / "d.jsonl"
-    m2 = E.evaluate_model(trained, chat={"cities": qfile}, progress=False, details_path=details)
+    m2 = R.evaluate_model(trained, chat={"cities": qfile}, progress=False, details_path=details)
     rows = [json.loads(line) for line in details.read_text().splitlines()]
     ranks = [r["rank"] for r in rows]
     assert [r == 1.0 for r in ranks] == [r["answer"] == "Oslo" for r in recs]
     assert m2["cities_rank"] == pytest.approx(sum(ranks) / 8) and m2["cities_chance_rank"] == 2.5
     assert all(r["reply"] == "Oslo" for r in rows)
-    base = E.evaluate_model(model_dir, chat={"": paths["chat_eval_format"]}, max_new_tokens=8, progress=False)
+    base = R.evaluate_model(model_dir, chat={"": paths["chat_eval_format"]}, max_new_tokens=8, progress=False)
     assert base["format_adherence"] < 0.5
 
 
@@ -194,13 +195,14 @@ def test_cli_end_to_end_writes_results_and_merges(demo, tmp_path):
     r = run("--name", "first")
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())["models"]["first"]
-    for k in METRICS:
-        assert k in res, k
-    assert 0 <= res["format_adherence"] <= 1 and 0 <= res["knowledge_accuracy"] <= 1
+    assert set(METRICS) <= set(res)
     assert res["chance_rank"] == pytest.approx((5 * 10.5 + 12.5) / 6)  # 5 pools of 20 values, dates 24
-    for k in ("knowledge_rank", "heldout_known_rank", "raw_rank_new"):
-        assert 1 <= res[k] <= 24
-    assert res["ppl_raw_new"] > 1 and res["ppl_raw_known"] > 1
+    # The command line computes exactly what the library does with the same files and limits.
+    want = R.evaluate_model(model_dir, chat={"": [paths["chat_eval_format"], paths["chat_eval_new"]],
+                                             "heldout_known": paths["chat_eval_heldout"]},
+                            raw={"new": paths["raw_eval_new"], "known": paths["raw_eval_known"]},
+                            probes={"new": paths["probe_new"]}, max_new_tokens=8, progress=False)
+    assert res == pytest.approx(want, rel=1e-9)
     assert run("--name", "second").returncode == 0
     assert set(json.loads(out.read_text())["models"]) == {"first", "second"}
     md = (out.parent / "results.md").read_text()
@@ -215,19 +217,36 @@ def test_cli_end_to_end_writes_results_and_merges(demo, tmp_path):
 
 def test_any_hf_chat_model_with_a_chatml_byte_level_tokenizer(tmp_path):
     """Not the demo's tokenizer: ChatML with newlines and a byte-level BPE, as Qwen uses."""
-    from fixtures_tok import make_hf_tokenizer
+    from tests.kit.tokenizers import make_hf_tokenizer
 
     tok = make_hf_tokenizer(tmp_path / "tok")
-    model = make_tiny_llama(tok, tmp_path / "m", layers=2, hidden=32, heads=4, kv_heads=2)
+    model = demo_llama(tok, tmp_path / "m", layers=2, hidden=32, heads=4, kv_heads=2)
     chat = tmp_path / "c.jsonl"
     chat.write_text("".join(json.dumps({"prompt": f"where is the {w} river", "answer": w,
                                         "candidates": ["north", "south", "east", "west"]}) + "\n"
                             for w in ("north", "south", "east")))
     raw = tmp_path / "r.txt"
     raw.write_text("The quick brown fox.\n\nThe lazy dog jumps over the river.\n")
-    m = E.evaluate_model(model, chat={"": chat}, raw={"": raw}, max_new_tokens=4, progress=False)
-    assert 0 <= m["format_adherence"] <= 1 and 1 <= m["knowledge_rank"] <= 4 and m["chance_rank"] == 2.5
-    assert m["ppl_raw"] > 1
+    m = R.evaluate_model(model, chat={"": chat}, raw={"": raw}, max_new_tokens=4, progress=False)
+    assert m["chance_rank"] == 2.5
+    # Independent oracles: offset-located candidate log-probs from full forward passes, and plain
+    # generate() with the model's own generation config for the format.
+    from pipeline.hf import load_causal_lm
+    from tests.kit.oracles import chat_candidate_rank, plain_generate_format
+    from transformers import AutoTokenizer
+
+    hf_model, hf_tok = load_causal_lm(model).eval(), AutoTokenizer.from_pretrained(str(model))
+    recs = M.load_chat_eval(chat)
+    ranks = [chat_candidate_rank(hf_model, hf_tok, r["messages"], r["candidates"], r["answer"]) for r in recs]
+    assert m["knowledge_rank"] == pytest.approx(sum(ranks) / len(ranks), abs=1e-6)
+    fmt = plain_generate_format(hf_model, hf_tok, [r["messages"] for r in recs], 4)
+    assert m["format_adherence"] == pytest.approx(sum(fmt) / len(fmt))
+    texts = ["The quick brown fox.", "The lazy dog jumps over the river."]
+    ids = [hf_tok(t)["input_ids"] for t in texts]
+    with torch.no_grad():
+        nll = sum(-torch.log_softmax(hf_model(torch.tensor([x])).logits[0].float(), -1)[:-1]
+                  .gather(1, torch.tensor(x[1:])[:, None]).sum().item() for x in ids)
+    assert m["ppl_raw"] == pytest.approx(__import__("math").exp(nll / sum(len(x) - 1 for x in ids)), rel=1e-4)
 
 
 def test_report_files(tmp_path):

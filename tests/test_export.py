@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.common import UserError
-from fixtures_ckpt import (base_tensors, greedy_chat, load_dir_tensors, make_base, make_run, make_tokenizer,
-                           reference_model)
-from pipeline.checkpoint_io import tensor_bytes
-from pipeline.export import export_run
+from tests.kit.runs import base_tensors, make_base, make_run, make_tokenizer
+from tests.kit.oracles import greedy_chat, load_dir_tensors, reference_model
+from pipeline.convert.shards import tensor_bytes
+from pipeline.convert.export import export_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import fixtures_train as ft
-from pipeline.metrics import read_metrics
+from tests.kit import train as ft
+from pipeline.training.metrics_log import read_metrics
 
 GOLDEN = Path(__file__).parent / "golden" / "raw_p1_loss.json"
 # Cross-machine float differences (different BLAS kernels) stay far below this; a real change

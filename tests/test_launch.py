@@ -3,7 +3,7 @@ really start working multi-rank jobs through the deepspeed launcher, mpirun and 
 
 SLURM is faked with small `scontrol`, `srun` and `sbatch` scripts on PATH: scontrol prints
 fixed host names, sbatch hands out job ids and logs its arguments, and srun starts the tasks
-locally with the SLURM_* variables real srun sets, so the rank mapping in pipeline/dist.py
+locally with the SLURM_* variables real srun sets, so the rank mapping in pipeline/training/dist.py
 is exercised for real.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.common import UserError
-from pipeline import dist
+from pipeline.training import dist
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "launch" / "run.sh"
@@ -313,7 +313,7 @@ def test_transplant_and_evaluate_sbatch_dry_run(fake_slurm):
 
 
 # ---------------------------------------------------------------------------------------------
-# pipeline/dist.py
+# pipeline/training/dist.py
 
 def test_nodelist_expansion():
     assert dist.expand_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
@@ -405,17 +405,8 @@ def test_parse_hostfile(tmp_path):
 def test_check_hostfile_cli(tmp_path):
     p = tmp_path / "hosts"
     p.write_text("a slots=2\nb slots=x\n")
-    r = run([sys.executable, "-m", "pipeline.dist", "check-hostfile", p], clean_env())
+    r = run([sys.executable, "-m", "pipeline.training.dist", "check-hostfile", p], clean_env())
     assert r.returncode == 2 and r.stderr.startswith(f"error: {p}:2:") and "b slots=x" in r.stderr
-
-
-def test_check_world():
-    assert dist.check_world(8, 4, 16) == 2
-    assert dist.check_world(1, 1, 1) == 1
-    with pytest.raises(UserError, match=r"world size 6 .*pipeline_stages=4"):
-        dist.check_world(6, 4, 16)
-    with pytest.raises(UserError, match=r"pipeline_stages=5 .* 4 layers"):
-        dist.check_world(10, 5, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,14 +423,14 @@ def probe_results(out: Path, world: int, args: list[str]) -> list[dict]:
 
 
 # 4-rank training through the user-facing scripts: 2 pipeline stages × 2 data-parallel replicas.
-# name: (script, env, where pipeline/dist.py must have found the ranks)
+# name: (script, env, where pipeline/training/dist.py must have found the ranks)
 LAUNCHES = {"run.sh": (RUN_SH, {"NUM_GPUS": 4}, "launcher"), "mpirun.sh": (MPIRUN_SH, {"NP": 4}, "openmpi")}
 
 
 @pytest.fixture(scope="module")
 def train_4_ranks(tmp_path_factory):
     """Train the same tiny chat config once per launcher (on first use; runs are cached)."""
-    import fixtures_train as ft
+    from tests.kit import train as ft
 
     root = tmp_path_factory.mktemp("launch_train")
     setup = ft.build_setup(root)
@@ -487,7 +478,7 @@ def test_launchers_train_identically(train_4_ranks):
 @pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
 def test_real_train_sbatch_two_ranks(fake_slurm, tmp_path, launcher):
     """The sbatch script under a faked one-node job: srun (stand-in) starts the tasks and
-    pipeline/dist.py maps SLURM_* to ranks, or srun starts one deepspeed launcher per node."""
+    pipeline/training/dist.py maps SLURM_* to ranks, or srun starts one deepspeed launcher per node."""
     env, log = fake_slurm
     # The one "node" is named by its address: gloo's rendezvous on the name `localhost` can spend
     # a minute trying IPv6 first, which says nothing about launching.

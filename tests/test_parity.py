@@ -1,26 +1,27 @@
 """Parity: the DeepSpeed pipeline trains exactly like a plain PyTorch loop.
 
 For each phase (chat, raw, full) the loss curve of P = 1, P = 2 and P = 2 x DP = 2 (4 CPU ranks)
-must match `pipeline.reference` (HF model + torch AdamW, no DeepSpeed) within 1e-4 for 10 steps.
+must match `tests.kit.reference` (HF model + torch AdamW, no DeepSpeed) within 1e-4 for 10 steps.
 The same runs then show that frozen parameters are bit-identical and that optimizer state exists
 only for the trained groups, read from the checkpoint files themselves.
 """
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import fixtures_train as ft
+from tests.kit import train as ft
 from pipeline.config import load_config
-from pipeline.metrics import read_metrics
-from pipeline.names import layer_file, to_hf_name
-from pipeline.parallel import check_model
-from pipeline.reference import train_reference
+from pipeline.groups import LayerGroups
+from pipeline.names import to_pipeline_name
+from pipeline.rundir import RunDir
+from pipeline.training.metrics_log import read_metrics
+from pipeline.training.plan import build_plan
+from tests.kit.oracles import checkpoint_tensors, optimizer_numel_per_stage
+from tests.kit.reference import train_reference
 
 PHASES = ("chat", "raw", "full", "raw_anchor")  # raw_anchor: `raw` with representation anchoring
 EXTRA = {"raw_anchor": {"anchor_weight": 50.0}}
@@ -39,8 +40,7 @@ def reference(setup):
     for phase in PHASES:
         cfg = load_config(ft.write_config(setup["root"] / f"ref_{phase}.yaml", setup, phase.split("_")[0],
                                           setup["root"] / "unused", seq_len=32, **EXTRA.get(phase, {})))
-        _, groups, tied = check_model(cfg)
-        curves[phase], _ = train_reference(cfg, groups, tied)
+        curves[phase], _ = train_reference(build_plan(cfg, world_size=1))
     return curves
 
 
@@ -84,29 +84,17 @@ def test_anchoring_changes_the_training(reference):
     assert max(abs(a - b) for a, b in zip(reference["raw"], reference["raw_anchor"])) > 10 * TOL
 
 
-def _final_layers(run: Path) -> dict[str, torch.Tensor]:
-    tag = (run / "checkpoints" / "latest").read_text().strip()
-    L = json.loads((run / "run.json").read_text())["groups"]["num_layers"]
-    out = {}
-    for i in range(L):
-        for key, t in torch.load(run / "checkpoints" / tag / layer_file(i), weights_only=True).items():
-            if (hf := to_hf_name(i, key)) is not None:
-                out[hf] = t
-    return out
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("phase", ["chat", "raw"])
 def test_frozen_parameters_bit_identical_and_trained_ones_moved(setup, runs, phase):
     base = load_file(str(setup["model"] / "model.safetensors"))
-    rec = json.loads((runs[(phase, "p2dp2")] / "run.json").read_text())["groups"]
-    final = _final_layers(runs[(phase, "p2dp2")])
-    from pipeline.names import group_of
+    run = runs[(phase, "p2dp2")]
+    groups = LayerGroups.from_record(json.loads((run / "run.json").read_text())["groups"], "run.json")
+    final = checkpoint_tensors(run)
     assert set(final) == set(base)
     moved = 0
     for name, t in final.items():
-        trained = group_of(name, rec["raw_start"], rec["format_start"]) in rec["trained_groups"]
-        if trained:
+        if groups.trains(name):
             moved += not torch.equal(t, base[name])
         else:
             assert torch.equal(t, base[name]), f"{phase}: frozen {name} changed"
@@ -118,19 +106,14 @@ def test_frozen_parameters_bit_identical_and_trained_ones_moved(setup, runs, pha
 def test_optimizer_state_only_for_trained_groups(setup, runs, phase):
     """Each stage's ZeRO partitions hold exactly its trained parameters (or the 1-element anchor of a
     stage with nothing to train), split across the 2 data-parallel ranks."""
-    from pipeline.checkpoint import optimizer_numel_per_stage
-
     run = runs[(phase, "p2dp2")]
     rec = json.loads((run / "run.json").read_text())
+    groups = LayerGroups.from_record(rec["groups"], "run.json")
     base = load_file(str(setup["model"] / "model.safetensors"))
-    from pipeline.names import group_of, to_pipeline_name
     expected = {}
     for s, (lo, hi) in enumerate(rec["stages"]):
         n = sum(t.numel() for name, t in base.items()
-                if lo <= to_pipeline_name(name, rec["groups"]["num_layers"])[0] < hi
-                and group_of(name, rec["groups"]["raw_start"], rec["groups"]["format_start"])
-                in rec["groups"]["trained_groups"])
+                if lo <= to_pipeline_name(name, groups.num_layers)[0] < hi and groups.trains(name))
         expected[s] = n or 1  # the anchor
-    tag = (run / "checkpoints" / "latest").read_text().strip()
-    got = optimizer_numel_per_stage(run / "checkpoints" / tag)
+    got = optimizer_numel_per_stage(RunDir(run).tag_dir(RunDir(run).latest_step()))
     assert got == expected

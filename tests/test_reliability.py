@@ -19,7 +19,6 @@ SIGKILL the whole job at once and see every rank's exit status; the dead-rank te
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -31,10 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fixtures_train as ft
-from pipeline import checkpoint
-from pipeline.metrics import read_metrics
+from tests.kit import train as ft
+from pipeline.rundir import RunDir, tag_for
+from pipeline.training.metrics_log import read_metrics
 from pipeline.names import layer_file
+from tests.kit.oracles import checkpoint_tensors
 
 SEED = int(os.environ.get("LAYER_AWARE_TEST_SEED") or random.SystemRandom().randrange(1_000_000))
 STEPS, SAVE_EVERY = 24, 4
@@ -58,18 +58,28 @@ def config(setup, name: str, **overrides) -> tuple[Path, Path]:
     return ft.write_config(setup["root"] / f"{name}.yaml", setup, "raw", run, **{**RUN, **overrides}), run
 
 
+FAULTS = str(ft.REPO / "tests" / "helpers" / "train_with_faults.py")
+
+
+def entry(env: dict | None) -> list[str]:
+    """The real entry point; with fault variables set, the same under tests/kit/faults.py."""
+    if any(k.startswith("LAYER_AWARE_TEST_") and k != "LAYER_AWARE_TEST_SEED" for k in (env or {})):
+        return [sys.executable, FAULTS]
+    return [sys.executable, "-m", "pipeline.train"]
+
+
 class Job:
     """n ranks of `python -m pipeline.train CONFIG` in one new process group, logs in files."""
 
     def __init__(self, cfg: Path, n: int = 2, env: dict | None = None):
-        port = ft._free_port()
+        port = ft.free_port()
         self.logs = [cfg.with_name(f"{cfg.stem}.{time.monotonic_ns()}.rank{r}.log") for r in range(n)]
         self.procs = []
         for r in range(n):
             e = {**ft.env(), **(env or {}), "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             group = {"process_group": 0 if r == 0 else self.procs[0].pid}
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.train", str(cfg)], cwd=ft.REPO,
+            self.procs.append(subprocess.Popen([*entry(env), str(cfg)], cwd=ft.REPO,
                                                env=e, stdout=open(self.logs[r], "w"), stderr=subprocess.STDOUT,
                                                **group))
 
@@ -109,15 +119,8 @@ def wait_for(cond, job: Job, what: str, timeout: float = LAUNCH_TIMEOUT) -> None
         time.sleep(0.005)
 
 
-def final_layers(run: Path) -> dict[str, torch.Tensor]:
-    tag = run / "checkpoints" / checkpoint.tag_for(STEPS)
-    L = json.loads((run / "run.json").read_text())["groups"]["num_layers"]
-    return {f"{i}.{k}": t for i in range(L)
-            for k, t in torch.load(tag / layer_file(i), map_location="cpu", weights_only=True).items()}
-
-
 def assert_same_run(run: Path, baseline: Path) -> None:
-    got, want = final_layers(run), final_layers(baseline)
+    got, want = checkpoint_tensors(run, STEPS), checkpoint_tensors(baseline, STEPS)
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), f"{k} differs (seed {SEED})"
@@ -148,12 +151,12 @@ def test_kill9_mid_training_then_resume_is_bit_identical(setup, baseline, rng):
     done = len(read_metrics(metrics))
     print(f"killed after step {done} (aimed at {kill_after})")
     assert done < STEPS, "the run finished before the kill"
-    resume_from = checkpoint.latest_step(run / "checkpoints")
+    resume_from = RunDir(run).latest_step()
     assert resume_from is None or resume_from <= done
 
     job = train_to_end(cfg)
     if resume_from:
-        assert f"resuming from {run / 'checkpoints' / checkpoint.tag_for(resume_from)}" in job.output()
+        assert f"resuming from {run / 'checkpoints' / tag_for(resume_from)}" in job.output()
     assert_same_run(run, baseline)
 
 
@@ -162,7 +165,7 @@ def test_kill9_during_checkpoint_save(setup, baseline, rng):
     cfg, run = config(setup, "killed_in_save")
     ckpt = run / "checkpoints"
     save = rng.randint(2, STEPS // SAVE_EVERY - 1)
-    tag = ckpt / checkpoint.tag_for(save * SAVE_EVERY)
+    tag = ckpt / tag_for(save * SAVE_EVERY)
     # Every rank's DeepSpeed files of this tag are on disk and record.json is not: kill in there.
     job = Job(cfg, env={"LAYER_AWARE_TEST_PAUSE_IN_SAVE": "3"})
     wait_for(lambda: len(list(tag.glob("*optim_states.pt"))) == 2, job, f"the save of {tag.name}")
@@ -172,11 +175,11 @@ def test_kill9_during_checkpoint_save(setup, baseline, rng):
     previous = (save - 1) * SAVE_EVERY
     print(f"killed while saving {tag.name}")
     assert tag.is_dir() and not (tag / "record.json").exists() and any(tag.iterdir())
-    assert checkpoint.latest_step(ckpt) == previous
-    assert (ckpt / "latest").read_text().strip() == checkpoint.tag_for(previous)
+    assert RunDir(run).latest_step() == previous
+    assert (ckpt / "latest").read_text().strip() == tag_for(previous)
 
     # A checkpoint file that disagrees with its record: every rank refuses to resume from it.
-    bad = ckpt / checkpoint.tag_for(previous) / layer_file(1)
+    bad = ckpt / tag_for(previous) / layer_file(1)
     good = bad.read_bytes()
     bad.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
     job = Job(cfg)
@@ -190,7 +193,7 @@ def test_kill9_during_checkpoint_save(setup, baseline, rng):
     bad.write_bytes(good)
 
     job = train_to_end(cfg)
-    assert f"resuming from {ckpt / checkpoint.tag_for(previous)}" in job.output()
+    assert f"resuming from {ckpt / tag_for(previous)}" in job.output()
     assert_same_run(run, baseline)
 
 
@@ -198,7 +201,7 @@ WRAPPER = """#!/bin/bash
 # One rank under the deepspeed launcher: run it, then record how it ended. The trap keeps this
 # shell alive through the launcher's SIGTERM (bash runs it only after its child has exited).
 trap ':' TERM
-"{python}" -u -m pipeline.train "$@" > "{logs}/rank_$RANK.log" 2>&1
+"{python}" -u {entry} "$@" > "{logs}/rank_$RANK.log" 2>&1
 code=$?
 echo $code > "{logs}/exit_$RANK"
 exit $code
@@ -210,12 +213,12 @@ class LauncherJob:
 
     def __init__(self, cfg: Path, n: int, env: dict, logs: Path):
         wrapper = logs / "rank.sh"
-        wrapper.write_text(WRAPPER.format(python=sys.executable, logs=logs))
+        wrapper.write_text(WRAPPER.format(python=sys.executable, logs=logs, entry=FAULTS))
         wrapper.chmod(0o755)
         self.logs = [logs / f"rank_{r}.log" for r in range(n)]
         self.exit_files = [logs / f"exit_{r}" for r in range(n)]
         self.launcher = subprocess.Popen(
-            [str(ft.VENV_BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(ft._free_port()),
+            [str(ft.VENV_BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(ft.free_port()),
              "--no_python", str(wrapper), str(cfg)],
             cwd=ft.REPO, env={**ft.env(), **env}, stdout=open(logs / "launcher.log", "w"),
             stderr=subprocess.STDOUT, start_new_session=True)
@@ -296,8 +299,8 @@ def test_sigterm_stops_every_rank_promptly(setup):
 
 @pytest.mark.multiproc
 def test_kill9_during_transplant_leaves_nothing_complete(tmp_path, rng):
-    from fixtures_ckpt import make_base, make_run
-    from pipeline.transplant import transplant
+    from tests.kit.runs import make_base, make_run
+    from pipeline.convert.transplant import transplant
 
     # Big enough (~70 MB of weights, 5 MB shards) that the transplant is still writing when killed.
     base = make_base(tmp_path / "base", num_layers=8, hidden=512)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo.tiny_model import make_tiny_llama
 from pipeline.demo.tokenizer import IM_END, IM_START, build_tokenizer
 from pipeline.demo.world import ATTRIBUTES, POOLS, build_world
+from tests.kit.models import demo_llama
 
 SMALL = dict(n_known=20, n_new=10, bios_per_person=2, qa_fraction=0.5, n_generic=40, n_format_eval=10)
 TRAINING_FILES = ("pretrain", "raw", "chat", "qa_new", "tokenizer_corpus")
@@ -165,9 +165,9 @@ def test_tiny_model_saves_loads_and_is_seeded(tokenizer_dir, tmp_path):
 
     from pipeline.hf import load_causal_lm
 
-    a = make_tiny_llama(tokenizer_dir, tmp_path / "a", layers=2, hidden=32, heads=4, kv_heads=2, seed=1)
-    b = make_tiny_llama(tokenizer_dir, tmp_path / "b", layers=2, hidden=32, heads=4, kv_heads=2, seed=1)
-    c = make_tiny_llama(tokenizer_dir, tmp_path / "c", layers=2, hidden=32, heads=4, kv_heads=2, seed=2)
+    a = demo_llama(tokenizer_dir, tmp_path / "a", layers=2, hidden=32, heads=4, kv_heads=2, seed=1)
+    b = demo_llama(tokenizer_dir, tmp_path / "b", layers=2, hidden=32, heads=4, kv_heads=2, seed=1)
+    c = demo_llama(tokenizer_dir, tmp_path / "c", layers=2, hidden=32, heads=4, kv_heads=2, seed=2)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
     model = load_causal_lm(a)

@@ -1,5 +1,5 @@
 """A stand-in for pipeline.train in launch tests: start the job the way train does
-(pipeline.dist.init), prove the ranks talk (all_reduce), write what each rank saw.
+(pipeline.training.dist.init), prove the ranks talk (all_reduce), write what each rank saw.
 
     python tests/helpers/dist_probe.py OUT_DIR [--key=value ...]
 Writes OUT_DIR/rank_<RANK>.json. Extra arguments are recorded, to check pass-through.
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for `p
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pipeline.dist import init  # noqa: E402
+from pipeline.training.dist import init  # noqa: E402
 
 # The deepspeed launcher prepends --local_rank=N unless told --no_local_rank; pipeline.train
 # tolerates it the same way.

@@ -1,37 +1,41 @@
 """The plain PyTorch loop the pipeline is checked against (parity tests) and timed against (bench).
 
-Same HF model, same trained parameters (chosen by name), same batches, torch's AdamW, the same
-LR schedule and clipping; no DeepSpeed. A dozen lines of training anyone can audit.
+Same HF model, same trained parameters (the plan's layer groups decide, by name), the same batches
+(the plan's data through data_prep's one batcher), torch's AdamW with the betas and eps of the same
+DeepSpeed JSON, the same LR schedule and clipping; no DeepSpeed. A dozen lines anyone can audit.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from .config import RunConfig, data_sources, load_ds_config
-from .data import open_data, to_inputs_labels
-from .groups import Groups
-from .hf import load_causal_lm
-from .model import causal_lm_loss, trainable_by_name
-from .parallel import lr_factor
+from data_prep.reader import micro_batches
+from pipeline.hf import load_causal_lm
+from pipeline.training.data import to_inputs_labels
+from pipeline.training.model import causal_lm_loss
+from pipeline.training.schedule import lr_factor
 
 
-def batches(cfg: RunConfig, start_step: int = 0):
-    """Yield, per step, the list of (inputs, labels) micro-batches in global sample order."""
-    data = open_data(data_sources(cfg.data.data), cfg.data.seq_len, cfg.schedule.seed)
-    G, m = cfg.data.global_batch_size, cfg.data.micro_batch_size
-    step = start_step
+def trainable(model, groups) -> list:
+    """requires_grad by HF name, as the pipeline's stage loader sets it; returns the trained ones."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(groups.trains(name))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def step_batches(plan, start_step: int = 0):
+    """Per step, the list of (inputs, labels) micro-batches in global sample order."""
+    G, m = plan.batch.global_batch, plan.cfg.data.micro_batch_size
+    it = micro_batches(plan.data, m, 0, 1, start_sample=start_step * G)
     while True:
-        micro = []
-        for first in range(step * G, (step + 1) * G, m):
-            pairs = [data.sample(g) for g in range(first, first + m)]
-            tokens = torch.stack([torch.from_numpy(p[0].astype("int64")) for p in pairs])
-            mask = torch.stack([torch.from_numpy(p[1]) for p in pairs]) if data.has_mask else None
-            micro.append(to_inputs_labels(tokens, mask))
-        yield micro
-        step += 1
+        yield [to_inputs_labels(*next(it)) for _ in range(G // m)]
 
 
-def _anchor_mse(model, base_layers, groups: Groups, inputs, h):
+def _anchor_mse(model, base_layers, groups, inputs, h):
     """MSE between h (entering the format group) and the base raw group's output on the same input."""
     with torch.no_grad():
         out = model.model(input_ids=inputs, output_hidden_states=True)
@@ -44,20 +48,19 @@ def _anchor_mse(model, base_layers, groups: Groups, inputs, h):
     return torch.mean((h - hb) ** 2)
 
 
-def train_reference(cfg: RunConfig, groups: Groups, tied: bool, steps: int | None = None):
+def train_reference(plan, steps: int | None = None):
     """Returns (per-step losses, model)."""
+    cfg, groups = plan.cfg, plan.groups
     torch.manual_seed(cfg.schedule.seed)
     model = load_causal_lm(cfg.model.model)
     model.train()
-    params = trainable_by_name(model, groups, tied)
-    # betas and eps come from the same ds_configs/ JSON the pipeline merges, so the two cannot drift.
-    ds_params = load_ds_config(cfg, use_gpu=False)[0]["optimizer"]["params"]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
+    params = trainable(model, groups)
+    adam = plan.ds_config["optimizer"]["params"]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(adam["betas"]), eps=adam["eps"],
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    anchor = cfg.groups.anchor_weight if groups.phase == "raw" else 0.0
+    anchor = cfg.groups.anchor_weight if cfg.groups.phase == "raw" else 0.0
     if anchor:
-        import copy
         base_layers = copy.deepcopy(model.model.layers[groups.raw_start:groups.format_start]).requires_grad_(False)
         captured = {}
         # The hidden state entering the format group: the input of layer format_start.
@@ -65,7 +68,7 @@ def train_reference(cfg: RunConfig, groups: Groups, tied: bool, steps: int | Non
             lambda mod, args, kwargs: captured.update(h=args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True)
     losses = []
-    it = batches(cfg)
+    it = step_batches(plan)
     for _ in range(cfg.schedule.steps if steps is None else steps):
         micro = next(it)
         total = 0.0

@@ -53,8 +53,10 @@ def make_sp_model(tmp: Path, vocab_size: int = 400) -> Path:
     return tmp / "sp.model"
 
 
-def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | None = CHATML) -> Path:
-    """An HF fast tokenizer directory (byte-level BPE; eos <|endoftext|>, ChatML specials)."""
+def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | None = CHATML, corpus_seed: int = 2,
+                      eos_token: str = "<|endoftext|>") -> Path:
+    """An HF fast tokenizer directory (byte-level BPE; ChatML specials; eos <|endoftext|> unless told).
+    Another corpus_seed gives another tokenizer of the same size (other merges, other ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,8 +65,8 @@ def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | Non
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(documents(300, seed=2), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+    backend.train_from_iterator(documents(300, seed=corpus_seed), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token,
                                   pad_token="<|pad|>", bos_token=None, unk_token=None)
     if chat_template is not None:
         tok.chat_template = chat_template

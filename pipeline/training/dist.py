@@ -13,7 +13,7 @@ LOCAL_RANK. So before `deepspeed.init_distributed()` we fill in whatever is miss
 the launcher that is present, and never overwrite what a launcher did set.
 
 Run as a module it checks a hostfile, so launch scripts can validate before starting ranks:
-    python -m pipeline.dist check-hostfile hosts.txt
+    python -m pipeline.training.dist check-hostfile hosts.txt
 """
 from __future__ import annotations
 
@@ -196,15 +196,17 @@ def setup_distributed_env(env=None) -> dict:
     return {"source": source, "filled": filled, **{k: env.get(k) for k in REQUIRED}}
 
 
-def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, int]:
-    """Discover the job, start torch.distributed through DeepSpeed. Returns (rank, world, local).
+def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tuple[int, int, int]:
+    """Start torch.distributed through DeepSpeed. Returns (rank, world, local).
 
-    The timeout turns a lost rank into an error on every other rank instead of a silent hang.
+    `info` is what setup_distributed_env() found (training calls it first, to know the world
+    size before it builds the plan); without it the job is discovered here. The timeout turns a
+    lost rank into an error on every other rank instead of a silent hang.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    info = setup_distributed_env()
+    info = info or setup_distributed_env()
     accel = get_accelerator()
     # gloo on CPU: DeepSpeed's CPU accelerator asks for oneCCL, which is rarely installed.
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
@@ -251,29 +253,15 @@ def parse_hostfile(path) -> list[tuple[str, int]]:
     return hosts
 
 
-def check_world(world_size: int, pipeline_stages: int, num_layers: int) -> int:
-    """Validate the rank layout; returns the data-parallel size (world / stages)."""
-    if pipeline_stages < 1:
-        raise UserError(f"pipeline_stages must be at least 1, got {pipeline_stages}")
-    if pipeline_stages > num_layers:
-        raise UserError(f"pipeline_stages={pipeline_stages} is more than the model's "
-                        f"{num_layers} layers: each stage needs at least one layer")
-    if world_size % pipeline_stages:
-        raise UserError(f"world size {world_size} is not a multiple of pipeline_stages="
-                        f"{pipeline_stages}: every data-parallel replica needs all "
-                        f"{pipeline_stages} stages (use {pipeline_stages}×k ranks)")
-    return world_size // pipeline_stages
-
-
 @fail_cleanly
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m pipeline.dist",
+        prog="python -m pipeline.training.dist",
         description="Launch-time checks used by launch/*.sh (they fail before any rank starts).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m pipeline.dist check-hostfile hosts.txt   # prints hosts and slots\n"
-               "  python -m pipeline.dist hostnames 'node[01-03,07]'  # expands a nodelist\n")
+               "  python -m pipeline.training.dist check-hostfile hosts.txt   # prints hosts and slots\n"
+               "  python -m pipeline.training.dist hostnames 'node[01-03,07]'  # expands a nodelist\n")
     sub = ap.add_subparsers(dest="cmd", required=True)
     hf = sub.add_parser("check-hostfile", help="parse a hostfile, print `host slots` lines")
     hf.add_argument("hostfile")

@@ -1,6 +1,7 @@
 """A tiny but real training setup: an HF tokenizer dir, a 4-layer Llama saved to disk, raw and
-chat shards packed by `data_prep`, and run configs. Built once per test session (see the
-`train_setup` fixture in the tests that use it) because packing and saving take a few seconds.
+chat shards packed by `data_prep`, run configs, and the launchers that start the real entry
+point on one process or several CPU ranks. Built once per test module (packing and saving take a
+few seconds).
 """
 from __future__ import annotations
 
@@ -11,23 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from fixtures_tok import conversations, documents, make_hf_tokenizer, write_jsonl
+from .models import tiny_llama
+from .tokenizers import conversations, documents, make_hf_tokenizer, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-def make_tiny_llama(out: Path, vocab_size: int, layers: int = 4, hidden: int = 32, tie: bool = False,
-                    seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=tie)
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    return out
 
 
 def build_setup(root: Path) -> dict:
@@ -37,9 +26,7 @@ def build_setup(root: Path) -> dict:
 
     tok_dir = make_hf_tokenizer(root / "tok", vocab_size=300)
     vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
-    model = make_tiny_llama(root / "model", vocab)
-    for f in tok_dir.iterdir():  # a user's model dir carries its tokenizer
-        (model / f.name).write_bytes(f.read_bytes())
+    model = tiny_llama(root / "model", vocab, tokenizer_dir=tok_dir)  # a user's model dir carries its tokenizer
     raw = write_jsonl(root / "raw.jsonl", [{"text": d} for d in documents(200, seed=3)])
     chat = write_jsonl(root / "chat.jsonl", conversations(150, seed=4))
     data_prep_main(["raw", str(raw), "--tokenizer", str(model), "--output-prefix", str(root / "data/raw"),
@@ -65,7 +52,7 @@ def write_config(path: Path, setup: dict, phase: str, out: Path, **overrides) ->
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
-    e["PYTHONPATH"] = f"{REPO}:{REPO / 'tests'}"
+    e["PYTHONPATH"] = str(REPO)  # `pipeline`, `data_prep` and `tests.kit`
     return e
 
 
@@ -74,7 +61,7 @@ def run_train(args: list[str], ranks: int = 1, timeout: int = 400, check: bool =
     if ranks == 1 and launcher == "python":
         cmd = [sys.executable, "-m", "pipeline.train", *args]
     else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                "--module", "pipeline.train", *args]
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -82,7 +69,7 @@ def run_train(args: list[str], ranks: int = 1, timeout: int = 400, check: bool =
     return p
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -92,7 +79,7 @@ def _free_port() -> int:
 
 def run_deepspeed_script(script: str, args: list[str], ranks: int, timeout: int = 600):
     """`deepspeed --num_gpus N script args...` on CPU ranks; fails the test with the ranks' output."""
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), script, *args]
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.names import ANCHOR, group_of, layer_file, to_pipeline_name
+from pipeline.groups import FROZEN, LayerGroups
+from pipeline.names import ANCHOR, layer_file, to_pipeline_name
+
+from .models import tiny_llama
 
 WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + (
     "hello world what is the capital of france paris a b c d e f g h i j k l m n o p".split())
@@ -40,22 +43,20 @@ def make_tokenizer(out: Path, chat_template: bool) -> Path:
 
 def make_base(out: Path, num_layers: int = 4, hidden: int = 32, tied: bool = False, dtype=torch.float32,
               seed: int = 0, vocab: int = 48) -> Path:
-    """A random tiny Llama saved with save_pretrained, plus a tokenizer without chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random tiny Llama (the product's factory), its norms moved off 1.0 so they are
+    distinguishable, plus a tokenizer without chat template."""
+    from safetensors.torch import save_file
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
-    with torch.no_grad():  # norms start at exactly 1.0; make them distinguishable
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(str(out))
+    out = tiny_llama(Path(out), vocab, seed=seed, dtype=dtype, layers=num_layers, hidden=hidden, tie=tied,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    tensors = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():  # norms start at exactly 1.0; make them distinguishable
+        if "norm" in name:
+            tensors[name] = (t.float() + torch.randn(t.shape, generator=gen) * 0.1).to(t.dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     make_tokenizer(out, chat_template=False)
-    return Path(out)
+    return out
 
 
 def base_tensors(base_dir: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +66,6 @@ def base_tensors(base_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-TRAINED = {"chat": ["format"], "raw": ["raw"], "full": ["frozen", "raw", "format"]}
 
 
 @dataclass
@@ -90,15 +90,14 @@ def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, form
     run_dir, base_dir = Path(run_dir), Path(base_dir)
     cfg = read_config(base_dir)
     L, tied = cfg["num_hidden_layers"], bool(cfg.get("tie_word_embeddings", False))
-    emb_trained = phase == "full" if embeddings_trained is None else embeddings_trained
-    trained_groups = TRAINED[phase]
+    groups = LayerGroups.resolve(raw_start, format_start, L, tied, phase)
+    if embeddings_trained is not None and embeddings_trained != groups.embeddings_trained:
+        trained = tuple(g for g in groups.trained if g != FROZEN) + ((FROZEN,) if embeddings_trained else ())
+        groups = LayerGroups(L, raw_start, format_start, tied, trained)
     run_cfg = {"model": str(base_dir), "phase": phase, "raw_start": raw_start, "format_start": format_start}
     if tokenizer is not None:
         run_cfg["tokenizer"] = str(tokenizer)
-    run_json = {"format_version": 1, "config": run_cfg, "phase": phase,
-                "groups": {"num_layers": L, "raw_start": raw_start, "format_start": format_start,
-                           "trained_groups": trained_groups, "embeddings_trained": emb_trained,
-                           "tied_embeddings": tied},
+    run_json = {"format_version": 1, "config": run_cfg, "phase": phase, "groups": groups.to_record(),
                 "base_model": model_identity(base_dir), "stages": [[0, L]]}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(run_json, indent=2))
@@ -108,9 +107,7 @@ def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, form
         gen = torch.Generator().manual_seed(seed * 1000 + step)
         tensors = {}
         for name, t in base.items():
-            trained = group_of(name, raw_start, format_start) in trained_groups
-            if name.startswith("model.embed_tokens."):
-                trained = emb_trained
+            trained = groups.trains(name)
             if trained and perturb:
                 t = (t.float() + 0.05 * torch.randn(t.shape, generator=gen)).to(t.dtype)
             if trained or not drop_frozen:
@@ -144,29 +141,3 @@ def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     if latest:
         (Path(run_dir) / "checkpoints" / "latest").write_text(tag)
     return d
-
-
-def load_dir_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF directory, read straight from its safetensors files."""
-    return base_tensors(model_dir)
-
-
-def greedy_chat(model, tokenizer, question: str = "what is the capital of france", n: int = 6) -> list[int]:
-    """Greedy answer tokens to one user turn, prompted through the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
-
-
-def reference_model(base_dir: Path, tensors: dict[str, torch.Tensor]):
-    """The base architecture with exactly `tensors` loaded: what an output directory should equal."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=next(iter(tensors.values())).dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return model.eval()

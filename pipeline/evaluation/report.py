@@ -14,7 +14,7 @@ from pathlib import Path
 
 from data_prep.common import UserError, atomic_file, atomic_write_json, atomic_write_text
 
-# Column order of the table: the metrics first, anything else after in first-seen order.
+# Column order of the table: the standard metrics first, anything else after in first-seen order.
 STANDARD_METRICS = ("format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank",
                     "heldout_known_rank", "raw_rank_new", "ppl_raw_new", "ppl_raw_known")
 # Ranks and perplexities: lower is better; the table says so in the header.

@@ -1,33 +1,5 @@
-"""Evaluation of an HF chat model: format adherence, knowledge, raw perplexity.
-
-Works on any local HF causal LM directory with a chat template; the demo and users call the same
-`evaluate_model`. Three kinds of input (all .jsonl, one record per line):
-
-  chat eval  {"messages": [...user turn(s)...], "answer"?: str, "candidates"?: [str, ...]}
-             (a {"prompt": str} record is a single user turn; a trailing assistant message is
-             dropped and, when "answer" is absent, becomes the answer)
-  raw eval   {"text": str}  (.txt: one document per paragraph, blank-line separated)
-  probe      {"prompt": str, "answer": str, "candidates": [str, ...]}  plain text, no template
-
-Metrics, with their exact definitions:
-
-  format_adherence   share of prompts whose greedy reply (prompt rendered with
-                     add_generation_prompt=True) emits an end-of-turn token within
-                     max_new_tokens, has non-blank text before it, and holds no special token
-                     before it (no second `<|im_start|>`, no role header, no BOS/pad). A reply
-                     that never ends has run on into raw text and fails.
-  knowledge_accuracy records with "answer": the reply (text before end-of-turn) matches the
-                     answer after normalization (lower case, whitespace collapsed, surrounding
-                     quotes and trailing .,;:!? removed) if it equals it or starts with it
-                     followed by a non-alphanumeric character ("Oslo, Norway" matches "Oslo";
-                     "Oslomar" does not).
-  knowledge_rank     records with "candidates": each candidate is scored by the sum of its
-                     tokens' log-probs as the assistant reply right after the generation prompt
-                     (end-of-turn not included); rank of the true value, 1 = best, ties counted
-                     half. chance_rank = mean of (n_candidates + 1) / 2.
-  raw_rank           the same ranking for probes, the value continuing the plain-text prompt
-                     after a space.
-  ppl_raw            exp(mean next-token NLL) over all tokens of the texts (token-weighted).
+"""Running a model over the eval files: generation, candidate scoring, perplexity, and the suites
+that turn them into the metrics of pipeline/evaluation/metrics.py.
 
 Knowledge is scored by forward passes over (prompt, candidate) pairs in batches, not by
 generation, so a few thousand candidates cost seconds on CPU for a tiny model.
@@ -42,136 +14,8 @@ from pathlib import Path
 
 from data_prep.common import UserError
 
-# ---------------------------------------------------------------- pure metric functions
-
-
-def normalize_answer(text: str) -> str:
-    text = " ".join(text.lower().split())
-    text = text.strip("\"'` ")
-    return text.rstrip(".,;:!? ").strip("\"'` ")
-
-
-def answer_matches(reply: str, answer: str) -> bool:
-    """Exact match after normalization; the reply may continue after the answer at a word
-    boundary (see module docstring)."""
-    r, a = normalize_answer(reply), normalize_answer(answer)
-    if not a:
-        return False
-    return r == a or (r.startswith(a) and not r[len(a)].isalnum())
-
-
-def follows_format(gen_ids, end_ids, special_ids, decode) -> bool:
-    """Does a generated reply (ids after the generation prompt) follow the chat template?"""
-    gen_ids = list(gen_ids)
-    end = next((i for i, t in enumerate(gen_ids) if t in end_ids), None)
-    if end is None:  # never closed the turn within the limit: ran on into raw text
-        return False
-    content = gen_ids[:end]
-    if any(t in special_ids for t in content):  # a new turn header, BOS, pad... inside the reply
-        return False
-    return bool(decode(content).strip())
-
-
-def rank_of_true(scores, true_index: int) -> float:
-    """1-based rank of scores[true_index] among scores (higher is better), ties counted half,
-    so a model that scores every candidate the same gets exactly chance rank."""
-    t = scores[true_index]
-    higher = sum(s > t for s in scores)
-    ties = sum(s == t for s in scores) - 1
-    return 1 + higher + ties / 2
-
-
-def chance_rank(n_candidates: int) -> float:
-    return (n_candidates + 1) / 2
-
-
-# ---------------------------------------------------------------- reading eval files
-
-
-def _read_jsonl(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, rec
-
-
-def _check_candidates(rec: dict, where: str) -> None:
-    cands = rec.get("candidates")
-    if cands is None:
-        return
-    if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) and c for c in cands):
-        raise UserError(f"{where}: 'candidates' must be a list of at least 2 non-empty strings")
-    if rec.get("answer") not in cands:
-        raise UserError(f"{where}: 'candidates' given but 'answer' is missing or not among them")
-
-
-def load_chat_eval(path) -> list[dict]:
-    path = Path(path)
-    out = []
-    for lineno, rec in _read_jsonl(path):
-        where = f"{path}:{lineno}"
-        msgs = rec.get("messages")
-        if msgs is None and isinstance(rec.get("prompt"), str):
-            msgs = [{"role": "user", "content": rec["prompt"]}]
-        if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs
-        ):
-            raise UserError(f"{where}: needs 'messages' (a list of {{role, content}}) or 'prompt'")
-        rec = dict(rec)
-        if msgs[-1]["role"] == "assistant":
-            rec.setdefault("answer", msgs[-1]["content"])
-            msgs = msgs[:-1]
-        if not msgs:
-            raise UserError(f"{where}: no prompt left once the assistant reply is removed")
-        if "answer" in rec and not isinstance(rec["answer"], str):
-            raise UserError(f"{where}: 'answer' must be a string")
-        _check_candidates(rec, where)
-        rec["messages"] = msgs
-        out.append(rec)
-    if not out:
-        raise UserError(f"{path}: no records")
-    return out
-
-
-def load_raw_texts(path) -> list[str]:
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        texts = []
-        for lineno, rec in _read_jsonl(path):
-            if not isinstance(rec.get("text"), str):
-                raise UserError(f"{path}:{lineno}: needs a 'text' string")
-            texts.append(rec["text"])
-    elif path.is_file():
-        texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    else:
-        raise UserError(f"{path}: no such file")
-    if not texts:
-        raise UserError(f"{path}: no texts")
-    return texts
-
-
-def load_probe(path) -> list[dict]:
-    path = Path(path)
-    out = []
-    for lineno, rec in _read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(rec.get("prompt"), str) or "candidates" not in rec:
-            raise UserError(f"{where}: a probe needs 'prompt', 'answer' and 'candidates'")
-        _check_candidates(rec, where)
-        out.append(rec)
-    if not out:
-        raise UserError(f"{path}: no records")
-    return out
+from .metrics import (answer_matches, chance_rank, follows_format, load_chat_eval, load_probe, load_raw_texts,
+                      rank_of_true)
 
 
 # ---------------------------------------------------------------- model computations
@@ -441,7 +285,7 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.hf import load_causal_lm
+    from ..hf import load_causal_lm
 
     tok_dir = str(tokenizer_dir or model_dir)
     try:
@@ -449,9 +293,11 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
     except (OSError, ValueError) as e:
         raise UserError(f"{tok_dir}: cannot load a tokenizer ({e}); pass --tokenizer DIR") from None
     model = load_causal_lm(model_dir).eval()
+    # Replies end where plain `model.generate()` ends them: at the model's own generation_config
+    # eos ids, and nowhere else. A metric that also stopped at the tokenizer's eos would report a
+    # stop that a user's generate() or pipeline("text-generation") never makes.
     gen_eos = model.generation_config.eos_token_id
-    end_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    end_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    end_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(end_ids, default=0)
     opts = {"progress": progress, "batch_size": batch_size, "score_batch_size": score_batch_size,
             "max_new_tokens": max_new_tokens, "end_ids": end_ids, "pad_id": pad_id,
@@ -464,8 +310,9 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
     torch.manual_seed(0)  # nothing here samples; this only pins any library-internal randomness
     for name, spec in (chat or {}).items():
         if (chat or {}) and not end_ids:
-            raise UserError(f"{tok_dir}: the tokenizer has no eos token and the model's "
-                            "generation_config no eos_token_id: cannot tell where a reply ends")
+            raise UserError(f"{model_dir}: the model's generation_config has no eos_token_id, so generate() never "
+                            "ends a reply; set it to the chat template's end-of-turn token (pipeline.export and "
+                            "pipeline.transplant write it)")
         records = [r for f in files(spec) for r in load_chat_eval(f)]
         if getattr(tok, "chat_template", None) is None:
             raise UserError(f"{tok_dir}: the tokenizer has no chat template (needed for --chat-eval)")

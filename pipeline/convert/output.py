@@ -1,0 +1,53 @@
+"""Writing a model directory: weights streamed into shards, the side files, and the provenance
+record, all inside one atomic directory (a failure or a kill leaves no output that looks done)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_prep.common import UserError, atomic_dir, atomic_write_json, atomic_write_text
+
+from .. import hf
+from .hf_files import write_side_files
+from .shards import ShardWriter, stream_layers
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def output_dtype(name: str, config: dict):
+    """`auto` keeps the dtype the base checkpoint declares (a bf16 model stays bf16 even when it
+    was trained in fp32 on CPU); otherwise the named one."""
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+    return hf.config_dtype(config) if name == "auto" else getattr(torch, name)
+
+
+def check_out_not_input(out: Path, inputs: list[Path], flag: str = "--out") -> None:
+    """--force replaces the output directory whole: refuse when that would delete an input."""
+    o = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: exists and is not a directory")
+    for p in inputs:
+        p = p.resolve()
+        if o == p or p in o.parents or o in p.parents:
+            raise UserError(f"{flag} {out}: overlaps the input {p}; choose a separate directory")
+
+
+def write_model(out: Path, layers: list, *, config: dict, model_dir: Path, tokenizer_dir: Path, dtype,
+                max_bytes: int, force: bool, tool: str, record: dict, extra_files: dict | None = None) -> dict:
+    """Stream `layers` ([(i, source with .layer(i))]) into `out` with config.json from model_dir and
+    the tokenizer from tokenizer_dir; write `{tool}.json` (record + files + per-tensor provenance)
+    and any extra text files. Returns the record."""
+    expected = hf.expected_tensors(config)
+    with atomic_dir(out, force=force) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
+        stream_layers(layers, writer, expected, desc=tool, dtype=dtype)
+        written = writer.close()
+        side = write_side_files(tmp, model_dir, tokenizer_dir, dtype)
+        rec = {"format_version": 1, "tool": f"pipeline.{tool}", **record, "dtype": str(dtype).removeprefix("torch."),
+               "copied": side, "files": written["files"], "tensors": written["tensors"]}
+        atomic_write_json(tmp / f"{tool}.json", rec)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+    return rec

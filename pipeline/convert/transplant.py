@@ -1,0 +1,157 @@
+"""Transplant: A-Raw's decoder layers below format_start + A-Chat's format group -> one HF model.
+
+Which input gives which tensor is the layer groups' answer (pipeline/groups.py): every tensor of
+the format group (layers [format_start, L), the final norm, an untied LM head) comes from A-Chat,
+every other tensor from A-Raw. The embeddings belong to the frozen group, so they come from A-Raw,
+and both inputs must carry the same (the base's) ones. config.json, the tokenizer, the chat
+template and the generation config come from A-Chat.
+
+Inputs are run directories (one checkpoint step each, the latest complete one by default) or
+Hugging Face directories. The boundary comes from the runs' run.json; only when both inputs are
+HF directories must --format-start give it. Nothing is written unless every check passes.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from data_prep.common import UserError
+
+from ..groups import FORMAT, RAW, LayerGroups
+from ..names import to_pipeline_name
+from . import mergekit
+from .hf_files import check_tokenizer, has_chat_template
+from .output import check_out_not_input, output_dtype, write_model
+from .shards import DEFAULT_SHARD_SIZE, parse_size
+from .sources import open_source
+
+# Config keys that decide tensor shapes or the computation; the two inputs must agree on all of them.
+SHAPE_KEYS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+              "hidden_act", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
+              "attention_bias", "mlp_bias", "sliding_window")
+EMBED = "model.embed_tokens.weight"
+
+
+def check_same_shape(a, b, flags=("--raw", "--chat")) -> None:
+    for key in SHAPE_KEYS:
+        x, y = a.config.get(key), b.config.get(key)
+        if x != y:
+            raise UserError(f"{flags[0]} and {flags[1]} are different models: config.json {key} is {x!r} in "
+                            f"{a.model_dir} but {y!r} in {b.model_dir}")
+
+
+def check_same_base(raw, chat) -> None:
+    if raw.kind == "run" and chat.kind == "run":
+        a, b = (raw.run.get("base_model") or {}), (chat.run.get("base_model") or {})
+        if a.get("fingerprint") != b.get("fingerprint"):
+            raise UserError(f"--raw and --chat were trained from different base models (run.json base_model."
+                            f"fingerprint: {raw.path} started from {a.get('path')}, {chat.path} from {b.get('path')})")
+
+
+def check_roles(raw, chat) -> None:
+    """A swapped --raw/--chat would silently build the opposite model; the runs know their phase."""
+    if raw.kind == "run" and RAW not in raw.groups.trained:
+        raise UserError(f"--raw {raw.path}: this run did not train the raw group (phase "
+                        f"{raw.run.get('phase')!r}); were --raw and --chat swapped?")
+    if chat.kind == "run" and FORMAT not in chat.groups.trained:
+        raise UserError(f"--chat {chat.path}: this run did not train the format group (phase "
+                        f"{chat.run.get('phase')!r}); were --raw and --chat swapped?")
+
+
+def merge_groups(raw, chat, given: int | None) -> LayerGroups:
+    """The split the merge follows: the runs' recorded boundary, or --format-start for HF inputs."""
+    recorded = {src.flag: src.groups.format_start for src in (raw, chat) if src.kind == "run"}
+    if len(set(recorded.values())) > 1:
+        raise UserError(f"the runs disagree on the boundary (run.json groups.format_start): --raw "
+                        f"{raw.path} has {recorded['--raw']}, --chat {chat.path} has {recorded['--chat']}")
+    if given is not None and recorded and given not in recorded.values():
+        flag, f = next(iter(recorded.items()))
+        raise UserError(f"--format-start {given} disagrees with {flag} run.json groups.format_start ({f}); "
+                        f"drop the flag to use the recorded boundary")
+    f = given if given is not None else next(iter(recorded.values()), None)
+    if f is None:
+        raise UserError("--raw and --chat are both Hugging Face directories, which do not record the "
+                        "boundary: pass --format-start N (the first layer of the format group)")
+    raw_start = raw.groups.raw_start if raw.kind == "run" else 0
+    return LayerGroups.resolve(min(raw_start, f - 1) if f >= 1 else 0, f, chat.num_layers,
+                               bool(chat.config.get("tie_word_embeddings", False)),
+                               where={"format_start": "--format-start", "raw_start": "--raw run.json"})
+
+
+def check_embeddings(raw, chat) -> None:
+    """The result has one embedding matrix; both inputs must hold the same (the base's) one."""
+    tied = bool(chat.config.get("tie_word_embeddings", False))
+    for src in (raw, chat):
+        if src.kind == "run" and src.groups.embeddings_trained:
+            tie_note = (" With tie_word_embeddings the LM head *is* that matrix, so A-Chat's head and "
+                        "A-Raw's embeddings cannot both be kept." if tied else "")
+            raise UserError(
+                f"{src.flag} {src.path} trained the embeddings (run.json groups.embeddings_trained, phase "
+                f"{src.run.get('phase')!r}), so there is no single set of embeddings both halves were trained "
+                f"with.{tie_note} Choose: transplant runs that kept the embeddings frozen (phases raw and chat), "
+                f"or use this run as a whole model (python -m pipeline.export).")
+    a, a_origin = raw.layer(0)[EMBED]
+    b, b_origin = chat.layer(0)[EMBED]
+    if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+        what = "the embeddings and (tied) LM head" if tied else "the embeddings"
+        raise UserError(
+            f"{EMBED} differs between --raw ({a_origin['path']}/{a_origin['file']}) and --chat "
+            f"({b_origin['path']}/{b_origin['file']}): the inputs changed {what} or come from different "
+            f"bases, and the transplant will not pick one silently. Choose which embeddings the result "
+            f"must carry, and retrain the other model with them frozen.")
+
+
+class ByGroup:
+    """Layer i of the merge: each tensor from the input its group names (format: `format`,
+    everything else: `rest`). A layer is read only from the inputs it needs."""
+
+    def __init__(self, groups: LayerGroups, rest, fmt, expected: dict):
+        self.groups, self.rest, self.fmt, self.config = groups, rest, fmt, fmt.config
+        L = groups.num_layers
+        self.names = {}
+        for n in expected:
+            self.names.setdefault(to_pipeline_name(n, L)[0], []).append(n)
+
+    def source_of(self, name: str):
+        return self.fmt if self.groups.group_of(name) == FORMAT else self.rest
+
+    def layer(self, i: int) -> dict:
+        loaded = {}
+        for src in {id(self.source_of(n)): self.source_of(n) for n in self.names.get(i, [])}.values():
+            loaded[id(src)] = src.layer(i)
+        return {n: loaded[id(self.source_of(n))][n] for n in self.names.get(i, []) if n in loaded[id(self.source_of(n))]}
+
+
+def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | None = None,
+               chat_step: int | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False,
+               dtype: str = "auto") -> dict:
+    """Build the transplant in `out`; return the transplant.json record. Raises UserError, writing nothing."""
+    from .. import hf
+
+    max_bytes = parse_size(max_shard_size)
+    rs = open_source(raw, raw_step, "--raw", "--raw-step")
+    cs = open_source(chat, chat_step, "--chat", "--chat-step")
+    out = Path(out)
+    check_out_not_input(out, [rs.path, cs.path, rs.model_dir, cs.model_dir, cs.tokenizer_dir])
+    check_same_shape(rs, cs)
+    check_same_base(rs, cs)
+    check_roles(rs, cs)
+    groups = merge_groups(rs, cs, format_start)
+    check_embeddings(rs, cs)
+    check_tokenizer(cs.tokenizer_dir, f"--chat {cs.path}")
+    out_dtype = output_dtype(dtype, cs.config)
+    L, f = groups.num_layers, groups.format_start
+    merged = ByGroup(groups, rs, cs, hf.expected_tensors(cs.config))
+    yaml = mergekit.passthrough(rs, cs, f, L, str(out_dtype).removeprefix("torch."), out)
+    rec = write_model(out, [(i, merged) for i in range(L)], config=cs.config, model_dir=cs.model_dir,
+                      tokenizer_dir=cs.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
+                      tool="transplant", record={"format_start": f, "num_layers": L,
+                                                 "inputs": {"raw": rs.describe(), "chat": cs.describe()}},
+                      extra_files={"mergekit.yaml": yaml})
+    if not has_chat_template(out):
+        print(f"warning: A-Chat's tokenizer ({cs.tokenizer_dir}) has no chat template; the result has none",
+              file=sys.stderr)
+    return rec

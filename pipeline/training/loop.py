@@ -1,0 +1,58 @@
+"""The training loop: own the run directory, resume, step, log, checkpoint, plot."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..rundir import RunDir
+from . import checkpoint
+from .data import training_batches
+from .engine import Engine
+from .metrics_log import MetricsLog, plot_loss
+from .plan import RESUMABLE
+from .schedule import lr_factor
+
+
+def train(eng: Engine) -> dict:
+    plan, engine, cfg = eng.plan, eng.engine, eng.plan.cfg
+    run = RunDir(cfg.schedule.out)
+    is_main = eng.rank == 0
+    # Rank 0 owns the directory for the whole run; a second training on the same `out` stops here.
+    with run.lock() if is_main else contextlib.nullcontext():
+        if is_main:
+            run.write_run(plan.record(), RESUMABLE)
+            print(plan.layer_map(), flush=True)
+        dist.barrier()
+        start = checkpoint.resume(engine, run)
+        if is_main and start:
+            print(f"resuming from {run.tag_dir(start)}", flush=True)
+        metrics = MetricsLog(run.metrics, start, enabled=is_main)
+        G, S, steps = plan.batch.global_batch, cfg.data.seq_len, cfg.schedule.steps
+        batches = training_batches(plan.data, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size,
+                                   start_sample=start * G)
+        last = {}
+        # A context manager: the bar is closed before an error or Ctrl-C message is printed.
+        with tqdm(total=steps, initial=start, disable=not is_main, desc=f"{cfg.groups.phase}", unit="step",
+                  mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True) as bar:
+            for step in range(start + 1, steps + 1):
+                t0 = time.perf_counter()
+                # float() waits for the device, so the step time includes kernels still queued on a GPU.
+                loss = float(engine.train_batch(data_iter=batches))
+                dt = time.perf_counter() - t0
+                last = {"step": step, "loss": loss, "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
+                        "tokens_per_s": G * S / dt, "step_time_s": dt}
+                if step % cfg.schedule.log_every == 0 or step == steps:
+                    metrics.log(last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if step % cfg.schedule.save_every == 0 or step == steps:
+                    checkpoint.save(engine, run, step, cfg.schedule.keep_last)
+        metrics.close()
+        if is_main and run.metrics.stat().st_size:
+            plot_loss(run.metrics, run.loss_png, f"{cfg.groups.phase}: {run.path.name}")
+            print(f"run directory: {run.path} (metrics.jsonl, loss.png, checkpoints/)", flush=True)
+    return last

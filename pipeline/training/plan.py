@@ -1,0 +1,290 @@
+"""The plan of a run: everything decided before DeepSpeed starts, decided once.
+
+`build_plan(cfg, world_size)` reads the model's config.json and weight index, resolves the layer
+groups, partitions the stages, derives the batch plan, merges the DeepSpeed JSON and opens the
+data, checking each against the others. Every rank builds the same plan before any rank starts
+DeepSpeed, so a mistake fails in seconds with one message naming the config line; after that,
+nothing is re-derived: the engine, the loop and run.json all read the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from data_prep.common import UserError
+from data_prep.reader import Mixture, open_mixture
+
+from .. import hf
+from ..config import RunConfig, data_sources
+from ..groups import FORMAT, FROZEN, LayerGroups
+from ..names import to_pipeline_name
+from . import deepspeed_json
+
+# Keys that may change between a run and its resumption without changing what it computes.
+RESUMABLE = {"save_every", "keep_last", "log_every", "dist_timeout_s", "verify_data"}
+
+# Relative cost of one layer per micro-batch, in units of one forward pass. A trained layer does
+# forward + backward for activations + backward for weights (~3x). A frozen layer that gradients
+# must still flow through (it sits above a trained layer) skips only the weight gradient (~2x).
+# A frozen layer below every trained layer runs forward only (~1x).
+COST_TRAINED, COST_BACKPROP, COST_FORWARD = 3.0, 2.0, 1.0
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    micro_batch: int
+    dp_size: int
+    grad_accum: int
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} = micro {self.micro_batch} x accumulation {self.grad_accum} "
+                f"x data-parallel {self.dp_size}")
+
+
+@dataclass
+class RunPlan:
+    cfg: RunConfig
+    model_dir: Path
+    tokenizer_dir: Path
+    hf_config: dict
+    base_model: dict
+    weights: dict[str, str]          # HF tensor name -> safetensors file of the base model
+    shapes: dict[str, tuple]         # HF tensor name -> shape (tied: no lm_head)
+    groups: LayerGroups
+    world_size: int
+    stages: list[int]                # [0, b1, ..., L]: stage s holds layers [stages[s], stages[s+1])
+    batch: BatchPlan
+    ds_config: dict                  # what DeepSpeed receives
+    ds_path: Path
+    dtype: object                    # torch dtype the stage's weights are held in
+    data: Mixture = field(repr=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages) - 1
+
+    def stage_of_layer(self, i: int) -> int:
+        return next(s for s in range(self.num_stages) if self.stages[s] <= i < self.stages[s + 1])
+
+    def layer_names(self, i: int) -> list[str]:
+        """HF tensor names that pipeline layer i holds (embeddings on 0, norm and head on L-1)."""
+        L = self.groups.num_layers
+        names = [n for n in self.shapes if to_pipeline_name(n, L)[0] == i]
+        if self.groups.tied and i == L - 1:
+            names.append("lm_head.weight")  # the last layer's head reads the shared embedding matrix
+        return names
+
+    def numel(self, names) -> int:
+        shapes = {**self.shapes, "lm_head.weight": self.shapes.get("lm_head.weight", self.shapes["model.embed_tokens.weight"])}
+        n = 0
+        for name in names:
+            k = 1
+            for d in shapes[name]:
+                k *= d
+            n += k
+        return n
+
+    def record(self) -> dict:
+        """What run.json holds (rundir writes it, prefixed with the format version)."""
+        flat = self.cfg.flat()
+        flat["tokenizer"] = self.cfg.model.tokenizer or self.cfg.model.model
+        return {
+            "config": flat,
+            "phase": self.cfg.groups.phase,
+            "groups": self.groups.to_record(),
+            "base_model": self.base_model,
+            "stages": [[self.stages[s], self.stages[s + 1]] for s in range(self.num_stages)],
+            "world_size": self.world_size,
+            "batch": vars(self.batch),
+            "ds_config": self.ds_config,
+        }
+
+    def layer_map(self) -> str:
+        """The table printed at the start of training: what trains, where."""
+        g = self.groups
+        rows = [f"{'layers':<16}{'group':<8}{'stage':<7}{'params':>12}  state"]
+
+        def state(name):
+            return "trained" if g.trains(name) else "frozen"
+
+        emb = "model.embed_tokens.weight"
+        rows.append(f"{'embeddings':<16}{g.group_of(emb):<8}{self.stage_of_layer(0):<7}{self.numel([emb]):>12,}  {state(emb)}")
+        i = 0
+        while i < g.num_layers:  # consecutive layers with the same group and stage share one row
+            j = i
+            while (j + 1 < g.num_layers and g.group_of_layer(j + 1) == g.group_of_layer(i)
+                   and self.stage_of_layer(j + 1) == self.stage_of_layer(i)):
+                j += 1
+            rng = f"{i}" if i == j else f"{i}-{j}"
+            n = self.numel([k for k in self.shapes if k.startswith("model.layers.")
+                            and i <= int(k.split(".")[2]) <= j])
+            st = "trained" if g.layer_trained(i) else "frozen"
+            rows.append(f"{'layers.' + rng:<16}{g.group_of_layer(i):<8}{self.stage_of_layer(i):<7}{n:>12,}  {st}")
+            i = j + 1
+        last = self.stage_of_layer(g.num_layers - 1)
+        norm = [k for k in self.shapes if k.startswith("model.norm.")]
+        rows.append(f"{'norm':<16}{FORMAT:<8}{last:<7}{self.numel(norm):>12,}  {state(norm[0])}")
+        if g.tied:
+            head = "trained" if g.trains("lm_head.weight") else "frozen (tied to the embeddings)"
+            rows.append(f"{'lm_head':<16}{FROZEN:<8}{last:<7}{'(tied)':>12}  {head}")
+        else:
+            rows.append(f"{'lm_head':<16}{FORMAT:<8}{last:<7}{self.numel(['lm_head.weight']):>12,}  "
+                        f"{state('lm_head.weight')}")
+        rows.append(self.batch.describe() + f"; {self.num_stages} pipeline stage(s), bounds {self.stages}")
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages that follow the groups
+
+def layer_cost(groups: LayerGroups, i: int) -> float:
+    if groups.layer_trained(i):
+        return COST_TRAINED
+    return COST_BACKPROP if i > groups.first_trained_layer else COST_FORWARD
+
+
+def _best_split(costs: tuple[float, ...], parts: int) -> tuple[float, tuple[int, ...]]:
+    """Contiguous split of `costs` into `parts` non-empty pieces minimising the largest piece."""
+
+    @lru_cache(maxsize=None)
+    def solve(start: int, k: int) -> tuple[float, tuple[int, ...]]:
+        if k == 1:
+            return sum(costs[start:]), (start,)
+        best = (float("inf"), ())
+        for cut in range(start + 1, len(costs) - k + 2):
+            head = sum(costs[start:cut])
+            if head >= best[0]:
+                break
+            tail, bounds = solve(cut, k - 1)
+            cand = (max(head, tail), (start,) + bounds)
+            if cand[0] < best[0]:
+                best = cand
+        return best
+
+    return solve(0, parts)
+
+
+def partition(groups: LayerGroups, stages: int) -> list[int]:
+    """Stage boundaries [0, b1, ..., L] for 1 <= stages <= L layers. With two or more stages the
+    raw/format boundary is always a stage boundary (the groups never share a stage, or its ZeRO-1
+    optimizer state); within that rule stages are balanced by layer cost."""
+    L, f = groups.num_layers, groups.format_start
+    if stages == 1:
+        return [0, L]
+    costs = tuple(layer_cost(groups, i) for i in range(L))
+    best = None
+    # Give k stages to the layers below format_start and the rest to the format group; try every k.
+    for k in range(max(1, stages - (L - f)), min(f, stages - 1) + 1):
+        lo_cost, lo = _best_split(costs[:f], k)
+        hi_cost, hi = _best_split(costs[f:], stages - k)
+        cand = (max(lo_cost, hi_cost), list(lo) + [f + b for b in hi] + [L])
+        if best is None or cand[0] < best[0]:
+            best = cand
+    return best[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the plan
+
+def batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
+    P = cfg.parallel.pipeline_stages
+    if world_size % P:
+        where = cfg.where.get("pipeline_stages", "config")
+        ranks = "1 process" if world_size == 1 else f"world size {world_size}"
+        raise UserError(f"{where}: `pipeline_stages` ({P}) needs a multiple of {P} ranks, but this is {ranks}. "
+                        f"Either run it with --pipeline_stages=1 (or a divisor of {world_size}), or launch "
+                        f"{P}k ranks, e.g. `deepspeed --num_gpus {P} --module pipeline.train CONFIG`")
+    dp = world_size // P
+    G, m = cfg.data.global_batch_size, cfg.data.micro_batch_size
+    if G % (m * dp):
+        raise UserError(f"{cfg.where.get('global_batch_size', 'config')}: `global_batch_size` ({G}) must be a "
+                        f"multiple of micro_batch_size x data-parallel size ({m} x {dp} = {m * dp}) so every step "
+                        f"sees the same {G} sequences on any world size")
+    return BatchPlan(G, m, dp, G // (m * dp))
+
+
+def _check_tokenizer_dir(cfg: RunConfig) -> Path:
+    tok = Path(cfg.model.tokenizer or cfg.model.model)
+    key = "tokenizer" if cfg.model.tokenizer else "model"
+    from data_prep.tokenizer import TOKENIZER_FILES
+
+    if not (tok.is_file() and tok.suffix == ".model") and not any((tok / n).is_file() for n in TOKENIZER_FILES):
+        raise UserError(f"{cfg.where.get(key, 'config')}: `{key}` {tok} holds no tokenizer files, so the run could not ship "
+                        f"one (an exported model would have no tokenizer and no chat template); set `tokenizer:` "
+                        f"to the tokenizer directory the data was packed with")
+    return tok
+
+
+def check_data(cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixture) -> None:
+    """Does the data fit the model and the phase? Same vocabulary, same tokenizer, the right kind."""
+    from data_prep.tokenizer import encoding_sha256, load_tokenizer, tokenizer_identity
+
+    where = f"{cfg.where.get('data', 'config')}: `data`"
+    mine = None
+    for (path, _), w in zip(data_sources(cfg.data.data, where), data.sources):
+        m = w.manifest
+        if w.vocab_size > hf_config["vocab_size"]:
+            raise UserError(f"{where}: {path} was tokenized with a vocabulary of {w.vocab_size}, larger than the "
+                            f"model's vocab_size {hf_config['vocab_size']} ({cfg.model.model}/config.json)")
+        packed = m.get("tokenizer") or {}
+        if mine is None:
+            tok = load_tokenizer(tokenizer_dir, flag="`tokenizer`")
+            mine = {"encoding_sha256": encoding_sha256(tok)}
+            if "encoding_sha256" not in packed:  # manifests written before it was recorded
+                mine["sha256"] = tokenizer_identity(tokenizer_dir, tok)["sha256"]
+        key = "encoding_sha256" if "encoding_sha256" in packed else "sha256"
+        if packed.get(key) != mine.get(key):
+            raise UserError(f"{where}: {path} was packed with the tokenizer {packed.get('path')!r}, which encodes text "
+                            f"differently from this run's tokenizer {str(tokenizer_dir)!r} (manifest tokenizer.{key} "
+                            f"differs), so its token ids would mean other tokens. Repack the data with "
+                            f"`--tokenizer {tokenizer_dir}`, or set `tokenizer:` to the one it was packed with")
+        if cfg.groups.phase == "raw" and m.get("kind") == "chat":
+            raise UserError(f"{where}: {path} holds chat conversations, but phase `raw` trains on raw text (every "
+                            f"token); pack the text with `python -m data_prep raw`")
+    if cfg.groups.phase == "chat" and not data.has_mask:
+        raise UserError(f"{where}: phase `chat` needs chat shards with a loss mask (made by `python -m data_prep chat`)")
+
+
+def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> RunPlan:
+    """Every check that needs no other rank, in the order a user would fix them."""
+    import torch
+
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    out = Path(cfg.schedule.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{cfg.where.get('out', 'config')}: `out` {out} exists and is not a directory")
+    model_dir = Path(cfg.model.model)
+    hf_config = hf.read_config(model_dir)
+    hf.check_architecture(hf_config, str(model_dir))
+    weights = hf.weight_map(model_dir, flag=f"{cfg.where.get('model', 'config')}: `model`")
+    tokenizer_dir = _check_tokenizer_dir(cfg)
+    L = hf_config["num_hidden_layers"]
+    max_pos = hf_config.get("max_position_embeddings")
+    if max_pos and cfg.data.seq_len > max_pos:
+        raise UserError(f"{cfg.where.get('seq_len', 'config')}: `seq_len` ({cfg.data.seq_len}) exceeds the model's "
+                        f"max_position_embeddings ({max_pos}) in {model_dir}/config.json")
+    g = cfg.groups
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    groups = LayerGroups.resolve(g.raw_start, g.format_start, L, tied, g.phase, g.raw_trains_format, cfg.where)
+    P = cfg.parallel.pipeline_stages
+    if P > L:
+        raise UserError(f"{cfg.where.get('pipeline_stages', 'config')}: `pipeline_stages` ({P}) is more than the "
+                        f"model's {L} layers")
+    if tied and groups.embeddings_trained and P > 1:
+        raise UserError(f"{cfg.where.get('phase', 'config')}: `phase: {g.phase}` with tied embeddings needs "
+                        f"`pipeline_stages: 1`: the shared matrix would live on the first and last stage and train "
+                        f"in two places")
+    batch = batch_plan(cfg, world_size)
+    ds_raw, ds_path = deepspeed_json.load(cfg, use_gpu)
+    ds = deepspeed_json.merged(ds_raw, cfg, batch.global_batch, batch.micro_batch, batch.grad_accum,
+                               single_process=world_size == 1)
+    data = open_mixture(data_sources(cfg.data.data, cfg.where.get("data", "config")), cfg.data.seq_len,
+                        cfg.schedule.seed, cfg.data.verify_data)
+    check_data(cfg, hf_config, tokenizer_dir, data)
+    return RunPlan(cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
+                   base_model=hf.model_identity(model_dir, hf_config), weights=weights, shapes=hf.expected_tensors(hf_config),
+                   groups=groups, world_size=world_size, stages=partition(groups, P), batch=batch, ds_config=ds,
+                   ds_path=ds_path, dtype=deepspeed_json.training_dtype(ds), data=data)
