@@ -324,7 +324,10 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, wr
     from pipeline.training.metrics_log import read_metrics
 
     log(f"device {res['device']}; work dir {work}")
-    model_dir = tiny_llama(work / "model", **m, dtype=None if tiny else torch.bfloat16,
+    from tests.kit.tokenizers import make_hf_tokenizer
+
+    tok = make_hf_tokenizer(work / "tok", vocab_size=300)
+    model_dir = tiny_llama(work / "model", **m, dtype=None if tiny else torch.bfloat16, tokenizer_dir=tok,
                            device="cpu" if tiny else "cuda")
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -335,7 +338,7 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, wr
                          f"batch {G} (micro {micro}), bf16" if not tiny else "toy model on CPU (fp32)")
     log(f"model: {res['model_desc']}")
     tokens = (W + K + 2) * G * (S + 1) * 2
-    manifest = write_random_shards(work / "data" / "raw", m["vocab_size"], tokens, seed=1)
+    manifest = write_random_shards(work / "data" / "raw", m["vocab_size"], tokens, tok, seed=1)
     log(f"random token shards: {tokens:,} tokens")
     cfg = {"model": str(model_dir), "data": str(manifest), "phase": "full", "seq_len": S,
            "micro_batch_size": micro, "global_batch_size": G, "steps": W + K, "lr": 1e-4, "warmup_steps": 0,

@@ -7,6 +7,7 @@ figures come from
                          optimizer bytes per stage, loader share of a step
   bench.dataprep         `data_prep raw` vs the tokenizer's ceiling and datasets.map
   bench.transplant_mem   transplant peak RSS on two model sizes
+  bench.stage_memory     each rank's peak RSS vs its stage's share, P = 1, 2, 4, bf16 checkpoint
 A part that fails is recorded as a failed figure carrying its error; the others still run.
 
 Writes runs/bench/latest.json (the figures), latest.md (a table, the notes and any profiles)
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from data_prep.common import atomic_write_json, atomic_write_text, fail_cleanly
 
-PARTS = ("train", "dataprep", "transplant")
+PARTS = ("train", "dataprep", "transplant", "memory")
 # bench sizes -> the sizes the other modules know. `tiny` is for the test suite: seconds, and the
 # figures mean nothing.
 PART_SIZE = {"tiny": "small", "small": "small", "medium": "full"}
@@ -105,6 +106,9 @@ def run_part(part: str, size: str) -> list[dict]:
     if part == "transplant":
         from bench import transplant_mem
         return transplant_mem.run(PART_SIZE[size])
+    if part == "memory":
+        from bench import stage_memory
+        return stage_memory.run("tiny" if size == "tiny" else "small")
     raise ValueError(part)
 
 

@@ -14,13 +14,17 @@ import numpy as np
 from data_prep.common import UserError
 
 
-def write_random_shards(prefix: Path, vocab: int, tokens: int, seed: int = 0, chat: bool = False) -> Path:
+def write_random_shards(prefix: Path, vocab: int, tokens: int, tokenizer: Path, seed: int = 0,
+                        chat: bool = False) -> Path:
     """Random-token documents as a data-prep shard set (train + a small val split); returns the manifest.
 
     `chat=True` adds a loss mask in which roughly half of each document (its second half, as an
     assistant reply would be) counts, so a chat phase computes the same loss as on real chat shards.
     Goes through data_prep.shards/manifest, so the trainer reads exactly what `data_prep` writes.
+    The manifest records `tokenizer`'s identity (the model directory's own), as data_prep would, so
+    the trainer's data checks pass; the ids themselves are random over the model's whole vocabulary.
     """
+    from data_prep.tokenizer import tokenizer_identity
     from data_prep.manifest import totals, write_manifest
     from data_prep.mmidx import token_dtype
     from data_prep.shards import OutputSet
@@ -44,7 +48,7 @@ def write_random_shards(prefix: Path, vocab: int, tokens: int, seed: int = 0, ch
         out.writers["val"].add(ids[split_at:], sizes[-val:], None if mask is None else mask[split_at:])
         records = out.finish()
     body = {"kind": "chat" if chat else "raw", "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-            "eod_token_id": None, "tokenizer": {"name": "random-tokens (bench)"},
+            "eod_token_id": None, "tokenizer": tokenizer_identity(tokenizer),
             "command": "bench.synth.write_random_shards"}
     return write_manifest(Path(prefix), {**body, "totals": totals(records), "shards": records})
 

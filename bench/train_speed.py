@@ -70,9 +70,13 @@ class Setup:
         self.root, self.size, self.p = root, size, SIZES[size]
         m = self.p["model"]
         tokens = (self.p["reps"] + 2) * (self.p["warmup"] + self.p["steps"] + 2) * self.p["batch"] * (self.p["seq"] + 1)
-        self.model = tiny_llama(root / "model", **m)
-        self.raw = write_random_shards(root / "data" / "raw", m["vocab_size"], max(tokens, 50_000), seed=1)
-        self.chat = write_random_shards(root / "data" / "chat", m["vocab_size"], max(tokens, 50_000), seed=2, chat=True)
+        from tests.kit.tokenizers import make_hf_tokenizer
+
+        tok = make_hf_tokenizer(root / "tok", vocab_size=300)
+        self.model = tiny_llama(root / "model", **m, tokenizer_dir=tok)
+        self.raw = write_random_shards(root / "data" / "raw", m["vocab_size"], max(tokens, 50_000), tok, seed=1)
+        self.chat = write_random_shards(root / "data" / "chat", m["vocab_size"], max(tokens, 50_000), tok, seed=2,
+                                        chat=True)
         # What was tried for figure 1: the same DeepSpeed JSON with ZeRO stage 0. With one rank ZeRO-1
         # partitions nothing, yet still flattens every gradient into one buffer, runs Adam on that
         # flat fp32 copy and copies the result back into the parameters each step.

@@ -3,8 +3,10 @@
 Entry points (each a thin command line over one subpackage):
     python -m pipeline.train       one phase of the method          -> pipeline.training
     python -m pipeline.export      a run's checkpoint -> HF model   -> pipeline.convert
-    python -m pipeline.transplant  A-Raw + A-Chat -> HF chat model  -> pipeline.convert
+    python -m pipeline.transplant  A-Raw + A-Chat (or an instruct donor) -> HF chat model  -> pipeline.convert
+    python -m pipeline.chat_vector A-Raw + (chat - base) -> HF chat model                  -> pipeline.convert
     python -m pipeline.evaluate    format and knowledge of a model  -> pipeline.evaluation
+    python -m pipeline.probe       where chat tuning changed a model; a suggested boundary -> pipeline.evaluation
     python -m pipeline.demo        the whole method on a built-in world
 
 The shared vocabulary, one owner per concept; every subpackage asks these, none re-derives them:
@@ -15,5 +17,6 @@ The shared vocabulary, one owner per concept; every subpackage asks these, none 
     hf.py       Hugging Face model directories: config, weights tensor by tensor, the model factory
 
 Import rule: subpackages import the shared modules and `data_prep`; they do not import each
-other, except the demo, which drives them all through their command lines.
+other, except the demo, which drives them all, and the layer probe, which reads weights
+through pipeline.convert.sources.
 """

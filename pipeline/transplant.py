@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.common import fail_cleanly
+from data_prep.common import UserError, fail_cleanly
 
 from .convert.output import DTYPES
 from .convert.shards import DEFAULT_SHARD_SIZE
 from .convert import transplant as convert_transplant
-from .convert.transplant import transplant
+from .convert.transplant import donor_transplant, transplant
 
 EPILOG = """examples:
   # two pipeline runs (latest complete checkpoints); the boundary comes from their run.json
@@ -18,6 +18,8 @@ EPILOG = """examples:
       --out models/transplant-2000 --max-shard-size 5GB
   # two Hugging Face directories: say where the format group starts
   python -m pipeline.transplant --raw exports/a-raw --chat exports/a-chat --format-start 24 --out models/t
+  # no A-Chat run: the format group from an instruct model of the same family
+  python -m pipeline.transplant --raw runs/a-raw --donor models/Llama-3-8B-Instruct --out models/t
 
 memory: about one shard (--max-shard-size) plus one layer, whatever the model size.
 """
@@ -27,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", required=True, metavar="RUN_OR_HF_DIR", help="A-Raw: gives layers [0, format_start)")
-    p.add_argument("--chat", required=True, metavar="RUN_OR_HF_DIR",
-                   help="A-Chat: gives layers [format_start, L), final norm, LM head, tokenizer, chat template")
+    chat = p.add_mutually_exclusive_group(required=True)
+    chat.add_argument("--chat", metavar="RUN_OR_HF_DIR",
+                      help="A-Chat: gives layers [format_start, L), final norm, LM head, tokenizer, chat template")
+    chat.add_argument("--donor", metavar="HF_DIR",
+                      help="instead of --chat: an instruct model of the same family (same shapes and vocabulary) "
+                           "gives the format group, norm, head, tokenizer and template; its lower layers are not used")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
     p.add_argument("--format-start", type=int, metavar="N",
                    help="first layer of the format group; needed only when both inputs are HF directories "
@@ -47,10 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 @fail_cleanly
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    rec = transplant(args.raw, args.chat, args.out, args.format_start, args.raw_step, args.chat_step,
-                     args.max_shard_size, args.force, args.dtype)
+    if args.donor:
+        if args.chat_step is not None:
+            raise UserError("--chat-step applies to --chat, not --donor")
+        rec = donor_transplant(args.raw, args.donor, args.out, args.format_start, args.raw_step,
+                               args.max_shard_size, args.force, args.dtype)
+    else:
+        rec = transplant(args.raw, args.chat, args.out, args.format_start, args.raw_step, args.chat_step,
+                         args.max_shard_size, args.force, args.dtype)
     print(f"transplanted layers [0, {rec['format_start']}) of {args.raw} + [{rec['format_start']}, "
-          f"{rec['num_layers']}) of {args.chat} -> {args.out} ({len(rec['tensors'])} tensors; "
+          f"{rec['num_layers']}) of {args.chat or args.donor} -> {args.out} ({len(rec['tensors'])} tensors; "
           f"provenance in transplant.json, mergekit equivalent in mergekit.yaml)")
 
 

@@ -168,7 +168,7 @@ def test_ds_json_keeps_what_it_owns(tmp_path):
                   '"zero_optimization": {"stage": 1}, "bf16": {"enabled": true}}')
     cfg = load_config(_write(tmp_path, f"ds_config: {ds}\nlr: 0.25\n"))
     raw, _ = deepspeed_json.load(cfg, use_gpu=False)
-    merged = deepspeed_json.merged(raw, cfg, 16, 4, 2, single_process=False)
+    merged = deepspeed_json.merged(raw, cfg, 16, 4, 2, dp_size=1)
     assert merged["optimizer"]["params"] == {"betas": [0.8, 0.9], "eps": 1e-6, "lr": 0.25, "weight_decay": 0.0}
     assert (merged["train_batch_size"], merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) \
         == (16, 4, 2)

@@ -257,3 +257,72 @@ def test_a_real_training_run_exports_and_transplants(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
     assert tok.chat_template
     assert greedy_chat(model, tok, "hello") == greedy_chat(reference_model(setup["model"], want), tok, "hello")
+
+
+# ---------------------------------------------------------------------------------------------
+# An instruct model as the format donor
+
+def make_donor(d: Path, num_layers: int = 4, vocab_words=None, seed: int = 3) -> Path:
+    """An "instruct" model of the base's family: same shapes, every tensor moved (a full chat
+    fine-tune; its chat-token rows trained, unlike the base's), with a chat template."""
+    from tests.kit import runs
+
+    make_base(d, num_layers=num_layers, seed=seed)
+    words = runs.WORDS
+    runs.WORDS = vocab_words or words  # another vocabulary of the same size, when asked
+    try:
+        make_tokenizer(d, chat_template=True)
+    finally:
+        runs.WORDS = words
+    return d
+
+
+def test_donor_transplant_tensor_by_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.convert.transplant import chat_token_ids, donor_transplant
+
+    base = make_base(tmp_path / "base")
+    b = base_tensors(base)
+    chat_ids = [3, 4]  # <|user|>, <|assistant|> in the kit's word-level tokenizer (</s> is the base's own eos)
+    b["model.embed_tokens.weight"][chat_ids] = 0.0  # the base never trained its chat tokens
+    save_file(b, str(base / "model.safetensors"), metadata={"format": "pt"})
+    raw = make_run(tmp_path / "a-raw", base, "raw", raw_start=1, format_start=F, seed=1)
+    donor = make_donor(tmp_path / "instruct")
+    assert sorted(chat_token_ids(donor, base)) == chat_ids
+    rec = donor_transplant(raw.path, donor, tmp_path / "out")
+    got, d = load_dir_tensors(tmp_path / "out"), base_tensors(donor)
+    for name, t in got.items():
+        if name == "model.embed_tokens.weight":
+            want = raw.tensors[5][name].clone()
+            want[chat_ids] = d[name][chat_ids]
+        elif name.startswith("model.layers.") and int(name.split(".")[2]) < F:
+            want = raw.tensors[5][name]
+        else:  # the format group, the final norm and the head
+            want = d[name]
+        assert torch.equal(t, want), name
+    assert rec["donor_layers_not_used"] == [0, F] and set(rec["embedding_rows_from_donor"]) == {"3", "4"}
+    assert rec["inputs"]["donor"]["path"] == str(donor.resolve())
+    # the template and the stop come from the donor; the result loads and answers in transformers
+    assert (tmp_path / "out" / "chat_template.jinja").read_bytes() == (donor / "chat_template.jinja").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert len(greedy_chat(model, AutoTokenizer.from_pretrained(str(tmp_path / "out")))) == 6
+
+
+def test_mismatched_donors_are_refused(tmp_path):
+    from pipeline.convert.transplant import donor_transplant
+
+    base = make_base(tmp_path / "base")
+    raw = make_run(tmp_path / "a-raw", base, "raw", raw_start=1, format_start=F, seed=1)
+    deep = make_donor(tmp_path / "deep", num_layers=6)
+    with pytest.raises(UserError, match=r"--raw and --donor are different models: config.json num_hidden_layers"):
+        donor_transplant(raw.path, deep, tmp_path / "out")
+    from tests.kit.runs import WORDS
+
+    other = make_donor(tmp_path / "other-vocab", vocab_words=WORDS[:5] + list(reversed(WORDS[5:])))
+    with pytest.raises(UserError, match=r"--raw and --donor have different vocabularies"):
+        donor_transplant(raw.path, other, tmp_path / "out")
+    full = make_run(tmp_path / "full", base, "full", raw_start=1, format_start=F, seed=2)
+    with pytest.raises(UserError, match="did not train the raw group|trained the embeddings"):
+        donor_transplant(full.path, make_donor(tmp_path / "instruct"), tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")

@@ -28,8 +28,7 @@ from . import mergekit
 from .hf_files import check_tokenizer
 from .output import check_out_not_input, output_dtype, write_model
 from .shards import DEFAULT_SHARD_SIZE, parse_size
-from .sources import HFSource, open_source
-from .transplant import check_same_shape
+from .sources import HFSource, check_same_shape, open_source
 
 
 def check_lineage(src, base: HFSource) -> None:

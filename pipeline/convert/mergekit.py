@@ -27,9 +27,13 @@ def _header(title: str, cmds: list[str]) -> list[str]:
     return lines
 
 
-def passthrough(raw, chat, f: int, L: int, dtype: str, out: Path) -> str:
+def passthrough(raw, chat, f: int, L: int, dtype: str, out: Path, donor_rows: dict | None = None) -> str:
     raw_path, raw_cmd = _where(raw, "a-raw", out)
     chat_path, chat_cmd = _where(chat, "a-chat", out)
+    donor_note = [] if not donor_rows else [
+        "# DONOR TRANSPLANT: pipeline.transplant also took the embedding rows of the donor's chat tokens",
+        f"# ({', '.join(donor_rows.values())}) from the donor; mergekit keeps A-Raw's whole embedding matrix,",
+        "# so those rows differ. Every other tensor is the same."]
     q = json.dumps  # a JSON string is a valid YAML scalar, whatever the path contains
     lines = _header("The same transplant as a mergekit config", [c for c in (raw_cmd, chat_cmd) if c]) + [
         "# How mergekit builds it (its planner takes pre-layer weights from the first slice's model and",
@@ -43,6 +47,7 @@ def passthrough(raw, chat, f: int, L: int, dtype: str, out: Path) -> str:
         "# adds the chat template's end-of-turn token to eos_token_id), shards and names files its own way",
         "# and writes no provenance; it does not check that the inputs share a base model, a boundary and",
         "# their embeddings. The tensors are bitwise the same (tests/test_mergekit.py runs mergekit).",
+        *donor_note,
         "merge_method: passthrough",
         f"base_model: {q(chat_path)}",
         f"dtype: {dtype}",

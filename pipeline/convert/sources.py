@@ -20,6 +20,19 @@ from ..names import layer_file, to_hf_name, to_pipeline_name
 from ..rundir import RunDir
 
 
+# Config keys that decide tensor shapes or the computation; the two inputs must agree on all of them.
+SHAPE_KEYS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+              "hidden_act", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
+              "attention_bias", "mlp_bias", "sliding_window")
+def check_same_shape(a, b, flags=("--raw", "--chat")) -> None:
+    for key in SHAPE_KEYS:
+        x, y = a.config.get(key), b.config.get(key)
+        if x != y:
+            raise UserError(f"{flags[0]} and {flags[1]} are different models: config.json {key} is {x!r} in "
+                            f"{a.model_dir} but {y!r} in {b.model_dir}")
+
+
 class HFSource:
     """A Hugging Face model directory with safetensors weights."""
 

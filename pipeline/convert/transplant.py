@@ -9,6 +9,15 @@ template and the generation config come from A-Chat.
 Inputs are run directories (one checkpoint step each, the latest complete one by default) or
 Hugging Face directories. The boundary comes from the runs' run.json; only when both inputs are
 HF directories must --format-start give it. Nothing is written unless every check passes.
+
+With a donor (--donor X-Instruct instead of --chat A-Chat) the format group, norm and head come
+from an instruct model of the same family: no A-Chat run, no chat data. The donor need not share
+A-Raw's base, but its shapes, architecture and vocabulary must agree, and its layers below
+format_start are not used (the provenance says so). The embeddings rule: the base's matrix
+(A-Raw's lower layers learned on it, and with tied embeddings it is the head too), except the rows
+of the special tokens the donor's chat template uses, which come from the donor. A base model never
+trained those rows (Llama-3's <|eot_id|>, <|start_header_id|>): with its rows the format group would
+read noise exactly where a turn begins and ends.
 """
 from __future__ import annotations
 
@@ -25,22 +34,9 @@ from . import mergekit
 from .hf_files import check_tokenizer, has_chat_template
 from .output import check_out_not_input, output_dtype, write_model
 from .shards import DEFAULT_SHARD_SIZE, parse_size
-from .sources import open_source
+from .sources import check_same_shape, open_source
 
-# Config keys that decide tensor shapes or the computation; the two inputs must agree on all of them.
-SHAPE_KEYS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
-              "hidden_act", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
-              "attention_bias", "mlp_bias", "sliding_window")
 EMBED = "model.embed_tokens.weight"
-
-
-def check_same_shape(a, b, flags=("--raw", "--chat")) -> None:
-    for key in SHAPE_KEYS:
-        x, y = a.config.get(key), b.config.get(key)
-        if x != y:
-            raise UserError(f"{flags[0]} and {flags[1]} are different models: config.json {key} is {x!r} in "
-                            f"{a.model_dir} but {y!r} in {b.model_dir}")
 
 
 def check_same_base(raw, chat) -> None:
@@ -66,15 +62,15 @@ def merge_groups(raw, chat, given: int | None) -> LayerGroups:
     recorded = {src.flag: src.groups.format_start for src in (raw, chat) if src.kind == "run"}
     if len(set(recorded.values())) > 1:
         raise UserError(f"the runs disagree on the boundary (run.json groups.format_start): --raw "
-                        f"{raw.path} has {recorded['--raw']}, --chat {chat.path} has {recorded['--chat']}")
+                        f"{raw.path} has {recorded['--raw']}, {chat.flag} {chat.path} has {recorded[chat.flag]}")
     if given is not None and recorded and given not in recorded.values():
         flag, f = next(iter(recorded.items()))
         raise UserError(f"--format-start {given} disagrees with {flag} run.json groups.format_start ({f}); "
                         f"drop the flag to use the recorded boundary")
     f = given if given is not None else next(iter(recorded.values()), None)
     if f is None:
-        raise UserError("--raw and --chat are both Hugging Face directories, which do not record the "
-                        "boundary: pass --format-start N (the first layer of the format group)")
+        raise UserError(f"--raw and {chat.flag} are both Hugging Face directories, which do not record the "
+                        f"boundary: pass --format-start N (the first layer of the format group)")
     raw_start = raw.groups.raw_start if raw.kind == "run" else 0
     return LayerGroups.resolve(min(raw_start, f - 1) if f >= 1 else 0, f, chat.num_layers,
                                bool(chat.config.get("tie_word_embeddings", False)),
@@ -123,6 +119,108 @@ class ByGroup:
         for src in {id(self.source_of(n)): self.source_of(n) for n in self.names.get(i, [])}.values():
             loaded[id(src)] = src.layer(i)
         return {n: loaded[id(self.source_of(n))][n] for n in self.names.get(i, []) if n in loaded[id(self.source_of(n))]}
+
+
+def check_same_vocabulary(raw, donor) -> None:
+    """Token ids must mean the same tokens in both, or the donor's format group reads other words."""
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(str(raw.tokenizer_dir), local_files_only=True).get_vocab()
+    b = AutoTokenizer.from_pretrained(str(donor.tokenizer_dir), local_files_only=True).get_vocab()
+    if a != b:
+        diff = next((t for t in sorted(set(a) | set(b)) if a.get(t) != b.get(t)), None)
+        raise UserError(f"--raw and --donor have different vocabularies (token {diff!r} is id {a.get(diff)} in "
+                        f"{raw.tokenizer_dir}, id {b.get(diff)} in {donor.tokenizer_dir}); a donor must share "
+                        f"the base's tokenizer")
+
+
+def chat_token_ids(tokenizer_dir: Path, base_tokenizer_dir: Path) -> dict[int, str]:
+    """The embedding rows a donor transplant takes from the donor: the special tokens its chat
+    template writes (turn headers and ends) and its generation config's stop ids, except the base
+    tokenizer's own bos/eos/unk/pad, which the base did train (every pretraining document has them)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    base = AutoTokenizer.from_pretrained(str(base_tokenizer_dir), local_files_only=True)
+    own = {base.bos_token_id, base.eos_token_id, base.unk_token_id, base.pad_token_id}
+    special = (set(tok.all_special_ids) | set(tok.added_tokens_decoder)) - own
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    ids = set()
+    for conv, gen in ((msgs, False), (msgs[1:], False), (msgs[1:2], True)):
+        try:
+            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+        except Exception:  # noqa: BLE001 - a template without a system role, say
+            continue
+        ids |= {t for t in tok(text, add_special_tokens=False)["input_ids"] if t in special}
+    gen_file = tokenizer_dir / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else []) - own
+    return {i: tok.convert_ids_to_tokens(i) for i in sorted(ids)}
+
+
+class WithDonorRows(ByGroup):
+    """ByGroup, with the embedding rows of `rows` taken from the donor."""
+
+    def __init__(self, groups, rest, donor, expected, rows: dict[int, str]):
+        super().__init__(groups, rest, donor, expected)
+        self.rows = rows
+
+    def layer(self, i: int) -> dict:
+        out = super().layer(i)
+        if EMBED in out and self.rows:
+            t, origin = out[EMBED]
+            donor_t, donor_origin = self.fmt.layer(i)[EMBED]
+            idx = torch.tensor(sorted(self.rows))
+            t = t.clone()
+            t[idx] = donor_t[idx].to(t.dtype)
+            out[EMBED] = (t, {**origin, "rows_from_donor": {str(k): v for k, v in self.rows.items()},
+                              "donor": donor_origin})
+        return out
+
+
+def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step: int | None = None,
+                     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, dtype: str = "auto") -> dict:
+    """A-Raw below format_start + an instruct model's format group, norm and head (see the module
+    docstring for the embeddings rule); returns transplant.json. Writes nothing on a refusal."""
+    from .. import hf
+    from .sources import HFSource
+
+    max_bytes = parse_size(max_shard_size)
+    rs = open_source(raw, raw_step, "--raw", "--raw-step")
+    ds = HFSource(donor, "--donor")
+    out = Path(out)
+    check_out_not_input(out, [rs.path, ds.path, rs.model_dir])
+    check_same_shape(rs, ds, ("--raw", "--donor"))
+    if rs.kind == "run" and RAW not in rs.groups.trained:
+        raise UserError(f"--raw {rs.path}: this run did not train the raw group (phase {rs.run.get('phase')!r})")
+    if rs.kind == "run" and rs.groups.embeddings_trained:
+        raise UserError(f"--raw {rs.path} trained the embeddings (phase {rs.run.get('phase')!r}); a donor transplant "
+                        f"keeps the base's embeddings, so A-Raw must have kept them frozen")
+    check_same_vocabulary(rs, ds)
+    groups = merge_groups(rs, ds, format_start)
+    check_tokenizer(ds.tokenizer_dir, f"--donor {ds.path}")
+    out_dtype = output_dtype(dtype, ds.config)
+    L, f = groups.num_layers, groups.format_start
+    # The base's own specials come from the base model's directory: a run may record another
+    # tokenizer (the instruct one it packed chat data with) that shares the vocabulary.
+    from data_prep.tokenizer import TOKENIZER_FILES
+
+    base_tok = rs.model_dir if any((rs.model_dir / n).is_file() for n in TOKENIZER_FILES) else rs.tokenizer_dir
+    rows = chat_token_ids(ds.tokenizer_dir, base_tok)
+    merged = WithDonorRows(groups, rs, ds, hf.expected_tensors(ds.config), rows)
+    yaml = mergekit.passthrough(rs, ds, f, L, str(out_dtype).removeprefix("torch."), out, donor_rows=rows)
+    return write_model(out, [(i, merged) for i in range(L)], config=ds.config, model_dir=ds.model_dir,
+                       tokenizer_dir=ds.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
+                       tool="transplant",
+                       record={"format_start": f, "num_layers": L,
+                               "inputs": {"raw": rs.describe(), "donor": ds.describe()},
+                               "donor_layers_not_used": [0, f],
+                               "embeddings": "the base's (from --raw), rows of the donor's chat tokens from --donor",
+                               "embedding_rows_from_donor": {str(k): v for k, v in rows.items()}},
+                       extra_files={"mergekit.yaml": yaml})
 
 
 def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | None = None,

@@ -66,6 +66,12 @@ def load(cfg: RunConfig, use_gpu: bool) -> tuple[dict, Path]:
     return ds, path
 
 
+def _fp32():
+    import torch
+
+    return torch.float32
+
+
 def training_dtype(ds: dict):
     import torch
 
@@ -76,19 +82,21 @@ def training_dtype(ds: dict):
     return torch.float32
 
 
-def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_accum: int, single_process: bool) -> dict:
-    """The JSON DeepSpeed receives: the file's keys plus the run's (never a second copy)."""
+def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_accum: int, dp_size: int) -> dict:
+    """The JSON of the run: the file's keys plus the run's (never a second copy)."""
     ds = copy.deepcopy(ds)
     ds["train_batch_size"] = global_batch
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum
     ds["gradient_clipping"] = cfg.optim.grad_clip
     zero = ds.setdefault("zero_optimization", {})
-    if single_process and zero.get("stage", 0) == 1:
-        # ZeRO-1 shards optimizer state across data-parallel ranks; on a single process it shards
-        # nothing but still flattens gradients and steps a flat fp32 copy: ~10% of a CPU step
-        # (make bench). Only for one process: with 2 stages and no ZeRO the chat-phase loss left the
-        # reference loop by 1e-2 within 3 steps (tests/test_parity.py), so pipelines keep ZeRO-1.
+    if dp_size == 1 and zero.get("stage", 0) == 1 and training_dtype(ds) == _fp32():
+        # ZeRO-1 shards optimizer state across data-parallel ranks; with one data-parallel rank it
+        # shards nothing but still keeps a flat fp32 copy of the trained weights and of their
+        # gradients (1.5-2x a trained stage's memory, make bench) and costs ~10% of a CPU step.
+        # Without ZeRO, DeepSpeed clips each pipeline stage by its own gradient norm (1e-2 off the
+        # reference within 3 steps), so on several stages the engine clips by the global norm itself
+        # (pipeline/training/engine.py). With bf16 the fp32 master copy is needed: ZeRO-1 stays.
         zero["stage"] = 0
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

@@ -51,8 +51,9 @@ class StageLoader:
         keys = list(module.state_dict())
         names = {k: source or f"{prefix}{k}" for k in keys}
         tensors = hf.read_tensors(self.model_dir, self.weights, set(names.values()), self.dtype)
-        # clone: a tensor read from a memory-mapped file must own its memory before it trains
-        module.load_state_dict({k: tensors[n].clone() for k, n in names.items()}, strict=True, assign=True)
+        # Each tensor owns its buffer (read, not mapped); a name shared by two keys (the tied head) is copied.
+        module.load_state_dict({k: tensors[n] if list(names.values()).count(n) == 1 else tensors[n].clone()
+                                for k, n in names.items()}, strict=True, assign=True)
         for k, p in module.named_parameters():
             p.requires_grad_(self.groups.trains(f"{prefix}{k}"))
         return module
@@ -191,12 +192,40 @@ def causal_lm_loss(logits, labels):
     return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def clone_views_only(item):
+    """What DeepSpeed's save does to each layer's state dict, but only where it is needed: a tensor
+    that is a view into a larger buffer (ZeRO's flat copy of the trained weights) is cloned, or
+    torch.save would write the whole buffer; a tensor that owns its storage (every frozen weight) is
+    saved as it is, instead of costing a second copy of the layer (the head: vocab x hidden) at every
+    checkpoint."""
+    if torch.is_tensor(item):
+        t = item.detach()
+        owns = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        return t if owns and t.is_contiguous() else t.clone()
+    if isinstance(item, dict):
+        return type(item)({k: clone_views_only(v) for k, v in item.items()})
+    if isinstance(item, (list, tuple)):
+        return type(item)(clone_views_only(v) for v in item)
+    return item
+
+
 class GroupAlignedPipe(PipelineModule):
-    """PipelineModule with explicit stage boundaries (DeepSpeed only offers uniform/parameters/regex)."""
+    """PipelineModule with explicit stage boundaries (DeepSpeed only offers uniform/parameters/regex)
+    and a save that clones only the tensors that need it."""
 
     def __init__(self, layers, stage_bounds, **kw):
         self._stage_bounds = stage_bounds
         super().__init__(layers=layers, **kw)
+
+    def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
+        import deepspeed.runtime.pipe.module as ds_pipe
+
+        clone = ds_pipe.clone_tensors_for_torch_save
+        ds_pipe.clone_tensors_for_torch_save = clone_views_only  # DeepSpeed's loop, our copy rule
+        try:
+            super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
+        finally:
+            ds_pipe.clone_tensors_for_torch_save = clone
 
     def _partition_layers(self, method="uniform"):
         self.parts = list(self._stage_bounds)

@@ -65,6 +65,11 @@ class RunPlan:
     def num_stages(self) -> int:
         return len(self.stages) - 1
 
+    @property
+    def clips_globally(self) -> bool:
+        """Without ZeRO on several stages the engine, not DeepSpeed, clips by the global norm."""
+        return self.num_stages > 1 and self.ds_config.get("zero_optimization", {}).get("stage", 0) == 0
+
     def stage_of_layer(self, i: int) -> int:
         return next(s for s in range(self.num_stages) if self.stages[s] <= i < self.stages[s + 1])
 
@@ -86,6 +91,18 @@ class RunPlan:
             n += k
         return n
 
+    def memory_per_stage(self) -> list[dict]:
+        """Bytes one rank of each stage holds before activations (see `stage_memory`)."""
+        zero = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        out = []
+        for s in range(self.num_stages):
+            names = [n for i in range(self.stages[s], self.stages[s + 1]) for n in self.layer_names(i)]
+            if self.groups.tied and self.num_stages == 1:
+                names = [n for n in names if n != "lm_head.weight"]  # one shared Parameter on one stage
+            trained = [n for n in names if self.groups.trains(n)]
+            out.append(stage_memory(self.numel(names), self.numel(trained), self.dtype, zero, self.batch.dp_size))
+        return out
+
     def record(self) -> dict:
         """What run.json holds (rundir writes it, prefixed with the format version)."""
         flat = self.cfg.flat()
@@ -99,6 +116,8 @@ class RunPlan:
             "world_size": self.world_size,
             "batch": vars(self.batch),
             "ds_config": self.ds_config,
+            "clipping": "global norm over the pipeline stages, by the engine's AdamW" if self.clips_globally
+                        else "DeepSpeed's",
         }
 
     def layer_map(self) -> str:
@@ -133,7 +152,30 @@ class RunPlan:
             rows.append(f"{'lm_head':<16}{FORMAT:<8}{last:<7}{self.numel(['lm_head.weight']):>12,}  "
                         f"{state('lm_head.weight')}")
         rows.append(self.batch.describe() + f"; {self.num_stages} pipeline stage(s), bounds {self.stages}")
+        gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+        for s, m in enumerate(self.memory_per_stage()):
+            rows.append(f"stage {s}: {gb(m['total'])} per rank before activations (weights {gb(m['weights'])}, "
+                        f"gradients {gb(m['gradients'])}, optimizer {gb(m['optimizer'])})")
         return "\n".join(rows)
+
+
+def stage_memory(params: int, trained: int, dtype, zero_stage: int, dp: int) -> dict:
+    """What one rank of a stage holds, in bytes, before activations.
+
+    weights    every parameter of the stage in the training dtype (frozen ones too: forward needs them)
+    gradients  trained parameters only, kept in fp32 by DeepSpeed's optimizers (bf16 runs included)
+    optimizer  trained parameters only: Adam's two fp32 moments, plus an fp32 master copy when the
+               weights are not fp32 or ZeRO-1 flattens them; ZeRO-1 splits all of it over the
+               data-parallel ranks. A frozen parameter has no state at all (make bench checks it).
+    """
+    import torch
+
+    width = torch.empty(0, dtype=dtype).element_size()
+    master = 4 if (width != 4 or zero_stage >= 1) else 0
+    optimizer = trained * (8 + master) / (dp if zero_stage >= 1 else 1)
+    m = {"weights": params * width, "gradients": trained * 4, "optimizer": int(optimizer)}
+    m["total"] = sum(m.values())
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,8 +321,7 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
                         f"in two places")
     batch = batch_plan(cfg, world_size)
     ds_raw, ds_path = deepspeed_json.load(cfg, use_gpu)
-    ds = deepspeed_json.merged(ds_raw, cfg, batch.global_batch, batch.micro_batch, batch.grad_accum,
-                               single_process=world_size == 1)
+    ds = deepspeed_json.merged(ds_raw, cfg, batch.global_batch, batch.micro_batch, batch.grad_accum, batch.dp_size)
     data = open_mixture(data_sources(cfg.data.data, cfg.where.get("data", "config")), cfg.data.seq_len,
                         cfg.schedule.seed, cfg.data.verify_data)
     check_data(cfg, hf_config, tokenizer_dir, data)

@@ -59,7 +59,7 @@ def optimizer_numel_per_stage(tag_dir: Path) -> dict[int, int]:
     """Parameters that have optimizer state, per pipeline stage, summed over the data-parallel
     ZeRO-1 partitions (padding excluded). Frozen parameters must contribute nothing."""
     out: dict[int, int] = {}
-    for f in sorted(Path(tag_dir).glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+    for f in sorted(Path(tag_dir).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")):  # bf16_ prefix too
         stage = int(f.stem.split("_mp_rank_")[1].split("_")[0])
         osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         # param_slice_mappings: per param group, {param name: (numel, start)} of this rank's slice.

@@ -83,12 +83,13 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def conversations(n: int, seed: int = 0, sharegpt: bool = False) -> list[dict]:
-    """n multi-turn conversations (some with a system message) in OpenAI or ShareGPT form."""
+def conversations(n: int, seed: int = 0, sharegpt: bool = False, system: bool = True) -> list[dict]:
+    """n multi-turn conversations (some with a system message, unless system=False) in OpenAI or
+    ShareGPT form."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        msgs = [{"role": "system", "content": sentence(rng)}] if rng.random() < 0.4 else []
+        msgs = [{"role": "system", "content": sentence(rng)}] if rng.random() < 0.4 and system else []
         for _ in range(rng.randint(1, 3)):
             msgs.append({"role": "user", "content": sentence(rng)})
             msgs.append({"role": "assistant", "content": document(rng, rng.randint(1, 3))})
