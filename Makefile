@@ -27,7 +27,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: setup test demo bench bench-gpu data chat raw transplant eval clean help
+.PHONY: setup test demo sweep bench bench-gpu data chat raw transplant eval clean help
 
 help:  ## list targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | column -t -s '	'
@@ -50,15 +50,21 @@ test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs inclu
 	exit $$rc
 
 # ---- the main job ---------------------------------------------------------------------------
-# Where the demo writes everything (world, shards, runs, models, results). Reruns continue.
+# Where the demo writes everything (world, shards, runs, models, results). Reruns continue, and a
+# sweep in the same folder reuses the demo's base and A-Chat.
 DEMO_OUT ?= runs/demo
-# ABLATIONS=1 adds raw_trains_format, a low raw lr and a format_start sweep (longer than 20 min).
-ABLATIONS ?= 0
-# DEMO_SIZE=tiny is a ~2-minute plumbing check with meaningless numbers.
+# DEMO_SIZE=tiny is a few-minute plumbing check with meaningless numbers.
 DEMO_SIZE ?= full
+# The recipe the demo runs beside the baselines (the best the sweep found).
+RECIPE ?= configs/demo/recipe.yaml
+# The recipes and world variants `make sweep` measures.
+SWEEP ?= configs/demo/sweep.yaml
 
-demo: setup  ## the whole method on the built-in synthetic world, on CPU (~11 min): table in $(DEMO_OUT)/results.md
-	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(filter 1,$(ABLATIONS)),--ablations)
+demo: setup  ## the whole method on the built-in synthetic world, on CPU (~15 min): table in $(DEMO_OUT)/results.md
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --recipe $(RECIPE)
+
+sweep: setup  ## every recipe of SWEEP against the demo's base and A-Chat (hours on CPU): $(DEMO_OUT)/sweep.md
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --sweep $(SWEEP)
 
 # ---- benchmarks -------------------------------------------------------------------------------
 # small keeps a CPU run under 10 minutes; medium uses bigger models for steadier ratios.

@@ -242,19 +242,25 @@ def _stage_trained_numel(cfg_path: Path, run_dir: Path) -> dict[int, int]:
 
 
 def measured_optimizer_bytes(tag_dir: Path) -> dict[tuple[int, int], int]:
-    """{(stage, dp_rank): bytes} of every tensor in each rank's ZeRO file: Adam moments (+ step) and
-    the fp32 master partition."""
+    """{(stage, dp_rank): bytes} of every optimizer tensor each rank saved: Adam moments (+ step), and
+    with ZeRO-1 the fp32 master partition (zero_pp_rank_* files); without ZeRO the state is in the
+    stage's mp_rank_* file."""
     import torch
 
     out = {}
-    for f in sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_*_optim_states.pt")):
-        dp = int(f.name.split("_")[3])
+    for f in sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+        dp = int(f.name.split("zero_pp_rank_")[1].split("_")[0])
         stage = int(f.stem.split("_mp_rank_")[1].split("_")[0])
         osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         n = sum(t.numel() * t.element_size() for st in osd["base_optimizer_state"]["state"].values()
                 for t in st.values() if torch.is_tensor(t))
         n += sum(t.numel() * t.element_size() for t in osd["single_partition_of_fp32_groups"])
         out[(stage, dp)] = n
+    if not out:
+        for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt")):
+            opt = torch.load(f, map_location="cpu", weights_only=False)["optimizer"]
+            out[(int(f.stem.split("_")[2]), 0)] = sum(t.numel() * t.element_size() for st in opt["state"].values()
+                                                      for t in st.values() if torch.is_tensor(t))
     return out
 
 
@@ -279,15 +285,19 @@ def optimizer_state_figures(setup: Setup) -> list[dict]:
         run_dir = setup.root / "runs" / f"zero_{phase}"
         trained = _stage_trained_numel(cfg_path, run_dir)
         measured = measured_optimizer_bytes(run_dir / "checkpoints" / tag_for(1))
+        # ZeRO-1 with data parallelism: 2 fp32 moments + an fp32 master partition, split over DP;
+        # one data-parallel rank in fp32 runs ZeRO-0 and torch's AdamW: the 2 moments only.
+        per_param, how = (ADAM_BYTES_PER_PARAM / dp, "2 moments + fp32 master, ZeRO-1") if dp > 1 else \
+            (8, "2 moments, ZeRO-0")
         for stage, numel in trained.items():
             per_rank = max(v for (s, _), v in measured.items() if s == stage)
             if numel:
-                need = numel * ADAM_BYTES_PER_PARAM / dp
+                need = numel * per_param
                 rows.append(figure(
-                    f"optimizer bytes per rank, {phase} phase, stage {stage} (P=2, DP={dp}, ZeRO-1)",
+                    f"optimizer bytes per rank, {phase} phase, stage {stage} (P=2, DP={dp})",
                     per_rank, round(need), f"<= {GOAL_OPT_BYTES}", per_rank / need <= GOAL_OPT_BYTES, "bytes",
-                    notes=f"{numel:,} trained params x {ADAM_BYTES_PER_PARAM} B (2 moments + fp32 master) / DP {dp}; "
-                          f"measured from zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
+                    notes=f"{numel:,} trained params x {per_param:g} B ({how}); measured from the stage's "
+                          f"optimizer files"))
             else:
                 rows.append(figure(
                     f"optimizer bytes per rank, {phase} phase, stage {stage}: fully frozen (P=2, DP={dp})",

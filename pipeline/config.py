@@ -165,6 +165,12 @@ def _coerce(value, typ, key: str, where: str):
     hints = get_args(typ) if get_origin(typ) in (Union, types.UnionType) else (typ,)
     if value is None and type(None) in hints:
         return None
+    if isinstance(value, str) and Any in hints and value.lstrip().startswith(("[", "{")):
+        # --data='[{path: a.manifest.json, weight: 3}, {path: b.manifest.json, weight: 1}]'
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"{where}: `{key}` is not valid YAML ({e})") from None
     if isinstance(value, str) and str not in hints and Any not in hints:
         # Command-line overrides arrive as strings: parse them as YAML scalars (3e-4, true, 12).
         value = yaml.safe_load(value)

@@ -8,7 +8,8 @@ from pipeline.config import LEAVES, describe_keys, load_config, parse_overrides
 from pipeline.training import deepspeed_json
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+RECIPE_FILES = ("recipe.yaml", "sweep.yaml")  # configs/demo: the demo's recipes, not run configs
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name not in RECIPE_FILES)
 
 
 def test_there_are_shipped_configs():
@@ -20,7 +21,7 @@ def test_there_are_shipped_configs():
 DEMO_LAYERS = __import__("pipeline.demo.run", fromlist=["SIZES"]).SIZES["full"]["model"]["layers"]
 # Configs that must agree on the boundary: the transplant merges their runs.
 PAIRS = [("configs/chat.yaml", "configs/raw.yaml"), ("configs/demo/chat.yaml", "configs/demo/raw.yaml"),
-         ("configs/demo/chat.yaml", "configs/demo/reattach.yaml")]
+         ("configs/demo/chat.yaml", "configs/demo/reattach.yaml"), ("configs/demo/chat.yaml", "configs/demo/sequential.yaml")]
 
 
 def target_layers(path: Path) -> int:
@@ -187,3 +188,31 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
 def test_out_of_range_values_name_the_key(tmp_path, extra, key):
     with pytest.raises(UserError, match=rf"run\.yaml:\d+: `{key}`"):
         load_config(_write(tmp_path, extra))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "demo").glob("*.yaml")), ids=lambda p: p.name)
+def test_demo_recipe_files_and_run_configs_load(path):
+    """Every file under configs/demo/ is either a run config or a recipe file, and loads as such."""
+    from pipeline.demo import recipes
+
+    if path.name in RECIPE_FILES:
+        found, worlds = recipes.load(path)
+        assert found and all(r.raw.keys() <= recipes.RAW_KEYS for r in found)
+        if path.name == "sweep.yaml":
+            names = {r.name for r in found}
+            assert {"replay_0.25", "replay_0.5", "replay_1", "fs5", "fs7", "raw_trains_format", "anchor",
+                    "reattach"} <= names and worlds
+    else:
+        assert load_config(path).groups.phase in ("chat", "raw", "full")
+
+
+def test_a_recipe_file_with_a_typo_names_it(tmp_path):
+    from pipeline.demo import recipes
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("recipes:\n  - name: x\n    replay_share: 0.5\n")
+    with pytest.raises(UserError, match=r"r\.yaml: recipes\[0\]: unknown key\(s\) replay_share"):
+        recipes.load(bad)
+    bad.write_text("recipes:\n  - name: x\n    raw: {format_star: 5}\n")
+    with pytest.raises(UserError, match=r"`raw` may set"):
+        recipes.load(bad)

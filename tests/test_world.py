@@ -10,7 +10,8 @@ from pipeline.demo.tokenizer import IM_END, IM_START, build_tokenizer
 from pipeline.demo.world import ATTRIBUTES, POOLS, build_world
 from tests.kit.models import demo_llama
 
-SMALL = dict(n_known=20, n_new=10, bios_per_person=2, qa_fraction=0.5, n_generic=40, n_format_eval=10)
+SMALL = dict(n_known=20, n_new=10, bios_per_person=2, qa_fraction=0.5, pretrain_qa_rounds=2, chat_qa_rounds=3,
+             qa_new_rounds=2, n_generic=40, n_format_eval=10)
 TRAINING_FILES = ("pretrain", "raw", "chat", "qa_new", "tokenizer_corpus")
 
 
@@ -103,13 +104,19 @@ def test_qa_covers_only_the_qa_fraction_of_known_people(world):
 
     chat = _read(paths["chat"])
     assert asked(chat) == qa
-    # one question per attribute per Q/A person, and the answer is the person's fact
+    # chat_qa_rounds questions per attribute per Q/A person, in distinct phrasings, and the
+    # answer is the person's fact
     facts = {p["name"]: p["facts"] for p in w["people"]}
     person_qs = [r for r in chat if asked([r])]
-    assert len(person_qs) == len(qa) * len(ATTRIBUTES)
+    assert len(person_qs) == len(qa) * len(ATTRIBUTES) * SMALL["chat_qa_rounds"]
+    assert len({r["messages"][0]["content"] for r in person_qs}) == len(person_qs)
     assert all(r["messages"][1]["content"] in facts[next(iter(asked([r])))].values() for r in person_qs)
-    # plain-text Q/A in pretraining: the same people, no chat template
-    qa_lines = [line for r in _read(paths["pretrain"]) for line in r["text"].split("\n") if line.startswith("Q: ")]
+    assert len(_read(paths["qa_new"])) == 10 * len(ATTRIBUTES) * SMALL["qa_new_rounds"]
+    # plain-text Q/A transcripts in pretraining: the same people, no chat template
+    lines = [line for r in _read(paths["pretrain"]) for line in r["text"].split("\n")]
+    qa_lines = [line for line in lines if line.startswith("user ")]
+    assert len(qa_lines) == len(qa) * len(ATTRIBUTES) * SMALL["pretrain_qa_rounds"]
+    assert len([line for line in lines if line.startswith("assistant ")]) == len(qa_lines)
     assert {n for line in qa_lines for n in names if n in line} == qa
     assert IM_START not in _text(paths["pretrain"])
     assert {r["person"] for r in _read(paths["chat_eval_heldout"])} == heldout
@@ -130,6 +137,32 @@ def test_eval_records_are_well_formed(world):
     assert len(fmt) == 20 and not any("answer" in r for r in fmt)
     train_prompts = {r["messages"][0]["content"] for r in _read(paths["chat"])}
     assert not train_prompts & {r["messages"][0]["content"] for r in fmt[:10]}  # generic ones held out
+
+
+def test_names_and_values_are_whole_tokens_at_the_demo_vocab(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.demo.world import FIRST_NAMES_F, FIRST_NAMES_M, LAST_NAMES
+
+    # the demo's own world and vocabulary (the 400-token test tokenizer is too small for this)
+    paths = build_world(tmp_path / "w", seed=0)
+    tok = AutoTokenizer.from_pretrained(str(build_tokenizer([paths["tokenizer_corpus"]], tmp_path / "t",
+                                                            vocab_size=2048)), local_files_only=True)
+    for word in FIRST_NAMES_F + FIRST_NAMES_M + LAST_NAMES:
+        assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+    for attr in ATTRIBUTES:
+        if attr != "birth_date":  # digits are split on purpose
+            for v in POOLS[attr]:
+                assert len(tok(" " + v, add_special_tokens=False)["input_ids"]) == len(v.split()), v
+    # the pretraining transcripts' role words are the very tokens the chat template puts after
+    # <|im_start|>: what lets the base's extraction carry over to chat
+    transcript = next(r["text"] for r in _read(paths["pretrain"]) if r["text"].startswith("user "))
+    ids = tok(transcript, add_special_tokens=False)["input_ids"]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    tmpl = tok(prompt, add_special_tokens=False)["input_ids"]
+    user, assistant = tmpl[1], tmpl[-1]
+    assert tok.convert_ids_to_tokens([user, assistant]) == ["user", "assistant"]
+    assert ids[0] == user and assistant in ids
 
 
 def test_tokenizer_loads_with_single_token_specials_and_chat_template(tokenizer_dir, world, tmp_path):

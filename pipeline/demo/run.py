@@ -1,10 +1,22 @@
 """The main job end to end, on the built-in synthetic world.
 
 Every step goes through the product's own entry points (data_prep, pipeline.train, export,
-transplant, evaluation), so the demo is also the integration test a user can watch. Each step
-is skipped when its output already exists (outputs are written atomically, so existing means
-complete), and training resumes from its checkpoints: rerunning after an interruption
-continues where it stopped.
+transplant, chat_vector, evaluation), so the demo is also the integration test a user can watch.
+The steps form a dependency graph; two workers run whatever is ready (one thread each: on 2 cores
+two single-threaded runs beat one two-threaded run, and a thread count changes nothing numeric).
+A step is skipped when its output exists (outputs are written atomically, so existing means
+complete), and training resumes from its checkpoints: rerunning continues where it stopped.
+
+The models, each evaluated the same way (pipeline.evaluation):
+    base          phase full from random init, on the known people (pretraining)
+    a_chat        the method's A-Chat: the format group on chat data
+    a_raw         the method's A-Raw: the raw group on the new people's biographies
+    transplant    A-Raw below the boundary + A-Chat's format group (the vanilla recipe)
+    naive         A-Chat, then every parameter trained on the raw corpus (what the method avoids)
+    qa_upper      A-Chat, then SFT on Q/A about the new people (someone wrote those Q/A pairs)
+    chat_vector   continued pretraining of the base on the raw corpus + (full chat tune - base)
+    sequential    A-Chat, then its raw group trained on the raw text, format group frozen, no transplant
+    recipe_<name> a recipe from configs/demo/recipe.yaml (pipeline/demo/recipes.py)
 """
 from __future__ import annotations
 
@@ -12,9 +24,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,20 +35,24 @@ from tqdm import tqdm
 
 from data_prep.common import UserError, atomic_write_json
 
+from .recipes import Recipe
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "demo"
 
-# Sizes: the full demo takes ~11 min on 2 CPU cores; `tiny` only proves the plumbing (tests).
+# Sizes: `full` is the real demo (about 15 min on 2 idle CPU cores); `tiny` only proves the
+# plumbing (tests). Steps, batches and learning rates are in configs/demo/*.yaml.
 SIZES = {
-    "full": dict(world=dict(n_known=200, n_new=100, bios_per_person=4), vocab=2048,
-                 model=dict(layers=8, hidden=128), seq_len=128, boundaries=(2, 6),
-                 max_new_tokens=24),
-    "tiny": dict(world=dict(n_known=12, n_new=6, bios_per_person=2, n_generic=20, n_format_eval=6), vocab=400,
-                 model=dict(layers=4, hidden=32), seq_len=32, boundaries=(1, 3),
-                 max_new_tokens=6),
+    "full": dict(world=dict(n_known=300, n_new=100, bios_per_person=30, qa_fraction=0.7, pretrain_qa_rounds=6,
+                            chat_qa_rounds=16, qa_new_rounds=16), vocab=2048,
+                 model=dict(layers=8, hidden=128), seq_len=128, boundaries=(2, 6), max_new_tokens=24),
+    "tiny": dict(world=dict(n_known=12, n_new=6, bios_per_person=2, pretrain_qa_rounds=1, chat_qa_rounds=2,
+                            qa_new_rounds=2, n_generic=20, n_format_eval=6), vocab=400,
+                 model=dict(layers=4, hidden=32), seq_len=32, boundaries=(1, 3), max_new_tokens=6),
 }
 TINY_STEPS = 3
-# Columns of the results table: format first, then knowledge in chat, the control, raw storage.
+BASELINES = ("base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential")
+# Columns of the results table: format, knowledge in chat, the control, raw storage, perplexities.
 COLUMNS = ["format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank", "heldout_known_rank",
            "raw_rank_new", "ppl_raw_new", "ppl_raw_known"]
 
@@ -62,7 +79,7 @@ class Step:
     est_s: float
     run: Callable[[], None]
     output: Path | None = None  # skip the step when this exists
-    lane: str | None = None  # consecutive steps with the same lane run at the same time
+    needs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,13 +87,17 @@ class Demo:
     out: Path
     size: str = "full"
     seed: int = 0
-    ablations: bool = False
-    # One thread by default: with 2 OpenMP threads a step takes 0.2 s on an idle 2-core machine but
-    # 15 s as soon as anything else runs (spinning threads fight over the cores); 1 thread degrades gently.
+    recipes: list[Recipe] = field(default_factory=list)
+    baselines: tuple[str, ...] = BASELINES
+    world_overrides: dict = field(default_factory=dict)
+    base_steps: int | None = None
     threads: int = 1
+    workers: int = 2
 
     def __post_init__(self):
         self.s = SIZES[self.size]
+        if "transplant" in self.baselines:  # a recipe that changes nothing is the transplant baseline
+            self.recipes = [r for r in self.recipes if not r.is_vanilla]
         self.world = self.out / "world"
         self.data = self.out / "data"
         self.models = self.out / "models"
@@ -86,7 +107,7 @@ class Demo:
     # --- plumbing -------------------------------------------------------------------------------
     def _env(self) -> dict:
         env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(self.threads)  # per process: runs of one lane share the cores
+        env["OMP_NUM_THREADS"] = str(self.threads)  # per process: two processes share the 2 cores
         env.setdefault("DS_ACCELERATOR", "cpu")
         return env
 
@@ -99,19 +120,19 @@ class Demo:
         if p.returncode:
             raise UserError(f"demo step `{what}` failed (exit {p.returncode}); its output is in {log}")
 
-    def train(self, config: str, run: str, model: Path, data: str, **extra) -> None:
-        steps = None
+    def train(self, config: str, run: str, model: Path, data, boundaries=None, **extra) -> None:
+        """`python -m pipeline.train configs/demo/CONFIG.yaml` with this demo's paths and sizes."""
+        lo, hi = boundaries or self.s["boundaries"]
+        data = ([{"path": str(self.data / f"{d}.manifest.json"), "weight": w} for d, w in data]
+                if isinstance(data, list) else self.data / f"{data}.manifest.json")
+        overrides = {"model": model, "data": json.dumps(data) if isinstance(data, list) else data,
+                     "out": self.runs / run, "seed": self.seed, "seq_len": self.s["seq_len"], **extra}
+        if config not in ("base", "cpt", "chat_full"):
+            overrides.update(raw_start=lo, format_start=hi)
         if self.size == "tiny":
-            steps = TINY_STEPS
-        lo, hi = self.s["boundaries"]
-        overrides = {"model": model, "data": self.data / f"{data}.manifest.json", "out": self.runs / run,
-                     "seed": self.seed, "seq_len": self.s["seq_len"], **extra}
-        if "raw_start" not in extra and config != "base":
-            overrides.update(raw_start=lo, format_start=extra.get("format_start", hi))
-        if steps is not None:
-            overrides["steps"] = steps
-            overrides["micro_batch_size"] = 2
-            overrides["global_batch_size"] = 4
+            overrides.update(steps=TINY_STEPS, micro_batch_size=2, global_batch_size=4)
+        elif config == "base" and self.base_steps:
+            overrides["steps"] = self.base_steps
         args = ["-m", "pipeline.train", str(CONFIGS / f"{config}.yaml")] + [f"--{k}={v}" for k, v in overrides.items()]
         self._call(args, f"train_{run}")
 
@@ -122,23 +143,30 @@ class Demo:
         self._call(["-m", "pipeline.transplant", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
                     "--out", str(self.models / name)], f"transplant_{name}")
 
+    def chat_vector(self, raw_run: str, chat_run: str, name: str) -> None:
+        self._call(["-m", "pipeline.chat_vector", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
+                    "--base", str(self.models / "base"), "--out", str(self.models / name)], f"chat_vector_{name}")
+
     def prep(self, kind: str, src: str, name: str) -> None:
         self._call(["-m", "data_prep", kind, str(self.world / f"{src}.jsonl"), "--tokenizer", str(self.out / "tokenizer"),
                     "--output-prefix", str(self.data / name), "--val-fraction", "0", "--seed", str(self.seed)],
                    f"data_{name}")
 
     # --- the plan ---------------------------------------------------------------------------------
-    def steps(self) -> list[Step]:
+    def steps(self) -> dict[str, Step]:
         scale = 1.0 if self.size == "full" else 0.05
-        S: list[Step] = []
-        add = lambda name, est, fn, output=None, lane=None: S.append(Step(name, est * scale, fn, output, lane))
+        S: dict[str, Step] = {}
+
+        def add(name, est, fn, output=None, needs=()):
+            if name not in S:
+                S[name] = Step(name, est * scale, fn, output, tuple(needs))
 
         def world():
-            from pipeline.demo.world import build_world
-            build_world(self.world, seed=self.seed, **self.s["world"])
+            from .world import build_world
+            build_world(self.world, seed=self.seed, **{**self.s["world"], **self.world_overrides})
 
         def tokenizer():
-            from pipeline.demo.tokenizer import build_tokenizer
+            from .tokenizer import build_tokenizer
             build_tokenizer([self.world / "tokenizer_corpus.jsonl"], self.out / "tokenizer", vocab_size=self.s["vocab"])
 
         def base_init():
@@ -147,64 +175,83 @@ class Demo:
             save_random_model(config, self.models / "base_init", tokenizer_dir=self.out / "tokenizer", seed=self.seed,
                               generation_config=generation)
 
-        add("build the world", 2, world, self.world / "world.json")
-        add("train the tokenizer", 3, tokenizer, self.out / "tokenizer" / "tokenizer.json")
-        add("random-init the base", 5, base_init, self.models / "base_init" / "config.json")
-        for kind, src, name in [("raw", "pretrain", "pretrain"), ("raw", "raw", "raw"), ("chat", "chat", "chat"),
-                                ("chat", "qa_new", "qa_new")]:
-            add(f"pack {name} shards", 5, lambda k=kind, s=src, n=name: self.prep(k, s, n),
-                self.data / f"{name}.manifest.json")
+        add("world", 2, world, self.world / "world.json")
+        add("tokenizer", 3, tokenizer, self.out / "tokenizer" / "tokenizer.json", ["world"])
+        add("model:base_init", 5, base_init, self.models / "base_init" / "config.json", ["tokenizer"])
+        for kind, name in [("raw", "pretrain"), ("raw", "raw"), ("chat", "chat"), ("chat", "qa_new")]:
+            add(f"data:{name}", 8, lambda k=kind, n=name: self.prep(k, n, n), self.data / f"{name}.manifest.json",
+                ["tokenizer"])
 
-        def trained(config, run, model_from, data, name, est, lane=None, **extra):
+        def trained(run, config, start, data, est, boundaries=None, **extra):
+            sources = [d for d, _ in data] if isinstance(data, list) else [data]
+
             def go():
-                self.train(config, run, self.models / model_from, data, **extra)
-                self.export(run, name)
-            add(f"train + export {run}", est, go, self.models / name, lane)
+                self.train(config, run, self.models / start, data, boundaries, **extra)
+                self.export(run, run)
+            add(f"model:{run}", est, go, self.models / run, [f"model:{start}", *(f"data:{d}" for d in sources)])
 
-        # Training runs are single processes with one thread each, so independent runs go in pairs
-        # (a "lane"): on 2 cores that halves the wall time. A-Chat and A-Raw are independent by design.
-        trained("base", "base", "base_init", "pretrain", "base", 240)
-        trained("chat", "a_chat", "base", "chat", "a_chat", 110, lane="phases")
-        trained("raw", "a_raw", "base", "raw", "a_raw", 160, lane="phases")
-        add("transplant", 5, lambda: self.transplant("a_raw", "a_chat", "transplant"), self.models / "transplant")
-        trained("naive", "naive", "a_chat", "raw", "naive", 190, lane="baselines")
-        trained("qa_upper", "qa_upper", "a_chat", "qa_new", "qa_upper", 120, lane="baselines")
-        trained("reattach", "reattach", "transplant", "chat", "transplant_reattach", 90, lane="remedies")
-        # Remedy: representation anchoring during A-Raw (weight 1.0, as in the reference probe).
-        trained("raw", "a_raw_anchor", "base", "raw", "a_raw_anchor", 160, lane="remedies", anchor_weight=1.0)
-        add("transplant (anchored A-Raw)", 8, lambda: self.transplant("a_raw_anchor", "a_chat", "transplant_anchor"),
-            self.models / "transplant_anchor")
-        if self.ablations:
-            trained("raw", "a_raw_raw_trains_format", "base", "raw", "a_raw_raw_trains_format", 170,
-                    lane="ablation_rtf", raw_trains_format=True)
-            add("transplant (raw_trains_format)", 8,
-                lambda: self.transplant("a_raw_raw_trains_format", "a_chat", "transplant_raw_trains_format"),
-                self.models / "transplant_raw_trains_format")
-            trained("raw", "a_raw_lowlr", "base", "raw", "a_raw_lowlr", 140, lane="ablation_rtf", lr=5e-4,
-                    min_lr=5e-5)
-            add("transplant (low raw lr)", 8, lambda: self.transplant("a_raw_lowlr", "a_chat", "transplant_lowlr"),
-                self.models / "transplant_lowlr")
-            lo, hi = self.s["boundaries"]
-            for fs in (hi - 1, hi + 1):
-                trained("chat", f"a_chat_fs{fs}", "base", "chat", f"a_chat_fs{fs}", 110, lane=f"fs{fs}",
-                        format_start=fs)
-                trained("raw", f"a_raw_fs{fs}", "base", "raw", f"a_raw_fs{fs}", 160, lane=f"fs{fs}",
-                        format_start=fs)
-                add(f"transplant (format_start={fs})", 8,
-                    lambda fs=fs: self.transplant(f"a_raw_fs{fs}", f"a_chat_fs{fs}", f"transplant_fs{fs}"),
-                    self.models / f"transplant_fs{fs}")
+        def merged(name, est, fn, needs):
+            add(f"model:{name}", est, fn, self.models / name, needs)
+
+        trained("base", "base", "base_init", "pretrain", 300)
+        wanted = set(self.baselines)
+        if wanted & {"a_chat", "transplant", "naive", "qa_upper", "sequential"} or self.recipes:
+            trained("a_chat", "chat", "base", "chat", 80)
+        if wanted & {"a_raw", "transplant"}:
+            trained("a_raw", "raw", "base", "raw", 110)
+        if "transplant" in wanted:
+            merged("transplant", 5, lambda: self.transplant("a_raw", "a_chat", "transplant"), ["model:a_raw", "model:a_chat"])
+        if "naive" in wanted:
+            trained("naive", "naive", "a_chat", "raw", 110)
+        if "qa_upper" in wanted:
+            trained("qa_upper", "qa_upper", "a_chat", "qa_new", 100)
+        if "chat_vector" in wanted:
+            trained("cpt", "cpt", "base", "raw", 110)
+            trained("chat_full", "chat_full", "base", "chat", 90)
+            merged("chat_vector", 5, lambda: self.chat_vector("cpt", "chat_full", "chat_vector"),
+                   ["model:cpt", "model:chat_full"])
+        if "sequential" in wanted:
+            trained("sequential", "sequential", "a_chat", "raw", 110)
+        for r in self.recipes:
+            self._recipe_steps(r, trained, merged)
         for name in self.model_names():
-            add(f"evaluate {name}", 25, lambda n=name: self.evaluate(n), self.evals / f"{name}.json")
-        add("write the report", 1, self.report)
+            add(f"eval:{name}", 30, lambda n=name: self.evaluate(n), self.evals / f"{name}.json", [f"model:{name}"])
+        add("report", 1, self.report, None, [f"eval:{n}" for n in self.model_names()])
         return S
 
+    def _recipe_steps(self, r: Recipe, trained, merged) -> None:
+        bounds = r.boundary(self.s["boundaries"])
+        chat_run = "a_chat" if bounds == tuple(self.s["boundaries"]) else f"a_chat_{bounds[0]}_{bounds[1]}"
+        if chat_run != "a_chat":
+            trained(chat_run, "chat", "base", "chat", 80, boundaries=bounds)
+        extra = {k: v for k, v in r.raw.items() if k not in ("raw_start", "format_start")}
+        # A recipe that only changes what happens after A-Raw shares the vanilla A-Raw.
+        raw_run = "a_raw" if not r.raw and not r.replay else f"a_raw_{r.name}"
+        data = "raw"
+        if r.replay:
+            # The same raw exposure as the vanilla recipe: the steps grow with the replayed share.
+            from pipeline.config import load_config
+
+            steps = extra.get("steps") or load_config(CONFIGS / "raw.yaml", {"model": "m", "data": "d", "out": "o"}
+                                                      ).schedule.steps
+            extra["steps"] = round(steps * (1 + r.replay))
+            data = [("raw", 1.0), ("pretrain", r.replay)]
+        if raw_run != "a_raw":
+            trained(raw_run, "raw", "base", data, 110 * (1 + r.replay), boundaries=bounds, **extra)
+        else:
+            trained("a_raw", "raw", "base", "raw", 110)
+        merge = self.chat_vector if r.merge == "chat_vector" else self.transplant
+        merged(f"transplant_{r.name}", 5, lambda: merge(raw_run, chat_run, f"transplant_{r.name}"),
+               [f"model:{raw_run}", f"model:{chat_run}"])
+        if r.reattach_steps:
+            trained(f"recipe_{r.name}", "reattach", f"transplant_{r.name}", "chat", 60, boundaries=bounds,
+                    steps=r.reattach_steps)
+        else:  # the transplant itself is the recipe's model
+            merged(r.model, 1, lambda: _alias(self.models / f"transplant_{r.name}", self.models / r.model),
+                   [f"model:transplant_{r.name}"])
+
     def model_names(self) -> list[str]:
-        names = ["base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "transplant_reattach",
-                 "transplant_anchor"]
-        if self.ablations:
-            lo, hi = self.s["boundaries"]
-            names += ["transplant_raw_trains_format", "transplant_lowlr"] + [f"transplant_fs{fs}" for fs in (hi - 1, hi + 1)]
-        return names
+        return [n for n in BASELINES if n in self.baselines] + [r.model for r in self.recipes]
 
     def evaluate(self, name: str) -> None:
         import torch
@@ -219,85 +266,61 @@ class Demo:
                   "heldout_known": w / "chat_eval_heldout.jsonl"},
             raw={"new": w / "raw_eval_new.jsonl", "known": w / "raw_eval_known.jsonl"},
             probes={"new": w / "probe_new.jsonl"},
-            max_new_tokens=self.s["max_new_tokens"], progress=True)
+            max_new_tokens=self.s["max_new_tokens"], progress=False)
         atomic_write_json(self.evals / f"{name}.json", metrics)
+
+    def results(self) -> dict:
+        return {n: json.loads((self.evals / f"{n}.json").read_text()) for n in self.model_names()}
 
     def report(self) -> None:
         from pipeline.evaluation.report import write_report
 
-        models = {n: json.loads((self.evals / f"{n}.json").read_text()) for n in self.model_names()}
+        from .verdict import verdict_text
+
+        models = self.results()
         table = write_report({"models": models}, self.out, columns=COLUMNS)
-        verdict = verdict_text(models)
+        verdict = verdict_text(models, [r.model for r in self.recipes])
         with open(self.out / "results.md", "a") as f:
             f.write("\n" + verdict + "\n")
         print("\n" + table + "\n\n" + verdict, flush=True)
 
+    # --- running the graph ------------------------------------------------------------------------
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        plan = self.steps()
-        groups: list[list[Step]] = []  # consecutive steps of one lane run together
-        for step in plan:
-            if groups and step.lane and groups[-1][0].lane == step.lane:
-                groups[-1].append(step)
-            else:
-                groups.append([step])
-        total = sum(max(s.est_s for s in g) for g in groups)
-        print(f"layer-aware demo: {len(plan)} steps, estimated {total / 60:.0f} min on 2 CPU cores -> {self.out}",
-              flush=True)
-        bar = tqdm(total=round(total), unit="s", desc="demo", bar_format="{l_bar}{bar}| est. {n:.0f}/{total:.0f}s "
-                   "[{elapsed}<{remaining}]", position=0)
-        done = 0
-        for group in groups:
-            todo = []
-            for step in group:
-                done += 1
-                if step.output is not None and step.output.exists():
-                    bar.write(f"[{done}/{len(plan)}] {step.name}: done already")
-                else:
-                    bar.write(f"[{done}/{len(plan)}] {step.name} (est. {step.est_s:.0f}s)")
-                    todo.append(step)
-            t0 = time.time()
-            if len(todo) > 1:
-                with ThreadPoolExecutor(len(todo)) as pool:  # each step is a subprocess: no GIL contention
-                    for f in [pool.submit(s.run) for s in todo]:
-                        f.result()
-            elif todo:
-                todo[0].run()
-            for step in todo:
-                bar.write(f"    {step.name}: done ({time.time() - t0:.0f}s)")
-            bar.update(round(max(s.est_s for s in group)))
+        steps = self.steps()
+        done = {n for n, s in steps.items() if s.output is not None and s.output.exists()}
+        todo = [s for n, s in steps.items() if n not in done]
+        total = sum(s.est_s for s in todo)
+        print(f"layer-aware demo: {len(steps)} steps ({len(done)} done already), about {total / 60:.0f} min of work "
+              f"on {self.workers} worker(s) -> {self.out}", flush=True)
+        # The bar counts estimated seconds of work (each step's estimate when it completes).
+        bar = tqdm(total=max(1, round(total)), unit=" est.s", desc="demo", position=0)
+        lock, started = threading.Lock(), {}
+        with ThreadPoolExecutor(self.workers) as pool:
+            running = {}
+            while todo or running:
+                ready = [s for s in todo if all(n in done for n in s.needs)]
+                for s in ready[: self.workers - len(running)]:
+                    todo.remove(s)
+                    with lock:
+                        started[s.name] = time.time()
+                        bar.write(f"  start {s.name} (est. {s.est_s:.0f}s)")
+                    running[pool.submit(s.run)] = s
+                if not running:
+                    missing = sorted({n for s in todo for n in s.needs} - done - set(steps))
+                    raise UserError(f"demo plan cannot continue: {', '.join(missing) or 'a cycle'}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    s = running.pop(f)
+                    f.result()  # a failed step stops the demo with its own message
+                    done.add(s.name)
+                    bar.write(f"  done  {s.name} ({time.time() - started[s.name]:.0f}s)")
+                    bar.update(round(s.est_s))
         bar.close()
 
 
-def verdict_text(models: dict) -> str:
-    """Say plainly what the table shows, whatever it shows."""
-    def get(n, k):
-        return models.get(n, {}).get(k, float("nan"))
-
-    chance = get("a_chat", "chance_rank")
-    lines = ["## What this run shows"]
-    held = get("a_chat", "heldout_known_rank")
-    generalises = held < 0.75 * chance
-    lines.append(f"- Extraction control: A-Chat ranks held-out known people's true values at {held:.1f} "
-                 f"(chance {chance:.1f}). " + ("Extraction generalises in this world, so the new-people "
-                 "columns can be read." if generalises else "Extraction does NOT generalise in this world, "
-                 "so no conclusion about new people can be drawn from the knowledge columns."))
-    fc, ft = get("a_chat", "format_adherence"), get("transplant", "format_adherence")
-    if fc < 0.5:
-        lines.append(f"- Format: A-Chat itself reaches only {fc:.2f} format adherence, so there is no chat format "
-                     f"for the transplant to keep (transplant {ft:.2f}); train A-Chat longer.")
-    else:
-        lines.append(f"- Format: A-Chat {fc:.2f}, transplant {ft:.2f}" +
-                     (" (kept)." if ft >= fc - 0.1 else " (the transplant BROKE the chat format)."))
-    for name, what in [("transplant_anchor", "Anchoring remedy"), ("transplant_reattach", "Re-attach remedy")]:
-        if name in models:
-            lines.append(f"- {what} (`{name}`): format {get(name, 'format_adherence'):.2f}, knowledge rank "
-                         f"{get(name, 'knowledge_rank'):.1f}, completion rank on new people {get(name, 'raw_rank_new'):.1f}.")
-    kt, kc = get("transplant", "knowledge_rank"), get("a_chat", "knowledge_rank")
-    lines.append(f"- Knowledge of new people in chat (rank, lower is better): transplant {kt:.1f}, A-Chat {kc:.1f}, "
-                 f"Q/A upper bound {get('qa_upper', 'knowledge_rank'):.1f}, chance {chance:.1f}." +
-                 (" The transplant carries knowledge into chat." if generalises and kt < kc - 0.1 * chance
-                  else " The transplant does not show knowledge of the new people above A-Chat."))
-    lines.append(f"- Raw storage (completion probe rank on new people): base {get('base', 'raw_rank_new'):.1f}, "
-                 f"A-Raw {get('a_raw', 'raw_rank_new'):.1f}, transplant {get('transplant', 'raw_rank_new'):.1f}.")
-    return "\n".join(lines)
+def _alias(src: Path, dst: Path) -> None:
+    """A recipe whose model is its transplant: a symlink, so nothing is written twice."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        os.symlink(src.resolve(), dst)

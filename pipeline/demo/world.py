@@ -1,20 +1,20 @@
 """The demo's built-in world: seeded fictional people, their biographies, and every file the demo
 trains and evaluates on. Nothing is downloaded; the same seed gives byte-identical files.
 
-Each person has six attributes whose values come from closed pools (20-24 values each), so the
-true value can be ranked against the other values of the attribute: a smooth knowledge signal
-for a model too small to answer exactly.
+Each person has a first and a last name from shared pools (each piece one token) and six
+attributes whose values come from closed pools (20-24 values each), so the true value can be
+ranked against the other values of the attribute: a smooth knowledge signal next to exact match.
 
 Two populations:
   known  - their biographies are in the base model's pretraining text. For `qa_fraction` of
-           them, the pretraining text also holds plain-text Q/A ("Q: ... A: ...") and the chat
+           them, the pretraining text also holds plain-text Q/A ("user ... assistant ...") and the chat
            data holds chat Q/A. The rest ("held-out known") have no Q/A anywhere: asking them
            in chat tests whether extraction generalises at all in this world.
   new    - their biographies are only in the raw corpus (raw.jsonl). Asking them in chat after
            the transplant is the question the demo exists to answer.
 
-Biographies vary sentence templates (7 per attribute), sentence order and how the person is
-referred to (full name or pronoun), so a model must learn facts rather than templates. One
+Biographies vary sentence templates (7 per attribute) and sentence order, and there are many
+distinct ones per person, so a model must learn facts rather than templates or windows. One
 extra biography per person is held out of every training file for raw perplexity.
 """
 from __future__ import annotations
@@ -107,29 +107,66 @@ PROBES: dict[str, str] = {
     "employer": "{n} works for", "hobby": "{n} enjoys",
 }
 
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                 "nine", "ten", "eleven", "twelve")
+
+# Every name is a first name and a last name drawn from these shared pools, so each name piece is
+# one whole token of the demo's tokenizer and known and new people are built from the same pieces.
+# (Random-syllable names, which a 2k vocabulary splits into several pieces each, left even the
+# Q/A upper bound at 27% exact match.)
+FIRST_NAMES_F = ("Anna", "Clara", "Emma", "Grace", "Helen", "Julia", "Laura", "Lucy", "Maria",
+                 "Nora", "Olivia", "Rose", "Sarah", "Alice", "Ella", "Eva", "Hannah", "Irene",
+                 "Jane", "Karen", "Linda", "Mia", "Nina", "Paula", "Ruth", "Sofia", "Tina",
+                 "Vera", "Wendy", "Zoe", "Amy", "Beth", "Diana", "Fiona", "Greta", "Ida",
+                 "Lena", "Maya", "Rita", "Susan")
+FIRST_NAMES_M = ("Adam", "Ben", "Carl", "David", "Erik", "Frank", "George", "Henry", "Ivan",
+                 "Jack", "Karl", "Leo", "Mark", "Nick", "Oscar", "Paul", "Peter", "Ralph",
+                 "Sam", "Tom", "Victor", "Walter", "Alan", "Bruno", "Colin", "Daniel", "Edward",
+                 "Felix", "Hugo", "James", "Kevin", "Louis", "Martin", "Noah", "Owen", "Philip",
+                 "Robert", "Simon", "Thomas", "William")
+LAST_NAMES = ("Smith", "Brown", "Miller", "Wilson", "Moore", "Taylor", "Anderson", "Thomas",
+              "Jackson", "White", "Harris", "Martin", "Thompson", "Garcia", "Clark", "Lewis",
+              "Walker", "Hall", "Allen", "Young", "King", "Wright", "Scott", "Green", "Baker",
+              "Adams", "Nelson", "Hill", "Campbell", "Mitchell", "Roberts", "Carter", "Phillips",
+              "Evans", "Turner", "Parker", "Collins", "Edwards", "Stewart", "Morris", "Murphy",
+              "Cook", "Rogers", "Morgan", "Cooper", "Peterson", "Reed", "Bailey", "Bell",
+              "Kelly", "Howard", "Ward", "Cox", "Richardson", "Wood", "Watson", "Brooks",
+              "Bennett", "Gray", "Hughes", "Price", "Sanders", "Myers", "Long", "Ross", "Foster",
+              "Powell", "Jenkins", "Perry", "Russell", "Sullivan", "Fisher", "Hayes", "Ford",
+              "Graham", "Wallace", "West", "Cole", "Hunt", "Black")
+
+
+# The old demo's names, random syllables that a 2k vocabulary splits into several pieces each: a
+# world option (names="syllables"), so the sweep can show what whole-token names bought.
 _ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "br", "dr", "gr", "kl", "st", "tr", "sh", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _FEMALE_ENDS = ("a", "ia", "ine", "elle", "is", "ey")
 _MALE_ENDS = ("o", "an", "ek", "ar", "ir", "en")
 _LAST_ENDS = ("son", "berg", "ova", "ski", "ton", "well", "ard", "mont", "ley", "vic")
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                 "nine", "ten", "eleven", "twelve")
 
 
-def _syllables(rng: random.Random, n: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n))
+def _syllable_name(rng: random.Random, female: bool) -> tuple[str, str]:
+    syl = lambda n: "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n))
+    first = syl(rng.choice((1, 2))) + rng.choice(_FEMALE_ENDS if female else _MALE_ENDS)
+    return first.capitalize(), (syl(rng.choice((1, 2))) + rng.choice(_LAST_ENDS)).capitalize()
 
 
-def _make_people(rng: random.Random, count: int) -> list[dict]:
+def _make_people(rng: random.Random, count: int, names: str = "pools") -> list[dict]:
+    if names not in ("pools", "syllables"):
+        raise ValueError(f"names={names!r}: expected 'pools' or 'syllables'")
+    if names == "pools" and count > len(FIRST_NAMES_F) * len(LAST_NAMES):
+        raise ValueError(f"{count} people: the name pools hold fewer distinct names")
     people, seen = [], set()
     while len(people) < count:
         female = rng.random() < 0.5
-        first = _syllables(rng, rng.choice((1, 2))) + rng.choice(_FEMALE_ENDS if female else _MALE_ENDS)
-        last = _syllables(rng, rng.choice((1, 2))) + rng.choice(_LAST_ENDS)
-        name = f"{first.capitalize()} {last.capitalize()}"
-        if name in seen:
+        if names == "pools":
+            first, last = rng.choice(FIRST_NAMES_F if female else FIRST_NAMES_M), rng.choice(LAST_NAMES)
+        else:
+            first, last = _syllable_name(rng, female)
+        name = f"{first} {last}"
+        if name in seen or first == last:  # no "Thomas Thomas"
             continue
         seen.add(name)
         facts = {a: rng.choice(POOLS[a]) for a in ATTRIBUTES}
@@ -142,19 +179,27 @@ def _cap(s: str) -> str:
 
 
 def biography(rng: random.Random, person: dict) -> str:
-    """One biography: every attribute once, templates and order drawn at random. The first
-    sentence names the person in full; later ones use the full name or a pronoun at random
-    (never the first name alone, which other people may share)."""
+    """One biography: every attribute once, templates and order drawn at random. Every sentence
+    names the person in full (never the first name alone, which other people share), so a
+    sentence cut off from the biography's start by a training-window boundary still says whose
+    fact it is; a second mention in the same sentence is a pronoun ("Ana Berg spent her
+    childhood in Oslo")."""
     name = person["name"]
     subj = person["pronoun"]
     poss = "her" if subj == "she" else "his"
     attrs = list(ATTRIBUTES)
     rng.shuffle(attrs)
     sentences = []
-    for i, attr in enumerate(attrs):
-        use_name = i == 0 or rng.random() < 0.4
-        s, p = (name, name + "'s") if use_name else (subj, poss)
+    for attr in attrs:
         template = rng.choice(BIO_TEMPLATES[attr])
+        subj_at = max(template.find("{S}"), template.find("{s}"))
+        poss_at = max(template.find("{P}"), template.find("{p}"))
+        s, p = name, name + "'s"
+        if subj_at >= 0 and poss_at >= 0:  # the later of the two mentions is the pronoun
+            if poss_at > subj_at:
+                p = poss
+            else:
+                s = subj
         text = template.format(S=_cap(s), s=s, P=_cap(p), p=p, v=person["facts"][attr])
         sentences.append(_cap(text))
     return " ".join(sentences)
@@ -162,6 +207,14 @@ def biography(rng: random.Random, person: dict) -> str:
 
 def _question(rng: random.Random, person: dict, attr: str) -> str:
     return rng.choice(QUESTIONS[attr]).format(n=person["name"])
+
+
+def _rounds(rng: random.Random, person: dict, k: int) -> list[list[tuple[str, str]]]:
+    """k rounds of (attribute, question) covering every attribute. The phrasings of an attribute
+    are taken in a random order, cycling, so any 4 consecutive rounds ask it 4 different ways."""
+    orders = {a: rng.sample(QUESTIONS[a], len(QUESTIONS[a])) for a in ATTRIBUTES}
+    return [[(a, orders[a][j % len(orders[a])].format(n=person["name"])) for a in ATTRIBUTES]
+            for j in range(k)]
 
 
 def _chat(q: str, a: str | None = None) -> dict:
@@ -227,9 +280,10 @@ def _eval_record(q: str, person: dict, attr: str) -> dict:
     return rec
 
 
-def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: int = 4,
-                qa_fraction: float = 0.5, n_generic: int = 300, n_format_eval: int = 60,
-                seed: int = 0, force: bool = False) -> dict[str, str]:
+def build_world(out_dir, n_known: int = 300, n_new: int = 100, bios_per_person: int = 30,
+                qa_fraction: float = 0.7, pretrain_qa_rounds: int = 6, chat_qa_rounds: int = 16,
+                qa_new_rounds: int = 16, n_generic: int = 300, n_format_eval: int = 60,
+                names: str = "pools", seed: int = 0, force: bool = False) -> dict[str, str]:
     """Write the world's files into out_dir (atomically) and return {file key: path}.
 
     Files (.jsonl; raw ones {"text"}, chat ones {"messages"} as `python -m data_prep` reads them):
@@ -244,8 +298,21 @@ def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: 
       tokenizer_corpus  text about other fictional people, to train the tokenizer on
       world.json        people, facts, pools, sizes, seed
 
+    Repetition is written out, not left to epochs: the trainer cuts its token stream into the same
+    windows every epoch, and a tiny model trained for many epochs on a few biographies per person
+    memorizes those windows (loss 0.15) without learning whose fact is whose (completion rank 7.6
+    of 20 on the very people it trained on). So each person gets bios_per_person distinct
+    biographies and each Q/A is repeated in fresh positions, and the configs train about one
+    pass over each file (Physics of LMs 3.1's "multiplicity" augmentation).
+
+    bios_per_person: distinct training biographies per person (plus one held out).
+    pretrain_qa_rounds: plain-text Q/A transcripts per Q/A person in pretraining, 6 questions each.
+    chat_qa_rounds, qa_new_rounds: times each (person, attribute) is asked in chat / qa_new, in
+        rotating phrasings, shuffled through the file.
     n_generic: generic paragraphs in pretraining and generic chat turns (each).
     n_format_eval: held-out generic chat prompts for format adherence (plus as many questions).
+    names: "pools" (first and last names from shared pools, one token each) or "syllables" (the
+        old demo's random syllables, several tokens each).
     """
     if not 0 < qa_fraction < 1:
         raise ValueError(f"qa_fraction must be in (0, 1), got {qa_fraction}")
@@ -254,14 +321,12 @@ def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: 
     def stream(tag: str) -> random.Random:
         return random.Random(f"{seed}:{tag}")
 
-    people = _make_people(stream("people"), n_known + n_new)
+    people = _make_people(stream("people"), n_known + n_new, names)
     # The tokenizer is trained on text about OTHER fictional people (who appear nowhere else),
-    # the way a real tokenizer predates the facts a model later learns. Trained on the known
-    # people's text instead, a 2k vocabulary turns their names into whole-word tokens while new
-    # names stay split in syllables, and the held-out-known control would stop predicting what
-    # happens to new people.
+    # the way a real tokenizer predates the facts a model later learns. Their names come from the
+    # same pools, so every name piece is a whole token for known and new people alike.
     taken = {p["name"] for p in people}
-    tok_people = [p for p in _make_people(stream("tokenizer"), n_known + n_new) if p["name"] not in taken]
+    tok_people = [p for p in _make_people(stream("tokenizer"), n_known + n_new, names) if p["name"] not in taken]
     known, new = people[:n_known], people[n_known:]
     n_qa = round(n_known * qa_fraction)
     qa_people, heldout_people = known[:n_qa], known[n_qa:]
@@ -275,10 +340,18 @@ def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: 
 
     rng = stream("pretrain")
     pretrain = [{"text": b} for p in known for b in bios[p["name"]][:-1]]
-    for p in qa_people:  # plain-text Q/A: mixed training, so the base can already extract facts
-        lines = [f"Q: {_question(rng, p, a)} A: {p['facts'][a]}." for a in ATTRIBUTES]
-        rng.shuffle(lines)
-        pretrain.append({"text": "\n".join(lines)})
+    # Mixed training: plain-text Q/A transcripts about the Q/A people, so the base learns to
+    # extract facts from a question and does it for the held-out known people too (Physics of
+    # LMs 3.1). They read "user QUESTION\nassistant ANSWER": the chat template's role words, each
+    # at the start of a line so that it is the very token the template puts after <|im_start|>
+    # ("assistant", not "▁assistant"), without the special tokens. With "Q: ... A: ..." the base
+    # extracts in that form (held-out rank 2.6 of 10.8) but not after the template's assistant
+    # header, and A-Chat, which trains only the last layers, cannot bridge the gap (7.7).
+    for p in qa_people:
+        for qs in _rounds(rng, p, pretrain_qa_rounds):
+            pairs = [f"user {q}\nassistant {p['facts'][a]}" for a, q in qs]
+            rng.shuffle(pairs)
+            pretrain.append({"text": "\n".join(pairs)})
     pretrain += [{"text": generic_text(rng)} for _ in range(n_generic)]
     rng.shuffle(pretrain)
 
@@ -286,13 +359,14 @@ def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: 
     stream("raw").shuffle(raw)
 
     rng = stream("chat")
-    chat = [_chat(_question(rng, p, a), p["facts"][a]) for p in qa_people for a in ATTRIBUTES]
+    chat = [_chat(q, p["facts"][a]) for p in qa_people for qs in _rounds(rng, p, chat_qa_rounds) for a, q in qs]
     generic_train = [generic_turn(rng) for _ in range(n_generic)]
     chat += [_chat(q, a) for q, a in generic_train]
     rng.shuffle(chat)
 
     rng = stream("qa_new")
-    qa_new = [_chat(_question(rng, p, a), p["facts"][a]) for p in new for a in ATTRIBUTES]
+    qa_new = [_chat(q, p["facts"][a]) for p in new for qs in _rounds(rng, p, qa_new_rounds) for a, q in qs]
+    rng.shuffle(qa_new)
 
     rng = stream("eval")
     eval_new = [_eval_record(_question(rng, p, a), p, a) for p in new for a in ATTRIBUTES]
@@ -317,7 +391,7 @@ def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: 
 
     rng = stream("tokenizer_text")
     tok_corpus = [{"text": biography(rng, p)} for p in tok_people for _ in range(2)]
-    tok_corpus += [{"text": f"Q: {_question(rng, p, a)} A: {p['facts'][a]}."} for p in tok_people
+    tok_corpus += [{"text": f"user {_question(rng, p, a)}\nassistant {p['facts'][a]}"} for p in tok_people
                    for a in ATTRIBUTES]
     tok_corpus += [_chat(_question(rng, p, a), p["facts"][a]) for p in tok_people[:50] for a in ATTRIBUTES]
     tok_corpus += [{"text": generic_text(rng)} for _ in range(n_generic)]
@@ -338,7 +412,9 @@ def build_world(out_dir, n_known: int = 200, n_new: int = 100, bios_per_person: 
         world = {
             "seed": seed, "n_known": n_known, "n_new": n_new, "n_qa": n_qa,
             "bios_per_person": bios_per_person, "qa_fraction": qa_fraction,
-            "n_generic": n_generic, "n_format_eval": n_format_eval,
+            "pretrain_qa_rounds": pretrain_qa_rounds, "chat_qa_rounds": chat_qa_rounds,
+            "qa_new_rounds": qa_new_rounds,
+            "n_generic": n_generic, "n_format_eval": n_format_eval, "names": names,
             "attributes": {a: list(POOLS[a]) for a in ATTRIBUTES},
             "files": {k: len(v) for k, v in files.items()},
             "people": people,

@@ -1,0 +1,118 @@
+"""What the demo trains: the baselines every result is read against, and the recipes under test.
+
+A recipe is one way to carry the raw documents into the chat model, written as a few keys over
+the method's vanilla run (A-Raw on the raw corpus, transplanted under A-Chat's format group):
+
+    name            the recipe's model in the results is `recipe_<name>`
+    raw             config overrides for its A-Raw (raw_start, format_start, raw_trains_format,
+                    anchor_weight, lr, min_lr, steps)
+    replay          pretraining samples mixed into A-Raw per raw sample (0.25: one in five of its
+                    samples is the base's own corpus, which holds plain-text Q/A about *other*
+                    people and never about the raw documents). Steps grow by (1 + replay), so
+                    every recipe sees the raw documents equally often.
+    reattach_steps  a chat-phase tune of the transplant's format group on the same generic chat
+                    data A-Chat saw, after the transplant (0: none)
+    merge           how the two halves become one model: `transplant` (the method: A-Chat's format
+                    group replaces A-Raw's) or `chat_vector` (A-Raw + (A-Chat - base): what A-Raw
+                    wrote into the format group stays, and A-Chat's change is added on top)
+
+A recipe with another `format_start` (or `raw_start`) trains its own A-Chat with that boundary,
+so the transplant's two halves always agree on it. A recipe that changes nothing is the method
+itself: the `transplant` baseline, which `make demo` runs anyway.
+
+Recipes live in YAML: configs/demo/recipe.yaml is the one `make demo` runs (the best the sweep
+found), configs/demo/sweep.yaml the list `make sweep` measures.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_prep.common import UserError
+
+RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
+RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note"}
+WORLD_KEYS = {"name", "world", "base_steps", "note"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    raw: dict = field(default_factory=dict)
+    replay: float = 0.0
+    reattach_steps: int = 0
+    merge: str = "transplant"
+    note: str = ""
+
+    @property
+    def model(self) -> str:
+        return f"recipe_{self.name}"
+
+    @property
+    def is_vanilla(self) -> bool:
+        return not self.raw and not self.replay and not self.reattach_steps and self.merge == "transplant"
+
+    def boundary(self, default: tuple[int, int]) -> tuple[int, int]:
+        return (self.raw.get("raw_start", default[0]), self.raw.get("format_start", default[1]))
+
+
+@dataclass(frozen=True)
+class WorldVariant:
+    """Another world (its own base, A-Chat and Q/A upper bound): what decides the control."""
+    name: str
+    world: dict = field(default_factory=dict)
+    base_steps: int | None = None
+    note: str = ""
+
+
+def _check(item, keys: set, where: str) -> dict:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) \
+            or not re.fullmatch(r"[A-Za-z0-9_.-]+", item["name"]):
+        raise UserError(f"{where}: needs a `name` (letters, digits, _ . -), got {item!r}")
+    unknown = set(item) - keys
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(keys))})")
+    return item
+
+
+def recipe_from(item, where: str) -> Recipe:
+    item = _check(item, RECIPE_KEYS, where)
+    raw = item.get("raw") or {}
+    if not isinstance(raw, dict) or set(raw) - RAW_KEYS:
+        raise UserError(f"{where}: `raw` may set {', '.join(sorted(RAW_KEYS))}, got {raw!r}")
+    replay, reattach = item.get("replay", 0.0), item.get("reattach_steps", 0)
+    if not isinstance(replay, (int, float)) or replay < 0:
+        raise UserError(f"{where}: `replay` must be a number >= 0, got {replay!r}")
+    if not isinstance(reattach, int) or reattach < 0:
+        raise UserError(f"{where}: `reattach_steps` must be an integer >= 0, got {reattach!r}")
+    merge = item.get("merge", "transplant")
+    if merge not in ("transplant", "chat_vector"):
+        raise UserError(f"{where}: `merge` must be `transplant` or `chat_vector`, got {merge!r}")
+    return Recipe(item["name"], dict(raw), float(replay), reattach, merge, item.get("note", ""))
+
+
+def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:
+    """A recipe file: a mapping with `recipes:` (and, for a sweep, `worlds:`), or one recipe."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {e}") from None
+    if isinstance(data, dict) and "name" in data:
+        return [recipe_from(data, str(path))], []
+    if isinstance(data, dict) and data.get("recipes") == []:
+        return [], []
+    if not isinstance(data, dict) or not isinstance(data.get("recipes", []), list):
+        raise UserError(f"{path}: expected `recipes: [...]` (and optionally `worlds: [...]`), or one recipe")
+    recipes = [recipe_from(r, f"{path}: recipes[{i}]") for i, r in enumerate(data.get("recipes") or [])]
+    worlds = [WorldVariant(**{k: v for k, v in _check(w, WORLD_KEYS, f"{path}: worlds[{i}]").items()})
+              for i, w in enumerate(data.get("worlds") or [])]
+    names = [r.name for r in recipes] + [w.name for w in worlds]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: names must be unique, got {names}")
+    return recipes, worlds
