@@ -55,16 +55,19 @@ test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs inclu
 DEMO_OUT ?= runs/demo
 # DEMO_SIZE=tiny is a few-minute plumbing check with meaningless numbers.
 DEMO_SIZE ?= full
+# One seed sets the world, the initialisation and the data order. Another seed needs its own
+# DEMO_OUT (the demo refuses a folder made with other settings rather than reuse its runs).
+SEED ?= 0
 # The recipe the demo runs beside the baselines (the best the sweep found).
 RECIPE ?= configs/demo/recipe.yaml
 # The recipes and world variants `make sweep` measures.
 SWEEP ?= configs/demo/sweep.yaml
 
 demo: setup  ## the whole method on the built-in synthetic world, on CPU (~15 min): table in $(DEMO_OUT)/results.md
-	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --recipe $(RECIPE)
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --seed $(SEED) --recipe $(RECIPE)
 
 sweep: setup  ## every recipe of SWEEP against the demo's base and A-Chat (hours on CPU): $(DEMO_OUT)/sweep.md
-	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --sweep $(SWEEP)
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --seed $(SEED) --sweep $(SWEEP)
 
 # ---- benchmarks -------------------------------------------------------------------------------
 # small keeps a CPU run under 10 minutes; medium uses bigger models for steadier ratios.

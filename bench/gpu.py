@@ -201,7 +201,6 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
     info["attention_kernels"] = attention_kernels(model, device, cfg.data.seq_len, autocast)
     if device == "cuda":
         info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
-    del model, opt
     return times, info
 
 

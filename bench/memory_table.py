@@ -80,8 +80,8 @@ def row(name: str, gpus: int, P: int, phase: str, checkpointing: bool) -> dict:
 
 
 def table() -> str:
-    lines = [f"| model | GPUs | P x DP | phase | act. ckpt | worst stage (layers) | per GPU: weights + grad/optim + "
-             f"activations = total | host RAM per node (was) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | GPUs | P x DP | phase | act. ckpt | worst stage (layers) | per GPU: weights + grad/optim + "
+             "activations = total | host RAM per node (was) |", "|---|---|---|---|---|---|---|---|"]
     for name, gpus, P in LAYOUTS:
         for phase in ("chat", "raw"):
             for ckpt in (False, True):

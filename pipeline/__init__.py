@@ -15,6 +15,7 @@ The shared vocabulary, one owner per concept; every subpackage asks these, none 
     names.py    stable names: pipeline layer i is `model.layers.i`
     rundir.py   the run directory: layout, complete checkpoints, the latest step, the lock
     hf.py       Hugging Face model directories: config, weights tensor by tensor, the model factory
+    plots.py    how a PNG is made (no display, figures closed)
 
 Import rule: subpackages import the shared modules and `data_prep`; they do not import each
 other, except the demo, which drives them all, and the layer probe, which reads weights

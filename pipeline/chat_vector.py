@@ -6,8 +6,7 @@ import argparse
 from data_prep.common import fail_cleanly
 
 from .convert import chat_vector as convert_chat_vector
-from .convert.output import DTYPES
-from .convert.shards import DEFAULT_SHARD_SIZE
+from .convert.output import add_output_flags
 
 EPILOG = """examples:
   # A-Raw (a run trained from the base) plus the chat vector of an instruct model of the same base
@@ -28,14 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the chat model of the same base: gives the chat vector (chat - base), the tokenizer and template")
     p.add_argument("--base", required=True, metavar="HF_DIR", help="the base model both were trained from")
     p.add_argument("--ratio", type=float, default=1.0, help="how much of the chat vector to add (default 1.0)")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
     p.add_argument("--raw-step", type=int, metavar="N", help="checkpoint step of a --raw run (default: latest)")
     p.add_argument("--chat-step", type=int, metavar="N", help="checkpoint step of a --chat run (default: latest)")
-    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
-                   help=f"largest safetensors file, e.g. 500MB, 5GB (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="dtype of the written weights (default auto: the base's, as its config.json says)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the merge succeeded)")
+    add_output_flags(p, made="merge", auto_dtype="the base's")
     return p
 
 

@@ -7,8 +7,7 @@ from data_prep.common import fail_cleanly
 
 from .convert import export as convert_export
 from .convert.export import export_run
-from .convert.output import DTYPES
-from .convert.shards import DEFAULT_SHARD_SIZE
+from .convert.output import add_output_flags
 
 EPILOG = """examples:
   # the newest complete checkpoint of a run
@@ -25,14 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory written by `python -m pipeline.train`")
     p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest complete one)")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
-    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
-                   help=f"largest safetensors file, e.g. 500MB, 5GB (default {DEFAULT_SHARD_SIZE}); peak memory "
-                        f"is about this plus one layer, so lower it on a small machine")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="dtype of the written weights (default auto: the base model's, as its config.json says, "
-                        "even when training ran in fp32)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the export succeeded)")
+    add_output_flags(p, made="export", auto_dtype="the base model's")
     return p
 
 

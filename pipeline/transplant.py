@@ -5,8 +5,7 @@ import argparse
 
 from data_prep.common import UserError, fail_cleanly
 
-from .convert.output import DTYPES
-from .convert.shards import DEFAULT_SHARD_SIZE
+from .convert.output import add_output_flags
 from .convert import transplant as convert_transplant
 from .convert.transplant import donor_transplant, transplant
 
@@ -35,18 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--donor", metavar="HF_DIR",
                       help="instead of --chat: an instruct model of the same family (same shapes and vocabulary) "
                            "gives the format group, norm, head, tokenizer and template; its lower layers are not used")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
     p.add_argument("--format-start", type=int, metavar="N",
                    help="first layer of the format group; needed only when both inputs are HF directories "
                         "(with runs it must match their run.json)")
     p.add_argument("--raw-step", type=int, metavar="N", help="checkpoint step of the --raw run (default: latest)")
     p.add_argument("--chat-step", type=int, metavar="N", help="checkpoint step of the --chat run (default: latest)")
-    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
-                   help=f"largest safetensors file, e.g. 500MB, 5GB (default {DEFAULT_SHARD_SIZE}); peak memory "
-                        f"is about this plus one layer, so lower it on a small machine")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="dtype of the written weights (default auto: A-Chat's base model's, as its config.json says)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the transplant succeeded)")
+    add_output_flags(p, made="transplant", auto_dtype="A-Chat's base model's")
     return p
 
 

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.kit import train as ft
 from tests.kit.runs import make_base, make_run

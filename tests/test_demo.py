@@ -10,7 +10,7 @@ import pytest
 from pipeline.groups import FORMAT, LayerGroups
 from tests.kit import train as ft
 
-MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "recipe_reattach"}
+MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "recipe_rtf_chat_vector"}
 METRICS = {"format_adherence", "knowledge_accuracy", "knowledge_rank", "heldout_known_rank", "raw_rank_new",
            "ppl_raw_new", "ppl_raw_known", "chance_rank"}
 
@@ -52,4 +52,46 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert (out / "runs" / "a_raw" / "loss.png").is_file()
     # A rerun finds every step done and only rewrites the report.
     p2 = subprocess.run(cmd, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
-    assert p2.returncode == 0 and "(46 done already)" in p2.stdout, p2.stdout[-2000:]
+    assert p2.returncode == 0 and "(47 done already)" in p2.stdout, p2.stdout[-2000:]
+
+
+def test_a_folder_made_with_another_seed_is_refused_not_reused(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text(json.dumps({"seed": 0, "size": "tiny", "world": {}, "base_steps": None}))
+    p = subprocess.run([sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--seed", "1"],
+                       cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "seed 0 -> 1" in p.stderr and "DEMO_OUT" in p.stderr
+    assert sorted(x.name for x in out.iterdir()) == ["demo.json"]  # nothing was started
+
+
+@pytest.mark.multiproc
+def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tmp_path):
+    """A sweep in a demo's folder trains only what the demo has not, writes its table, plot and
+    verdict, and a rerun trains nothing."""
+    out = tmp_path / "demo"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("recipes:\n  - name: replay_half\n    replay: 0.5\n  - name: reattach\n    reattach_steps: 2\n"
+                     "worlds:\n  - name: syllables\n    world: {names: syllables}\n")
+    base = [sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--threads", "1"]
+    demo = subprocess.run(base, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    trained_by_demo = {p.name for p in (out / "runs").iterdir()}
+
+    p = subprocess.run(base + ["--sweep", str(sweep)], cwd=ft.REPO, env=ft.env(), capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    new_runs = {p.name for p in (out / "runs").iterdir()} - trained_by_demo
+    assert new_runs == {"a_raw_replay_half", "recipe_reattach"}  # base, A-Chat and A-Raw came from the demo
+    result = json.loads((out / "sweep.json").read_text())
+    assert {"transplant", "recipe_replay_half", "recipe_reattach"} <= set(result["recipes"])
+    assert set(result["worlds"]) == {"syllables"}
+    assert (out / "worlds" / "syllables" / "world" / "world.json").is_file()
+    md = (out / "sweep.md").read_text()
+    assert "| recipe_replay_half |" in md and "| syllables |" in md and "**Verdict:" in md
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = subprocess.run(base + ["--sweep", str(sweep)], cwd=ft.REPO, env=ft.env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "about 0 min of work" in again.stdout, again.stdout[-2000:]

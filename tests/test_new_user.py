@@ -133,6 +133,25 @@ def test_a_second_training_on_the_same_out_is_refused_and_the_first_ends_complet
 
 
 @pytest.mark.multiproc
+def test_a_one_process_training_ignores_a_master_port_left_in_the_shell(setup, tmp_path):
+    """A CI harness or an old shell exports MASTER_PORT, and another program already listens there
+    (an earlier one-process training, say). One process needs no agreed port, so it must not try
+    to bind that one and die with EADDRINUSE."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = ft.write_config(tmp_path / "a.yaml", setup, "raw", tmp_path / "run", steps=2, save_every=2)
+        env = {**ft.env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        p = subprocess.run([sys.executable, "-m", "pipeline.train", str(cfg)], cwd=ft.REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert RunDir(tmp_path / "run").latest_step() == 2
+
+
+@pytest.mark.multiproc
 def test_a_killed_training_does_not_hold_its_directory(setup, tmp_path):
     run = tmp_path / "run"
     cfg = ft.write_config(tmp_path / "a.yaml", setup, "raw", run, steps=30, save_every=10)

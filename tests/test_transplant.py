@@ -146,7 +146,6 @@ def test_a_run_and_an_hf_directory_mix(world, tmp_path):
 
 def _other_runs(world, tmp: Path) -> dict:
     """Inputs that must each be refused."""
-    d = world["dir"]
     return {
         "layers": lambda: make_run(tmp / "deep", make_base(tmp / "base6", num_layers=6), "chat", format_start=F),
         "base": lambda: make_run(tmp / "other-base", make_base(tmp / "base-b", seed=7), "raw", format_start=F),

@@ -13,6 +13,22 @@ from .shards import ShardWriter, stream_layers
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def add_output_flags(p, *, made: str, auto_dtype: str) -> None:
+    """--out, --max-shard-size, --dtype and --force: the same four flags on every command that writes a
+    model (export, transplant, chat_vector). `made` names what must succeed before --force replaces
+    anything; `auto_dtype` says whose dtype `auto` keeps."""
+    from .shards import DEFAULT_SHARD_SIZE
+
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
+    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
+                   help=f"largest safetensors file, e.g. 500MB, 5GB (default {DEFAULT_SHARD_SIZE}); peak memory "
+                        f"is about this plus one layer per input, so lower it on a small machine")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help=f"dtype of the written weights (default auto: {auto_dtype}, as its config.json says, "
+                        f"even when training ran in fp32)")
+    p.add_argument("--force", action="store_true", help=f"replace a non-empty --out (only once the {made} succeeded)")
+
+
 def output_dtype(name: str, config: dict):
     """`auto` keeps the dtype the base checkpoint declares (a bf16 model stays bf16 even when it
     was trained in fp32 on CPU); otherwise the named one."""

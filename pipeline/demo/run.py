@@ -34,6 +34,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from data_prep.common import UserError, atomic_write_json
+from pipeline.training.dist import without_launcher
 
 from .recipes import Recipe
 
@@ -106,7 +107,9 @@ class Demo:
 
     # --- plumbing -------------------------------------------------------------------------------
     def _env(self) -> dict:
-        env = dict(os.environ)
+        # Each step is a one-process job of its own, even when the demo runs inside a SLURM
+        # allocation or a shell with MASTER_PORT set: two concurrent steps must not share a port.
+        env = without_launcher(os.environ)
         env["OMP_NUM_THREADS"] = str(self.threads)  # per process: two processes share the 2 cores
         env.setdefault("DS_ACCELERATOR", "cpu")
         return env
@@ -285,8 +288,23 @@ class Demo:
         print("\n" + table + "\n\n" + verdict, flush=True)
 
     # --- running the graph ------------------------------------------------------------------------
+    def _claim_out(self) -> None:
+        """One folder holds one demo. Reruns skip every step whose output exists, so a folder made
+        with another seed, size or world would silently lend this run its models."""
+        me = {"seed": self.seed, "size": self.size, "world": self.world_overrides, "base_steps": self.base_steps}
+        f = self.out / "demo.json"
+        if f.exists():
+            was = json.loads(f.read_text())
+            if was != me:
+                changed = ", ".join(f"{k} {was.get(k)!r} -> {me[k]!r}" for k in me if was.get(k) != me[k])
+                raise UserError(f"{self.out} holds a demo made with other settings ({changed}); "
+                                f"give this one its own --out (make demo DEMO_OUT=...)")
+        else:
+            atomic_write_json(f, me)
+
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self._claim_out()
         steps = self.steps()
         done = {n for n, s in steps.items() if s.output is not None and s.output.exists()}
         todo = [s for n, s in steps.items() if n not in done]

@@ -8,12 +8,12 @@ sweep.png (format kept against knowledge share, one point per variant).
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 from data_prep.common import atomic_file, atomic_write_json, atomic_write_text
 
+from ..plots import png_bytes, pyplot
 from . import recipes as R
 from .run import Demo
 from .verdict import FORMAT_KEPT, SHARE, assess, format_kept, knowledge_share, verdict_text
@@ -87,10 +87,7 @@ def markdown(result: dict, worlds: dict) -> str:
 
 
 def chart(rows: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8.5, 5), dpi=110)
     markers = "osD^vP*Xh<>p"
@@ -104,8 +101,4 @@ def chart(rows: dict) -> bytes:
     ax.set_title("recipes: the claim needs the top-right corner", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -19,14 +19,19 @@ import math
 CONTROL, UPPER_ACCURACY, FORMAT_KEPT, SHARE, NAIVE_BROKEN = 0.5, 0.8, 0.95, 0.5, 0.5
 
 
+def _get(models: dict, name: str, key: str) -> float:
+    """NaN for a model the run does not have (a report of a partial run must still print)."""
+    return models.get(name, {}).get(key, float("nan"))
+
+
 def knowledge_share(models: dict, name: str) -> float:
-    a, q = models["a_chat"]["knowledge_rank"], models["qa_upper"]["knowledge_rank"]
-    return (a - models[name]["knowledge_rank"]) / (a - q) if a != q else float("nan")
+    a, q = _get(models, "a_chat", "knowledge_rank"), _get(models, "qa_upper", "knowledge_rank")
+    return (a - _get(models, name, "knowledge_rank")) / (a - q) if a != q else float("nan")
 
 
 def format_kept(models: dict, name: str) -> float:
-    a = models["a_chat"]["format_adherence"]
-    return models[name]["format_adherence"] / a if a else float("nan")
+    a = _get(models, "a_chat", "format_adherence")
+    return _get(models, name, "format_adherence") / a if a else float("nan")
 
 
 def candidates(models: dict, recipes: list[str]) -> list[str]:
@@ -35,7 +40,7 @@ def candidates(models: dict, recipes: list[str]) -> list[str]:
 
 
 def assess(models: dict, recipes: list[str]) -> dict:
-    g = lambda n, k: models.get(n, {}).get(k, float("nan"))
+    g = lambda n, k: _get(models, n, k)
     chance = g("a_chat", "chance_rank")
     out = {"control": g("a_chat", "heldout_known_rank") <= CONTROL * chance,
            "upper_bound": g("qa_upper", "knowledge_accuracy") >= UPPER_ACCURACY}
@@ -50,7 +55,7 @@ def assess(models: dict, recipes: list[str]) -> dict:
 
 
 def verdict_text(models: dict, recipes: list[str] = ()) -> str:
-    g = lambda n, k: models.get(n, {}).get(k, float("nan"))
+    g = lambda n, k: _get(models, n, k)
     a = assess(models, list(recipes))
     chance = g("a_chat", "chance_rank")
     held = g("a_chat", "heldout_known_rank")
@@ -90,4 +95,12 @@ def verdict_text(models: dict, recipes: list[str] = ()) -> str:
         lines.append(f"- **Verdict: the method's claim does NOT hold here.** No transplant variant keeps "
                      f"{FORMAT_KEPT:.0%} of A-Chat's format while carrying {SHARE:.0%} of the upper bound's knowledge "
                      f"into chat.{extra}")
+    if a["best"] is not None and "chat_vector" in models and a["control"] and a["upper_bound"]:
+        b, r = a["best"], a["rows"][a["best"]]
+        cv = {"format_kept": format_kept(models, "chat_vector"), "share": knowledge_share(models, "chat_vector")}
+        beats = cv["format_kept"] >= FORMAT_KEPT and cv["share"] > r["share"]
+        lines.append(f"- **Against the field's baseline:** `chat_vector` keeps {cv['format_kept']:.0%} of the format and "
+                     f"carries {cv['share']:.0%}; `{b}` keeps {r['format_kept']:.0%} and carries {r['share']:.0%}. " +
+                     ("The chat vector is the better recipe in this world." if beats else
+                      f"`{b}` is at least as good here."))
     return "\n".join(lines)

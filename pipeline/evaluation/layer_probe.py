@@ -22,6 +22,8 @@ from pathlib import Path
 
 from data_prep.common import UserError, atomic_write_json, atomic_write_text
 
+from ..plots import png_bytes, pyplot
+
 
 def weight_change(base, chat) -> dict:
     """Per decoder layer relative change, plus the embeddings and the final norm + head."""
@@ -93,12 +95,7 @@ def suggest(changes: list[float]) -> tuple[int | None, float]:
 
 
 def plot(result: dict, png: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     L = len(result["weight_change"])
     fig, ax1 = plt.subplots(figsize=(7, 3.8), dpi=120)
@@ -114,14 +111,10 @@ def plot(result: dict, png: Path) -> None:
         ax1.axvline(k - 0.5, color="black", ls="--", lw=1)
         ax1.text(k - 0.45, ax1.get_ylim()[1] * 0.95, f" suggested format_start = {k}", va="top", fontsize=9)
     ax1.set_title("what chat tuning changed, per layer", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
     from data_prep.common import atomic_file
 
     with atomic_file(png, "wb") as f:
-        f.write(buf.getvalue())
+        f.write(png_bytes(fig))
 
 
 def markdown(result: dict) -> str:

@@ -7,12 +7,13 @@ that gained no knowledge stays left.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 
 from data_prep.common import UserError, atomic_file, atomic_write_json, atomic_write_text
+
+from ..plots import png_bytes, pyplot
 
 # Column order of the table: the standard metrics first, anything else after in first-seen order.
 STANDARD_METRICS = ("format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank",
@@ -59,10 +60,7 @@ def knowledge_axis(models: dict) -> tuple[str, dict]:
 
 
 def chart_png(models: dict, title: str = "format adherence vs knowledge") -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     xlabel, xs = knowledge_axis(models)
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
@@ -81,11 +79,7 @@ def chart_png(models: dict, title: str = "format adherence vs knowledge") -> byt
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_report(results: dict, out_dir, columns=None, stem: str = "results") -> str:

@@ -10,7 +10,8 @@ all five. The other launchers a cluster offers do not:
 
 DeepSpeed's own `--launcher slurm` sets none of them either, and PipelineModule needs
 LOCAL_RANK. So before `deepspeed.init_distributed()` we fill in whatever is missing from
-the launcher that is present, and never overwrite what a launcher did set.
+the launcher that is present, and never overwrite what a launcher did set. (A lone process
+is its own job: it always rendezvouses on loopback, at a free port.)
 
 Run as a module it checks a hostfile, so launch scripts can validate before starting ranks:
     python -m pipeline.training.dist check-hostfile hosts.txt
@@ -185,15 +186,32 @@ def setup_distributed_env(env=None) -> dict:
         source, found = "slurm", _from_slurm(env)
     else:
         source = "single"
-        found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                 "MASTER_ADDR": "127.0.0.1",
-                 # One process: nobody to agree with, so any free port avoids clashes.
-                 "MASTER_PORT": str(_free_port())}
+        found = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        # One process has nobody to agree with, so a MASTER_ADDR/PORT left in the shell (or
+        # exported by a CI harness) is not a rendezvous, only a way for two one-process runs
+        # on the same machine to fight over one port. Take loopback and a free port instead.
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        found.update(_single_rendezvous())
     filled = {}
     for key in REQUIRED:
         if key not in env and key in found:
             env[key] = filled[key] = str(found[key])
     return {"source": source, "filled": filled, **{k: env.get(k) for k in REQUIRED}}
+
+
+def _single_rendezvous() -> dict:
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+
+
+# What a launcher puts in the environment. A process that starts its own one-process jobs (the
+# demo) removes them, so its children neither join the parent's job nor share its port.
+LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
+
+
+def without_launcher(env: dict) -> dict:
+    """A copy of `env` with no launcher variables: the child is a job of its own."""
+    return {k: v for k, v in env.items() if k not in REQUIRED and not k.startswith(LAUNCHER_PREFIXES)}
 
 
 def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tuple[int, int, int]:
@@ -210,8 +228,19 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tupl
     accel = get_accelerator()
     # gloo on CPU: DeepSpeed's CPU accelerator asks for oneCCL, which is rarely installed.
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                               verbose=False)
+    for attempt in range(3):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
+                                       verbose=False)
+            break
+        except RuntimeError as e:
+            # A free port is only free until someone else binds it: between our probe and the
+            # store's bind, another job on the machine may take it. One process can just pick
+            # again; ranks of a real job must keep the port they agreed on.
+            if info["source"] != "single" or "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+            os.environ.update(_single_rendezvous())
+            info["filled"].update(MASTER_PORT=os.environ["MASTER_PORT"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if rank == 0:
         filled = ", ".join(f"{k}={v}" for k, v in info["filled"].items()) or "nothing"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from data_prep.common import atomic_file, atomic_write_text
 
+from ..plots import png_bytes, pyplot
+
 
 class MetricsLog:
     """Append-only JSONL on rank 0. On resume, lines after the resumed step are dropped, so the
@@ -39,20 +41,14 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, png_path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(metrics_path)
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     with atomic_file(png_path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+        f.write(png_bytes(fig))

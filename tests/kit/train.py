@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.training.dist import without_launcher
+
 from .models import tiny_llama
 from .tokenizers import conversations, documents, make_hf_tokenizer, write_jsonl
 
@@ -50,7 +52,9 @@ def write_config(path: Path, setup: dict, phase: str, out: Path, **overrides) ->
 
 
 def env() -> dict:
-    e = dict(os.environ)
+    # Hermetic: a launcher's variables in the test runner's shell must not make a child think
+    # it is a rank of some other job.
+    e = without_launcher(os.environ)
     e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
     e["PYTHONPATH"] = str(REPO)  # `pipeline`, `data_prep` and `tests.kit`
     return e
