@@ -2,6 +2,7 @@
 holds every model and metric, its numbers are what a user's own `pipeline.evaluate` command gives,
 and the transplant is built from the runs the demo says."""
 import json
+import re
 import subprocess
 import sys
 
@@ -52,7 +53,9 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert (out / "runs" / "a_raw" / "loss.png").is_file()
     # A rerun finds every step done and only rewrites the report.
     p2 = subprocess.run(cmd, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
-    assert p2.returncode == 0 and "(47 done already)" in p2.stdout, p2.stdout[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    steps, done = map(int, re.search(r"(\d+) steps \((\d+) done already\)", p2.stdout).groups())
+    assert done == steps - 1 and "start report" in p2.stdout and "start eval" not in p2.stdout, p2.stdout[-2000:]
 
 
 def test_a_folder_made_with_another_seed_is_refused_not_reused(tmp_path):

@@ -314,6 +314,11 @@ class Demo:
         # The bar counts estimated seconds of work (each step's estimate when it completes).
         bar = tqdm(total=max(1, round(total)), unit=" est.s", desc="demo", position=0)
         lock, started = threading.Lock(), {}
+        # transformers resolves its names lazily, and that is not thread-safe: two evaluations
+        # starting at once can meet a half-built module ("cannot import name 'AutoTokenizer'").
+        # Resolve what the in-process steps use here, before there are threads.
+        from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,  # noqa: F401
+                                  GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
         with ThreadPoolExecutor(self.workers) as pool:
             running = {}
             while todo or running:
