@@ -51,12 +51,13 @@ test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs inclu
 
 # ---- the main job ---------------------------------------------------------------------------
 # Where the demo writes everything (world, shards, runs, models, results). Reruns continue, and a
-# sweep in the same folder reuses the demo's base and A-Chat.
-DEMO_OUT ?= runs/demo
+# sweep in the same folder reuses the demo's base and A-Chat. Each seed gets its own folder
+# (runs/demo, runs/demo-seed1, ...): the demo refuses a folder made with other settings rather than
+# reuse its runs.
+DEMO_OUT ?= runs/demo$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 # DEMO_SIZE=tiny is a few-minute plumbing check with meaningless numbers.
 DEMO_SIZE ?= full
-# One seed sets the world, the initialisation and the data order. Another seed needs its own
-# DEMO_OUT (the demo refuses a folder made with other settings rather than reuse its runs).
+# One seed sets the world, the initialisation and the data order.
 SEED ?= 0
 # The recipe the demo runs beside the baselines (the best the sweep found).
 RECIPE ?= configs/demo/recipe.yaml

@@ -42,7 +42,7 @@ def main(argv=None):
                         "the best the sweep found)")
     p.add_argument("--sweep", type=Path, metavar="FILE", help="measure every recipe and world of FILE instead")
     p.add_argument("--workers", type=int, default=2, help="steps run at once, one thread each (default 2: the cores)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per step (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per step (default 1); the base, which runs alone, gets workers x threads")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from . import recipes
