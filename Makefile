@@ -64,7 +64,7 @@ RECIPE ?= configs/demo/recipe.yaml
 # The recipes and world variants `make sweep` measures.
 SWEEP ?= configs/demo/sweep.yaml
 
-demo: setup  ## the whole method on the built-in synthetic world, on CPU (~15 min): table in $(DEMO_OUT)/results.md
+demo: setup  ## the whole method on the built-in synthetic world, on CPU (~14 min): table in $(DEMO_OUT)/results.md
 	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --seed $(SEED) --recipe $(RECIPE)
 
 sweep: setup  ## every recipe of SWEEP against the demo's base and A-Chat (hours on CPU): $(DEMO_OUT)/sweep.md

@@ -320,8 +320,10 @@ class Demo:
         # transformers resolves its names lazily, and that is not thread-safe: two evaluations
         # starting at once can meet a half-built module ("cannot import name 'AutoTokenizer'").
         # Resolve what the in-process steps use here, before there are threads.
-        from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer,  # noqa: F401
-                                  GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+        import transformers
+        for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig",
+                     "LlamaForCausalLM", "PreTrainedTokenizerFast"):
+            getattr(transformers, name)
         with ThreadPoolExecutor(self.workers) as pool:
             running = {}
             while todo or running:
