@@ -16,13 +16,25 @@ METRICS = {"format_adherence", "knowledge_accuracy", "knowledge_rank", "heldout_
            "ppl_raw_new", "ppl_raw_known", "chance_rank"}
 
 
-@pytest.mark.multiproc
-def test_tiny_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--threads", "1"]
-    p = subprocess.run(cmd, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=900)
+def _demo(out, *extra, timeout=900):
+    return subprocess.run([sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--threads", "1",
+                           *extra], cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One tiny demo for the module (it is the slow part): what it wrote is read here, before the
+    sweep test adds its own runs to the same folder."""
+    out = tmp_path_factory.mktemp("tiny") / "demo"
+    p = _demo(out)
     assert p.returncode == 0, p.stderr[-4000:]
-    results = json.loads((out / "results.json").read_text())["models"]
+    return {"out": out, "results": json.loads((out / "results.json").read_text())["models"],
+            "md": (out / "results.md").read_text(), "runs": {r.name for r in (out / "runs").iterdir()}}
+
+
+@pytest.mark.multiproc
+def test_tiny_demo_end_to_end(tiny_demo):
+    out, results = tiny_demo["out"], tiny_demo["results"]
     assert set(results) == MODELS
     assert all(METRICS <= set(m) for m in results.values())
 
@@ -46,13 +58,13 @@ def test_tiny_demo_end_to_end(tmp_path):
         want = "a_chat" if groups.group_of(t["name"]) == FORMAT else "a_raw"
         assert t["source"]["path"].endswith(f"/runs/{want}"), (t["name"], t["source"]["path"])
 
-    md = (out / "results.md").read_text()
+    md = tiny_demo["md"]
     held, chance = results["a_chat"]["heldout_known_rank"], results["a_chat"]["chance_rank"]
     assert "| transplant |" in md and f"at {held:.1f} (chance {chance:.1f}," in md and "**Verdict:" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs" / "a_raw" / "loss.png").is_file()
     # A rerun finds every step done and only rewrites the report.
-    p2 = subprocess.run(cmd, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
+    p2 = _demo(out, timeout=300)
     assert p2.returncode == 0, p2.stderr[-2000:]
     steps, done = map(int, re.search(r"(\d+) steps \((\d+) done already\)", p2.stdout).groups())
     assert done == steps - 1 and "start report" in p2.stdout and "start eval" not in p2.stdout, p2.stdout[-2000:]
@@ -70,22 +82,16 @@ def test_a_folder_made_with_another_seed_is_refused_not_reused(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tmp_path):
+def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tiny_demo, tmp_path):
     """A sweep in a demo's folder trains only what the demo has not, writes its table, plot and
     verdict, and a rerun trains nothing."""
-    out = tmp_path / "demo"
+    out = tiny_demo["out"]
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("recipes:\n  - name: replay_half\n    replay: 0.5\n  - name: reattach\n    reattach_steps: 2\n"
                      "worlds:\n  - name: syllables\n    world: {names: syllables}\n")
-    base = [sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--threads", "1"]
-    demo = subprocess.run(base, cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=900)
-    assert demo.returncode == 0, demo.stderr[-3000:]
-    trained_by_demo = {p.name for p in (out / "runs").iterdir()}
-
-    p = subprocess.run(base + ["--sweep", str(sweep)], cwd=ft.REPO, env=ft.env(), capture_output=True, text=True,
-                       timeout=900)
+    p = _demo(out, "--sweep", str(sweep))
     assert p.returncode == 0, p.stderr[-3000:]
-    new_runs = {p.name for p in (out / "runs").iterdir()} - trained_by_demo
+    new_runs = {r.name for r in (out / "runs").iterdir()} - tiny_demo["runs"]
     assert new_runs == {"a_raw_replay_half", "recipe_reattach"}  # base, A-Chat and A-Raw came from the demo
     result = json.loads((out / "sweep.json").read_text())
     assert {"transplant", "recipe_replay_half", "recipe_reattach"} <= set(result["recipes"])
@@ -95,6 +101,5 @@ def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tmp_path):
     assert "| recipe_replay_half |" in md and "| syllables |" in md and "**Verdict:" in md
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    again = subprocess.run(base + ["--sweep", str(sweep)], cwd=ft.REPO, env=ft.env(), capture_output=True,
-                           text=True, timeout=300)
+    again = _demo(out, "--sweep", str(sweep), timeout=300)
     assert again.returncode == 0 and "about 0 min of work" in again.stdout, again.stdout[-2000:]
