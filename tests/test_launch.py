@@ -38,8 +38,7 @@ LEAKY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HOST
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in LEAKY and not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_"))}
+    env = {k: v for k, v in dist.without_launcher(os.environ).items() if k not in LEAKY}
     env.update(BASE_ENV)
     env.update({k: str(v) for k, v in extra.items()})
     return env
