@@ -205,18 +205,22 @@ def resolve_config_path(path: str | Path) -> Path:
     return path
 
 
-def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
-    """Parse a YAML mapping and remember each top-level key's line (for error messages)."""
+def read_yaml(path: Path, what: str = "config file"):
+    """(data, node) of a YAML file; a missing file or bad YAML is a UserError naming the file and line."""
     try:
         text = path.read_text()
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text), yaml.compose(text)
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    """Parse a YAML mapping and remember each top-level key's line (for error messages)."""
+    data, node = read_yaml(path)
     if data is None:
         data, node = {}, None
     if not isinstance(data, dict):

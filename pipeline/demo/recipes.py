@@ -29,9 +29,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from data_prep.common import UserError
+from pipeline.config import read_yaml
 
 RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
 RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note"}
@@ -97,12 +96,7 @@ def recipe_from(item, where: str) -> Recipe:
 def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:
     """A recipe file: a mapping with `recipes:` (and, for a sweep, `worlds:`), or one recipe."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {e}") from None
+    data, _ = read_yaml(path, "recipe file")
     if isinstance(data, dict) and "name" in data:
         return [recipe_from(data, str(path))], []
     if isinstance(data, dict) and data.get("recipes") == []:
