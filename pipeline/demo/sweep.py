@@ -16,7 +16,7 @@ from data_prep.common import atomic_file, atomic_write_json, atomic_write_text
 from ..plots import png_bytes, pyplot
 from . import recipes as R
 from .run import Demo
-from .verdict import FORMAT_KEPT, SHARE, assess, format_kept, knowledge_share, verdict_text
+from .verdict import FORMAT_KEPT, SHARE, assess, control_holds, format_kept, knowledge_share, verdict_text
 
 READ_AGAINST = ("transplant", "naive", "chat_vector", "sequential")
 
@@ -35,7 +35,7 @@ def run_sweep(out: Path, sweep_file: Path, size: str = "full", seed: int = 0, wo
         world_rows[w.name] = {"world": w.world, "base_steps": w.base_steps, "note": w.note,
                               "heldout_known_rank": m["a_chat"]["heldout_known_rank"],
                               "base_heldout_known_rank": m["base"]["heldout_known_rank"],
-                              "chance_rank": m["a_chat"]["chance_rank"],
+                              "chance_rank": m["a_chat"]["chance_rank"], "control": control_holds(m),
                               "qa_upper_accuracy": m["qa_upper"]["knowledge_accuracy"],
                               "transplant_share": knowledge_share(m, "transplant"),
                               "transplant_format_kept": format_kept(m, "transplant")}
@@ -77,11 +77,10 @@ def markdown(result: dict, worlds: dict) -> str:
                   "| world | settings | base held-out ↓ | A-Chat held-out ↓ | chance | control | Q/A upper accuracy | "
                   "transplant share |", "|---|---|---|---|---|---|---|---|"]
         for n, w in worlds.items():
-            held = w["heldout_known_rank"] <= 0.5 * w["chance_rank"]
             settings = ", ".join(f"{k}={v}" for k, v in w["world"].items()) + (
                 f", base steps {w['base_steps']}" if w["base_steps"] else "")
             lines.append(f"| {n} | {settings or 'the demo world'} | {_f(w['base_heldout_known_rank'])} | "
-                         f"{_f(w['heldout_known_rank'])} | {_f(w['chance_rank'])} | {'holds' if held else 'fails'} | "
+                         f"{_f(w['heldout_known_rank'])} | {_f(w['chance_rank'])} | {'holds' if w['control'] else 'fails'} | "
                          f"{_f(w['qa_upper_accuracy'], True)} | {_f(w['transplant_share'], True)} |")
     return "\n".join(lines) + "\n"
 

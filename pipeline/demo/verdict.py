@@ -34,6 +34,11 @@ def format_kept(models: dict, name: str) -> float:
     return _get(models, name, "format_adherence") / a if a else float("nan")
 
 
+def control_holds(models: dict) -> bool:
+    """A-Chat ranks held-out known people's true values at most CONTROL x the chance rank."""
+    return _get(models, "a_chat", "heldout_known_rank") <= CONTROL * _get(models, "a_chat", "chance_rank")
+
+
 def candidates(models: dict, recipes: list[str]) -> list[str]:
     """The transplant variants the claim is tested on: the vanilla transplant and every recipe."""
     return [n for n in ["transplant", *recipes] if n in models]
@@ -41,8 +46,7 @@ def candidates(models: dict, recipes: list[str]) -> list[str]:
 
 def assess(models: dict, recipes: list[str]) -> dict:
     g = lambda n, k: _get(models, n, k)
-    chance = g("a_chat", "chance_rank")
-    out = {"control": g("a_chat", "heldout_known_rank") <= CONTROL * chance,
+    out = {"control": control_holds(models),
            "upper_bound": g("qa_upper", "knowledge_accuracy") >= UPPER_ACCURACY}
     rows = {n: {"format_kept": format_kept(models, n), "share": knowledge_share(models, n)}
             for n in candidates(models, recipes)}
