@@ -7,6 +7,8 @@
   3. optimizer-state bytes per rank of each stage (P=2, ZeRO-1), read from the checkpoint
      files, vs what Adam needs for that stage's trained parameters / DP.        goal <= 1.05
   4. time `data_prep.reader.micro_batches` takes to make one step's batches vs the step.  goal < 1%
+  5. one validation batch (`eval_batch`, forward only) vs one training step of the raw phase,
+     same run, same global batch.                                                goal < 0.5
 
 The pipeline runs through its real entry point (`pipeline.train.main`) in this process, so
 several repetitions share one import of torch + DeepSpeed; the reference loop runs in the same
@@ -54,6 +56,9 @@ SIZES = {
                    seq=256, micro=4, batch=8, warmup=2, steps=6, reps=5, dp=2, loader_steps=40),
 }
 GOAL_SPEED, GOAL_FLOP_SLACK, GOAL_OPT_BYTES, GOAL_LOADER = 0.95, 1.10, 1.05, 0.01
+# A validation batch is a forward pass; a raw-phase step is a forward pass plus backward through
+# the raw and format groups (~3x a forward where trained, ~2x where gradients only pass).
+GOAL_EVAL_SHARE = 0.5
 # ZeRO-1 (DeepSpeed stage 1/2 optimizer) keeps, per trained parameter: exp_avg and exp_avg_sq (fp32)
 # and an fp32 master partition (kept even when the model itself is fp32), all split over DP ranks.
 ADAM_BYTES_PER_PARAM = 4 + 4 + 4
@@ -155,6 +160,27 @@ def reference_step_times(cfg_path: Path, warmup: int, steps: int) -> list[float]
         reference.train_reference(plan, steps=warmup + steps + 1)
     gc.collect()
     return [b - a for a, b in zip(stamps, stamps[1:])][warmup:warmup + steps]
+
+
+def validation_times(cfg_path: Path, warmup: int) -> tuple[float, float]:
+    """(median seconds per validation batch, median seconds per training step) of one run that
+    validates every other step with one batch per set."""
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.train import main
+    from pipeline.training.metrics_log import read_metrics
+
+    cfg = load_config(cfg_path)
+    out = Path(cfg.schedule.out)
+    shutil.rmtree(out, ignore_errors=True)
+    with quiet():
+        main([str(cfg_path)])
+    gc.collect()
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r["step_time_s"] for r in rows if "step_time_s" in r][warmup:]
+    evals = [r["eval_time_s"] / cfg.eval.eval_batches for r in rows if "eval_time_s" in r][1:]  # step 0: warm-up
+    return statistics.median(evals), statistics.median(steps)
 
 
 def flop_ratio(cfg_path: Path) -> tuple[float, dict]:
@@ -451,6 +477,18 @@ def _run(setup: Setup, profile_on_miss: bool) -> list[dict]:
         rows.append(figure(f"loader time per step ({name}) vs step time", round(lt, 6), round(step_s, 4),
                            f"< {GOAL_LOADER}", lt / step_s < GOAL_LOADER, "s", spread=round(lspread, 6),
                            notes=f"data_prep.reader.micro_batches making {G // p['micro']} micro-batches of {p['micro']}"))
+
+    # 5. a validation batch vs a training step, raw phase (what A-Raw pays per eval batch)
+    val = setup.config("raw_validated", "raw", W + K, eval_every=2, eval_batches=1)
+    pairs = [validation_times(val, W) for _ in range(R)]
+    shares = [e / t for e, t in pairs]
+    e, t = statistics.median(e for e, _ in pairs), statistics.median(t for _, t in pairs)
+    rows.append(figure(
+        "validation batch (eval_batch, forward only) vs training step, raw phase, same run", round(e, 4), round(t, 4),
+        f"< {GOAL_EVAL_SHARE}", e / t < GOAL_EVAL_SHARE, "s", spread=median_spread(shares)[1],
+        paired_ratio=round(statistics.median(shares), 4),
+        notes=f"one validation costs eval_batches x this ratio of a step, per set; eval_every=2, "
+              f"eval_batches=1, on the raw shards' val split; {what}"))
 
     # 3. optimizer state per stage
     try:

@@ -111,9 +111,38 @@ class ParallelSection:
         "Collective timeout in seconds: a dead rank makes the others fail after this instead of hanging.", 120)
 
 
+@dataclass(kw_only=True)
+class EvalSection:
+    eval_every: int = doc(
+        "Validate every N steps, and also before the first step and after the last (0: off). Each set's "
+        "mean loss (same loss and masks as training) goes to metrics.jsonl, the progress bar, loss.png and "
+        "the monitors. Runs through the engine's forward-only path: the training curve and weights are "
+        "unchanged. The run's own set is the val split of `data`; with no val split only `eval_data` is used.",
+        0)
+    eval_batches: int = doc(
+        "Batches of `global_batch_size` sequences per set per validation, always the same sequences. A set "
+        "with fewer windows uses fewer batches (the layer map says so); one smaller than one batch is an error.",
+        4)
+    eval_data: Any = doc(
+        "More sets to validate on, by name: `{forget: base.manifest.json}` (its val split) or "
+        "`{forget: {path: base.manifest.json, split: train}}`. Logged as `val_loss_NAME`; the run's own val "
+        "split is `val_loss`.", None)
+
+
+@dataclass(kw_only=True)
+class MonitorSection:
+    report_to: Any = doc(
+        "Where DeepSpeed's monitor also writes the training loss, learning rate and validation losses: a list "
+        "of `tensorboard` (RUN/tensorboard/), `wandb` (the run is named after `out`; offline with "
+        "WANDB_MODE=offline; team and group from WANDB_ENTITY and WANDB_RUN_GROUP) and `csv` (RUN/csv/). "
+        "Their x axis is samples seen. metrics.jsonl is written either way. Needs "
+        "`pip install 'layer-aware[monitor]'`.", None)
+    wandb_project: str = doc("The W&B project of `report_to: [wandb]`.", "layer-aware")
+
+
 SECTIONS = {
     "model": ModelSection, "groups": GroupSection, "data": DataSection, "optim": OptimSection,
-    "schedule": ScheduleSection, "parallel": ParallelSection,
+    "schedule": ScheduleSection, "parallel": ParallelSection, "eval": EvalSection, "monitor": MonitorSection,
 }
 
 
@@ -125,6 +154,8 @@ class RunConfig:
     optim: OptimSection
     schedule: ScheduleSection
     parallel: ParallelSection
+    eval: EvalSection
+    monitor: MonitorSection
     # key -> "file:line" (or "override --key") it came from, so checks that need the model can
     # name the line too. Not part of the config itself.
     where: dict = field(default_factory=dict, repr=False, compare=False)
@@ -319,6 +350,55 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
     if d.global_batch_size % d.micro_batch_size:
         bad("global_batch_size", f"({d.global_batch_size}) must be a multiple of micro_batch_size ({d.micro_batch_size})")
     data_sources(cfg.data.data, where.get("data", "config"))
+    if cfg.eval.eval_every < 0:
+        bad("eval_every", "must be >= 0 (0 turns validation off)")
+    if cfg.eval.eval_batches < 1:
+        bad("eval_batches", "must be >= 1")
+    eval_sources(cfg.eval.eval_data, where.get("eval_data", "config"))
+    report_to(cfg.monitor.report_to, where.get("report_to", "config"))
+
+
+MONITORS = ("tensorboard", "wandb", "csv")
+EVAL_SPLITS = ("train", "val")
+
+
+def report_to(value, where: str = "config") -> list[str]:
+    """Normalise `report_to` to a list of monitor names (a single name or a comma list is accepted)."""
+    if value is None:
+        return []
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise UserError(f"{where}: `report_to` must be a list of {', '.join(MONITORS)}, got {value!r}")
+    for v in items:
+        if v not in MONITORS:
+            close = difflib.get_close_matches(v, MONITORS, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise UserError(f"{where}: `report_to` has {v!r}{hint}; it takes {', '.join(MONITORS)}")
+    return list(dict.fromkeys(items))
+
+
+def eval_sources(value, where: str = "config") -> dict[str, tuple[str, str]]:
+    """Normalise `eval_data` to {name: (manifest path, split)}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise UserError(f"{where}: `eval_data` must map names to manifests, e.g. `{{forget: base.manifest.json}}`, "
+                        f"got {value!r}")
+    out = {}
+    for name, item in value.items():
+        if not (isinstance(name, str) and name.replace("_", "").isalnum() and name.isascii()):
+            raise UserError(f"{where}: `eval_data` name {name!r} must be letters, digits and `_` "
+                            f"(it becomes the metric `val_loss_NAME`)")
+        if isinstance(item, str):
+            item = {"path": item}
+        if not (isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "split"}):
+            raise UserError(f"{where}: `eval_data.{name}` must be a manifest path or {{path: MANIFEST, split: val}}, "
+                            f"got {item!r}")
+        split = item.get("split", "val")
+        if split not in EVAL_SPLITS:
+            raise UserError(f"{where}: `eval_data.{name}.split` must be `train` or `val`, got {split!r}")
+        out[name] = (item["path"], split)
+    return out
 
 
 def data_sources(data, where: str = "config") -> list[tuple[str, float]]:

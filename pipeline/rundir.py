@@ -3,7 +3,8 @@ and who may write it. Training, resume, export, transplant and chat vector all a
 
     OUT/
       run.json                  the plan of the run (config, groups, stages, batch, base model)
-      metrics.jsonl, loss.png   one line per logged step; the curve, written at the end
+      metrics.jsonl, loss.png   one line per logged or validated step; the curves, written at the end
+      tensorboard/, csv/, wandb/  DeepSpeed's monitors, when `report_to` names them
       .lock                     held by the training that owns the directory (pid, host)
       checkpoints/
         step_00000200/          DeepSpeed's files (layer_NN-model_states.pt, ...) and

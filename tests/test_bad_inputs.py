@@ -28,6 +28,9 @@ def w(tmp_path_factory):
     big = make_hf_tokenizer(root / "bigtok", vocab_size=600)
     prep(["raw", str(root / "raw.jsonl"), "--tokenizer", str(big), "--output-prefix", str(root / "big/raw")])
     s["big"] = root / "big/raw.manifest.json"
+    prep(["raw", str(root / "raw.jsonl"), "--tokenizer", str(s["model"]), "--output-prefix", str(root / "noval/raw"),
+          "--val-fraction", "0"])
+    s["noval"] = root / "noval/raw.manifest.json"
     s["bare_tok"] = make_hf_tokenizer(root / "baretok", chat_template=None)
     base = make_base(root / "base")
     s["base"] = base
@@ -377,3 +380,51 @@ def test_eval_candidates_listed_twice(w, tmp_path, capsys):
     f = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "where?", "answer": "a", "candidates": ["a", "b", "b"]}])
     names(call(capsys, "pipeline.evaluate", ["--model", w["base"], "--chat-eval", f]), "q.jsonl:1", "'b'",
           "listed twice")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and monitors: refused at preflight, like the rest of the run config
+
+def test_a_val_split_too_small_for_one_eval_batch_names_the_manifest(w, tmp_path, capsys):
+    # The tiny setup's val split holds a few dozen windows of 16 tokens: fewer than one batch of 256.
+    err = train_err(capsys, w, tmp_path, eval_every=2, micro_batch_size=2, global_batch_size=256)
+    names(err, str(w["raw"]), "'val' split", "global_batch_size 256", "--val-fraction", "`eval_every: 0`")
+
+
+def test_an_eval_set_too_small_names_its_key_and_manifest(w, tmp_path, capsys):
+    err = train_err(capsys, w, tmp_path, eval_every=2, micro_batch_size=2, global_batch_size=256,
+                    eval_data={"forget": {"path": str(w["chat"]), "split": "val"}}, data=str(w["noval"]))
+    names(err, "`eval_data`.forget", str(w["chat"]), "global_batch_size 256")
+
+
+def test_an_eval_set_from_another_tokenizer(w, tmp_path, capsys):
+    err = train_err(capsys, w, tmp_path, eval_every=2, eval_data={"other": {"path": str(w["big"]), "split": "train"}})
+    names(err, "`eval_data`.other", str(w["big"]), "vocabulary of")
+
+
+@pytest.mark.parametrize("value,hint", [({"forget": 3}, "`eval_data.forget` must be a manifest path"),
+                                        ({"for-get": "x.json"}, "letters, digits and `_`"),
+                                        ({"forget": {"path": "x.json", "split": "test"}}, "`train` or `val`")])
+def test_a_malformed_eval_data_names_the_line(w, tmp_path, capsys, value, hint):
+    err = train_err(capsys, w, tmp_path, eval_data=value)
+    names(err, line_of(tmp_path / "cfg.yaml", "eval_data"), hint)
+
+
+def test_a_misspelt_monitor(w, tmp_path, capsys):
+    err = train_err(capsys, w, tmp_path, report_to=["tensorbord"])
+    names(err, line_of(tmp_path / "cfg.yaml", "report_to"), "did you mean `tensorboard`")
+
+
+def test_a_monitor_whose_package_is_missing(w, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    err = train_err(capsys, w, tmp_path, report_to=["tensorboard", "wandb"])
+    names(err, line_of(tmp_path / "cfg.yaml", "report_to"), "`wandb` package is not installed", "layer-aware[monitor]")
+
+
+def test_a_deepspeed_json_with_its_own_tensorboard_section(w, tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 1},\n "tensorboard": {"enabled": true, "output_path": "tb"}}\n')
+    names(train_err(capsys, w, tmp_path, ds_config=str(ds)), str(ds), "`tensorboard`", "`report_to`")

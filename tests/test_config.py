@@ -54,10 +54,14 @@ def plan_of(path: Path, shapes):
     """The shipped config, unchanged but for where its model, data and run live."""
     from pipeline.training.plan import build_plan
 
-    phase = load_config(path).groups.phase
-    cfg = load_config(path, {"model": str(shapes["models"][target_layers(path)]),
-                             "data": str(shapes["chat" if phase == "chat" else "raw"]),
-                             "out": str(shapes["root"] / "runs" / path.stem)})
+    shipped = load_config(path)
+    phase = shipped.groups.phase
+    overrides = {"model": str(shapes["models"][target_layers(path)]),
+                 "data": str(shapes["chat" if phase == "chat" else "raw"]),
+                 "out": str(shapes["root"] / "runs" / path.stem)}
+    if shipped.eval.eval_data:  # the same set names, on data that exists here
+        overrides["eval_data"] = {n: {"path": str(shapes["raw"]), "split": "train"} for n in shipped.eval.eval_data}
+    cfg = load_config(path, overrides)
     return build_plan(cfg, world_size=cfg.parallel.pipeline_stages, use_gpu=False)
 
 
@@ -154,6 +158,9 @@ def test_every_key_is_documented():
     ('"scheduler": {"type": "WarmupLR"}', "scheduler", "warmup_steps"),
     ('"pipeline": {"activation_checkpoint_interval": 1}', "pipeline.activation_checkpoint_interval",
      "activation_checkpoint_interval"),
+    ('"tensorboard": {"enabled": true}', "tensorboard", "report_to"),
+    ('"wandb": {"enabled": true, "project": "p"}', "wandb", "wandb_project"),
+    ('"csv_monitor": {"enabled": true}', "csv_monitor", "report_to"),
 ])
 def test_ds_json_refuses_every_key_the_run_config_owns(tmp_path, fragment, key, owner):
     ds = tmp_path / "ds.json"

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pipeline.groups import FORMAT, LayerGroups
+from pipeline.training.metrics_log import read_metrics
 from tests.kit import train as ft
 
 MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "recipe_rtf_chat_vector"}
@@ -63,6 +64,14 @@ def test_tiny_demo_end_to_end(tiny_demo):
     assert "| transplant |" in md and f"at {held:.1f} (chance {chance:.1f}," in md and "**Verdict:" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs" / "a_raw" / "loss.png").is_file()
+    # A-Raw and naive validated on the new people's held-out text and on the base's corpus, from
+    # the model as loaded to their last step; the report plots and tabulates both.
+    for run in ("a_raw", "naive"):
+        rows = [r for r in read_metrics(out / "runs" / run / "metrics.jsonl") if "eval_time_s" in r]
+        assert [r["step"] for r in rows][::len(rows) - 1] == [0, 3], (run, rows)
+        assert all({"val_loss_new_heldout", "val_loss_base_corpus"} <= set(r) for r in rows)
+    assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| naive (every layer) | the base's pretraining corpus (forgetting) |" in md
     # A rerun finds every step done and only rewrites the report.
     p2 = _demo(out, timeout=300)
     assert p2.returncode == 0, p2.stderr[-2000:]

@@ -1,7 +1,9 @@
 """Parity: the DeepSpeed pipeline trains exactly like a plain PyTorch loop.
 
 For each phase (chat, raw, full) the loss curve of P = 1, P = 2 and P = 2 x DP = 2 (4 CPU ranks)
-must match `tests.kit.reference` (HF model + torch AdamW, no DeepSpeed) within 1e-4 for 10 steps.
+must match `tests.kit.reference` (HF model + torch AdamW, no DeepSpeed) within 1e-4 for 10 steps,
+and so must the validation losses (the run's own val split and the other kind of data, with and
+without a loss mask) at steps 0, 5 and 10.
 The same runs then show that frozen parameters are bit-identical and that optimizer state exists
 only for the trained groups, read from the checkpoint files themselves.
 """
@@ -29,6 +31,11 @@ LAYOUTS = {"p1": (1, 1), "p2": (2, 2), "p2dp2": (4, 2)}  # name: (ranks, pipelin
 TOL = 1e-4
 
 
+def extra(setup, phase: str) -> dict:
+    other = setup["raw" if phase.startswith("chat") else "chat"]
+    return {**EXTRA.get(phase, {}), "eval_every": 5, "eval_batches": 2, "eval_data": {"other": str(other)}}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return ft.build_setup(tmp_path_factory.mktemp("parity"))
@@ -39,8 +46,10 @@ def reference(setup):
     curves = {}
     for phase in PHASES:
         cfg = load_config(ft.write_config(setup["root"] / f"ref_{phase}.yaml", setup, phase.split("_")[0],
-                                          setup["root"] / "unused", seq_len=32, **EXTRA.get(phase, {})))
-        curves[phase], _ = train_reference(build_plan(cfg, world_size=1))
+                                          setup["root"] / "unused", seq_len=32, **extra(setup, phase)))
+        vals = {}
+        curves[phase], _ = train_reference(build_plan(cfg, world_size=1), validations=vals)
+        curves[f"{phase}/val"] = vals
     return curves
 
 
@@ -53,7 +62,7 @@ def runs(setup):
         for phase in PHASES:
             run = setup["root"] / "runs" / f"{phase}_{name}"
             cfgs.append(str(ft.write_config(setup["root"] / f"{phase}_{name}.yaml", setup, phase.split("_")[0], run,
-                                            pipeline_stages=stages, seq_len=32, **EXTRA.get(phase, {}))))
+                                            pipeline_stages=stages, seq_len=32, **extra(setup, phase))))
             out[(phase, name)] = run
         helper = str(ft.REPO / "tests" / "helpers" / "train_phases.py")
         if ranks == 1:
@@ -70,13 +79,28 @@ def runs(setup):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("phase", PHASES)
 def test_loss_curve_matches_plain_pytorch(runs, reference, phase, layout):
-    losses = [r["loss"] for r in read_metrics(runs[(phase, layout)] / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_metrics(runs[(phase, layout)] / "metrics.jsonl") if "loss" in r]
     ref = reference[phase]
     assert len(losses) == len(ref) == 10
     # The curve must actually move, or matching it would prove nothing.
     assert abs(ref[-1] - ref[0]) > 10 * TOL
     worst = max(abs(a - b) for a, b in zip(losses, ref))
     assert worst < TOL, f"{phase}/{layout}: pipeline {losses} vs reference {ref}"
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("phase", PHASES)
+def test_validation_losses_match_plain_pytorch(runs, reference, phase, layout):
+    got = {r["step"]: {k: v for k, v in r.items() if k.startswith("val_loss")}
+           for r in read_metrics(runs[(phase, layout)] / "metrics.jsonl") if "eval_time_s" in r}
+    ref = reference[f"{phase}/val"]
+    assert sorted(got) == sorted(ref) == [0, 5, 10]
+    assert all(set(v) == {"val_loss", "val_loss_other"} for v in ref.values())
+    # Validation sees the weights of its step: the losses move as training goes.
+    assert abs(ref[10]["val_loss"] - ref[0]["val_loss"]) > 10 * TOL
+    worst = max(abs(got[s][k] - ref[s][k]) for s in ref for k in ref[s])
+    assert worst < TOL, f"{phase}/{layout}: pipeline {got} vs reference {ref}"
 
 
 def test_anchoring_changes_the_training(reference):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data_prep.common import UserError, atomic_write_json
 from pipeline.training.dist import without_launcher
 
+from .forgetting import WATCHED, forgetting_report
 from .recipes import Recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,6 +137,9 @@ class Demo:
             overrides.update(steps=TINY_STEPS, micro_batch_size=2, global_batch_size=4)
         elif config == "base" and self.base_steps:
             overrides["steps"] = self.base_steps
+        if eval_data := eval_manifests(config):  # the config's validation sets, in this demo's data folder
+            overrides["eval_data"] = json.dumps({n: {"path": str(self.data / f"{d}.manifest.json"), "split": split}
+                                                 for n, (d, split) in eval_data.items()})
         args = ["-m", "pipeline.train", str(CONFIGS / f"{config}.yaml")] + [f"--{k}={v}" for k, v in overrides.items()]
         # Every other run starts from the base, so nothing runs beside it: it gets every worker's
         # threads (1.5x faster on 2 cores), the others one worker's each. Thread counts change
@@ -184,12 +188,14 @@ class Demo:
         add("world", 2, world, self.world / "world.json")
         add("tokenizer", 3, tokenizer, self.out / "tokenizer" / "tokenizer.json", ["world"])
         add("model:base_init", 5, base_init, self.models / "base_init" / "config.json", ["tokenizer"])
-        for kind, name in [("raw", "pretrain"), ("raw", "raw"), ("chat", "chat"), ("chat", "qa_new")]:
+        for kind, name in [("raw", "pretrain"), ("raw", "raw"), ("chat", "chat"), ("chat", "qa_new"),
+                           ("raw", "raw_eval_new")]:
             add(f"data:{name}", 8, lambda k=kind, n=name: self.prep(k, n, n), self.data / f"{name}.manifest.json",
                 ["tokenizer"])
 
         def trained(run, config, start, data, est, boundaries=None, **extra):
             sources = [d for d, _ in data] if isinstance(data, list) else [data]
+            sources += [d for d, _ in eval_manifests(config).values()]
 
             def go():
                 self.train(config, run, self.models / start, data, boundaries, **extra)
@@ -286,9 +292,12 @@ class Demo:
         models = self.results()
         table = write_report({"models": models}, self.out, columns=COLUMNS)
         verdict = verdict_text(models, [r.model for r in self.recipes])
+        watched = {label: self.runs / run / "metrics.jsonl" for run, label in WATCHED.items()
+                   if (self.runs / run / "metrics.jsonl").exists()}
+        curves = forgetting_report(watched, self.out / "forgetting.png")
         with open(self.out / "results.md", "a") as f:
-            f.write("\n" + verdict + "\n")
-        print("\n" + table + "\n\n" + verdict, flush=True)
+            f.write("\n" + verdict + "\n" + (f"\n{curves}\n" if curves else ""))
+        print("\n" + table + "\n\n" + verdict + (f"\n\n{curves}" if curves else ""), flush=True)
 
     # --- running the graph ------------------------------------------------------------------------
     def _claim_out(self) -> None:
@@ -345,6 +354,17 @@ class Demo:
                     bar.write(f"  done  {s.name} ({time.time() - started[s.name]:.0f}s)")
                     bar.update(round(s.est_s))
         bar.close()
+
+
+def eval_manifests(config: str) -> dict[str, tuple[str, str]]:
+    """{set name: (demo data name, split)} of a demo config's `eval_data`. The YAML names paths in
+    the default layout (runs/demo/data/NAME.manifest.json); the demo keeps NAME and its own folder."""
+    from pipeline.config import eval_sources, read_yaml
+
+    path = CONFIGS / f"{config}.yaml"
+    data, _ = read_yaml(path)
+    return {n: (Path(p).name.removesuffix(".manifest.json"), split)
+            for n, (p, split) in eval_sources((data or {}).get("eval_data"), str(path)).items()}
 
 
 def _alias(src: Path, dst: Path) -> None:

@@ -26,6 +26,10 @@ OWNED = {
     ("optimizer", "params", "weight_decay"): "weight_decay",
     ("scheduler",): "lr, min_lr, warmup_steps",
     ("pipeline", "activation_checkpoint_interval"): "activation_checkpoint_interval",
+    # Monitors write into the run directory and are switched per run (pipeline/training/monitor.py).
+    ("tensorboard",): "report_to",
+    ("wandb",): "report_to, wandb_project",
+    ("csv_monitor",): "report_to",
 }
 
 
@@ -82,9 +86,13 @@ def training_dtype(ds: dict):
     return torch.float32
 
 
-def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_accum: int, dp_size: int) -> dict:
+def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_accum: int, dp_size: int,
+           monitors: list[str] = ()) -> dict:
     """The JSON of the run: the file's keys plus the run's (never a second copy)."""
+    from .monitor import ds_sections
+
     ds = copy.deepcopy(ds)
+    ds.update(ds_sections(cfg, list(monitors)))
     ds["train_batch_size"] = global_batch
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum

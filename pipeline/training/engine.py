@@ -50,6 +50,7 @@ def build_engine(plan: RunPlan, rank: int) -> Engine:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from .model import build_pipeline
+    from .monitor import prepare_wandb
 
     torch.manual_seed(plan.cfg.schedule.seed)
     topo = PipeDataParallelTopology(num_pp=plan.num_stages, num_dp=plan.batch.dp_size)
@@ -62,6 +63,7 @@ def build_engine(plan: RunPlan, rank: int) -> Engine:
                                     weight_decay=plan.cfg.optim.weight_decay, max_norm=plan.cfg.optim.grad_clip,
                                     group=pipe._grid.get_pipe_parallel_group())
         ds = {**{k: v for k, v in ds.items() if k != "optimizer"}, "gradient_clipping": 0.0}
+    prepare_wandb(plan.cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=pipe, model_parameters=trainable, config=ds, optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan.cfg)))

@@ -9,12 +9,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..rundir import RunDir
-from . import checkpoint
+from . import checkpoint, monitor
 from .data import training_batches
 from .engine import Engine
 from .metrics_log import MetricsLog, plot_loss
 from .plan import RESUMABLE
 from .schedule import lr_factor
+from .validation import due, validate
 
 
 def train(eng: Engine) -> dict:
@@ -34,7 +35,9 @@ def train(eng: Engine) -> dict:
         G, S, steps = plan.batch.global_batch, cfg.data.seq_len, cfg.schedule.steps
         batches = training_batches(plan.data, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size,
                                    start_sample=start * G)
-        last = {}
+        last, shown, every = {}, {}, cfg.eval.eval_every if plan.evals else 0
+        if start == 0 and due(0, every, steps):  # the model as loaded: where the curves start
+            metrics.log({"step": 0, **validate(eng)})
         # A context manager: the bar is closed before an error or Ctrl-C message is printed.
         with tqdm(total=steps, initial=start, disable=not is_main, desc=f"{cfg.groups.phase}", unit="step",
                   mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True) as bar:
@@ -45,13 +48,19 @@ def train(eng: Engine) -> dict:
                 dt = time.perf_counter() - t0
                 last = {"step": step, "loss": loss, "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
                         "tokens_per_s": G * S / dt, "step_time_s": dt}
-                if step % cfg.schedule.log_every == 0 or step == steps:
+                if due(step, every, steps):
+                    last.update(validate(eng))
+                    shown = {k: v for k, v in last.items() if k.startswith("val_loss")}
+                # A validated step is always logged: its losses exist nowhere else.
+                if step % cfg.schedule.log_every == 0 or step == steps or due(step, every, steps):
                     metrics.log(last)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                **({"val": f"{next(iter(shown.values())):.4f}"} if every and shown else {}))
                 if step % cfg.schedule.save_every == 0 or step == steps:
                     checkpoint.save(engine, run, step, cfg.schedule.keep_last)
         metrics.close()
+        monitor.close(engine)
         if is_main and run.metrics.stat().st_size:
             plot_loss(run.metrics, run.loss_png, f"{cfg.groups.phase}: {run.path.name}")
             print(f"run directory: {run.path} (metrics.jsonl, loss.png, checkpoints/)", flush=True)

@@ -11,7 +11,8 @@ from ..plots import png_bytes, pyplot
 
 class MetricsLog:
     """Append-only JSONL on rank 0. On resume, lines after the resumed step are dropped, so the
-    file of a resumed run reads exactly like an uninterrupted one."""
+    file of a resumed run reads exactly like an uninterrupted one; a fresh start (step 0) keeps
+    nothing, not even a step-0 validation, which it writes again."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path = path
@@ -21,7 +22,7 @@ class MetricsLog:
         kept = []
         if path.exists():
             for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
+                if line.strip() and resume_step and json.loads(line)["step"] <= resume_step:
                     kept.append(line)
         atomic_write_text(path, "".join(k + "\n" for k in kept))
         self.f = open(path, "a")
@@ -40,15 +41,28 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 
+def val_keys(rows: list[dict]) -> list[str]:
+    """The validation losses a metrics file holds (val_loss, val_loss_NAME), in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith("val_loss")))
+
+
 def plot_loss(metrics_path: Path, png_path: Path, title: str) -> None:
+    """Training loss, and each validation loss beside it on the same axes (both are mean
+    cross-entropy per target token, so the gap between them is the overfitting)."""
     rows = read_metrics(metrics_path)
     if not rows:
         return
     fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    train = [r for r in rows if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label="training loss")
+    for key in val_keys(rows):
+        got = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in got], [r[key] for r in got], marker="o", ms=3, lw=1.2, label=key)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss (nats per target token)")
     ax.set_title(title, fontsize=10)
+    if len(ax.get_lines()) > 1:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     with atomic_file(png_path, "wb") as f:
         f.write(png_bytes(fig))

@@ -13,16 +13,17 @@ from functools import lru_cache
 from pathlib import Path
 
 from data_prep.common import UserError
-from data_prep.reader import Mixture, open_mixture
+from data_prep.reader import MIX_BLOCK, Mixture, TokenWindows, open_mixture
 
 from .. import hf
-from ..config import RunConfig, data_sources
+from ..config import RunConfig, data_sources, eval_sources, report_to
 from ..groups import FORMAT, FROZEN, LayerGroups
 from ..names import to_pipeline_name
 from . import deepspeed_json
 
 # Keys that may change between a run and its resumption without changing what it computes.
-RESUMABLE = {"save_every", "keep_last", "log_every", "dist_timeout_s", "verify_data"}
+RESUMABLE = {"save_every", "keep_last", "log_every", "dist_timeout_s", "verify_data",
+             "eval_every", "eval_batches", "eval_data", "report_to", "wandb_project"}
 
 # Relative cost of one layer per micro-batch, in units of one forward pass. A trained layer does
 # forward + backward for activations + backward for weights (~3x). A frozen layer that gradients
@@ -44,6 +45,17 @@ class BatchPlan:
 
 
 @dataclass
+class EvalSet:
+    """One set validated during training: `batches` eval batches of the global batch size, always
+    samples [0, batches * G) of `data` under the run's seed (distinct windows: no set repeats one)."""
+    key: str                         # metrics.jsonl key: val_loss or val_loss_NAME
+    what: str                        # for the layer map: manifest(s) and split
+    data: object = field(repr=False)  # TokenWindows or Mixture
+    batches: int
+    note: str = ""                   # set when fewer batches than eval_batches fit
+
+
+@dataclass
 class RunPlan:
     cfg: RunConfig
     model_dir: Path
@@ -60,6 +72,8 @@ class RunPlan:
     ds_path: Path
     dtype: object                    # torch dtype the stage's weights are held in
     data: Mixture = field(repr=False)
+    evals: list[EvalSet] = field(default_factory=list)   # empty: no validation
+    eval_note: str = ""              # why the run's own val split is not validated, if it is not
 
     @property
     def num_stages(self) -> int:
@@ -156,7 +170,19 @@ class RunPlan:
         for s, m in enumerate(self.memory_per_stage()):
             rows.append(f"stage {s}: {gb(m['total'])} per rank before activations (weights {gb(m['weights'])}, "
                         f"gradients {gb(m['gradients'])}, optimizer {gb(m['optimizer'])})")
+        rows.extend(self.validation_lines())
         return "\n".join(rows)
+
+    def validation_lines(self) -> list[str]:
+        every = self.cfg.eval.eval_every
+        if not every:
+            return ["validation: off (eval_every 0)"]
+        rows = [f"validation every {every} steps, before the first and after the last"
+                + (f"; {self.eval_note}" if self.eval_note else "")]
+        for e in self.evals:
+            rows.append(f"  {e.key}: {e.batches} x {self.batch.global_batch} sequences of {e.what}"
+                        + (f" ({e.note})" if e.note else ""))
+        return rows
 
 
 def stage_memory(params: int, trained: int, dtype, zero_stage: int, dp: int) -> dict:
@@ -259,34 +285,113 @@ def _check_tokenizer_dir(cfg: RunConfig) -> Path:
     return tok
 
 
-def check_data(cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixture) -> None:
-    """Does the data fit the model and the phase? Same vocabulary, same tokenizer, the right kind."""
-    from data_prep.tokenizer import encoding_sha256, load_tokenizer, tokenizer_identity
+class PackingCheck:
+    """Was a manifest packed for this model? Same vocabulary, same tokenizer (loaded once)."""
 
+    def __init__(self, cfg: RunConfig, hf_config: dict, tokenizer_dir: Path):
+        self.cfg, self.hf_config, self.tokenizer_dir, self.mine = cfg, hf_config, tokenizer_dir, None
+
+    def __call__(self, where: str, path: str, w: TokenWindows) -> None:
+        from data_prep.tokenizer import encoding_sha256, load_tokenizer, tokenizer_identity
+
+        if w.vocab_size > self.hf_config["vocab_size"]:
+            raise UserError(f"{where}: {path} was tokenized with a vocabulary of {w.vocab_size}, larger than the "
+                            f"model's vocab_size {self.hf_config['vocab_size']} ({self.cfg.model.model}/config.json)")
+        packed = w.manifest.get("tokenizer") or {}
+        if self.mine is None:
+            tok = load_tokenizer(self.tokenizer_dir, flag="`tokenizer`")
+            self.mine = {"encoding_sha256": encoding_sha256(tok)}
+            if "encoding_sha256" not in packed:  # manifests written before it was recorded
+                self.mine["sha256"] = tokenizer_identity(self.tokenizer_dir, tok)["sha256"]
+        elif "encoding_sha256" not in packed and "sha256" not in self.mine:
+            self.mine["sha256"] = tokenizer_identity(self.tokenizer_dir)["sha256"]
+        key = "encoding_sha256" if "encoding_sha256" in packed else "sha256"
+        if packed.get(key) != self.mine.get(key):
+            tok_dir = self.tokenizer_dir
+            raise UserError(f"{where}: {path} was packed with the tokenizer {packed.get('path')!r}, which encodes text "
+                            f"differently from this run's tokenizer {str(tok_dir)!r} (manifest tokenizer.{key} "
+                            f"differs), so its token ids would mean other tokens. Repack the data with "
+                            f"`--tokenizer {tok_dir}`, or set `tokenizer:` to the one it was packed with")
+
+
+def check_data(cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixture,
+               packing: PackingCheck | None = None) -> None:
+    """Does the data fit the model and the phase? Same vocabulary, same tokenizer, the right kind."""
     where = f"{cfg.where.get('data', 'config')}: `data`"
-    mine = None
+    packing = packing or PackingCheck(cfg, hf_config, tokenizer_dir)
     for (path, _), w in zip(data_sources(cfg.data.data, where), data.sources):
         m = w.manifest
-        if w.vocab_size > hf_config["vocab_size"]:
-            raise UserError(f"{where}: {path} was tokenized with a vocabulary of {w.vocab_size}, larger than the "
-                            f"model's vocab_size {hf_config['vocab_size']} ({cfg.model.model}/config.json)")
-        packed = m.get("tokenizer") or {}
-        if mine is None:
-            tok = load_tokenizer(tokenizer_dir, flag="`tokenizer`")
-            mine = {"encoding_sha256": encoding_sha256(tok)}
-            if "encoding_sha256" not in packed:  # manifests written before it was recorded
-                mine["sha256"] = tokenizer_identity(tokenizer_dir, tok)["sha256"]
-        key = "encoding_sha256" if "encoding_sha256" in packed else "sha256"
-        if packed.get(key) != mine.get(key):
-            raise UserError(f"{where}: {path} was packed with the tokenizer {packed.get('path')!r}, which encodes text "
-                            f"differently from this run's tokenizer {str(tokenizer_dir)!r} (manifest tokenizer.{key} "
-                            f"differs), so its token ids would mean other tokens. Repack the data with "
-                            f"`--tokenizer {tokenizer_dir}`, or set `tokenizer:` to the one it was packed with")
+        packing(where, path, w)
         if cfg.groups.phase == "raw" and m.get("kind") == "chat":
             raise UserError(f"{where}: {path} holds chat conversations, but phase `raw` trains on raw text (every "
                             f"token); pack the text with `python -m data_prep raw`")
     if cfg.groups.phase == "chat" and not data.has_mask:
         raise UserError(f"{where}: phase `chat` needs chat shards with a loss mask (made by `python -m data_prep chat`)")
+
+
+def _capacity(data) -> tuple[int, TokenWindows]:
+    """Samples a set yields before any window comes twice, and the source that limits it."""
+    if isinstance(data, TokenWindows):
+        return len(data), data
+    # Source k fills counts[k] of every MIX_BLOCK samples.
+    return min((len(w) * MIX_BLOCK // int(c), w) for w, c in zip(data.sources, data.counts))
+
+
+def _eval_set(cfg: RunConfig, key: str, what: str, data, global_batch: int, where: str, drop: str) -> EvalSet:
+    capacity, limit = _capacity(data)
+    if capacity < global_batch:
+        raise UserError(f"{where}: {limit.path} has {len(limit)} windows of seq_len {cfg.data.seq_len} in its "
+                        f"{limit.split!r} split, too few for one validation batch of global_batch_size "
+                        f"{global_batch} sequences" + (" (its share of the mix)" if isinstance(data, Mixture) else "")
+                        + f"; pack it with a larger --val-fraction, or {drop}")
+    batches = min(cfg.eval.eval_batches, capacity // global_batch)
+    note = (f"its {capacity} windows hold {batches} of the {cfg.eval.eval_batches} batches asked for"
+            if batches < cfg.eval.eval_batches else "")
+    return EvalSet(key, what, data, batches, note)
+
+
+def eval_plan(cfg: RunConfig, data: Mixture, global_batch: int, packing: PackingCheck) -> tuple[list[EvalSet], str]:
+    """The sets validated during training (empty when `eval_every` is 0) and a note on the own set."""
+    if not cfg.eval.eval_every:
+        return [], ""
+    S, seed, verify = cfg.data.seq_len, cfg.schedule.seed, cfg.data.verify_data
+    sources = data_sources(cfg.data.data)
+    has_val = [(path, weight) for (path, weight), t in zip(sources, data.sources)
+               if any(r["split"] == "val" and r["tokens"] for r in t.manifest["shards"])]
+    sets, note = [], ""
+    where = f"{cfg.where.get('data', 'config')}: `data`"
+    if has_val:
+        windows = [TokenWindows(path, split="val", seq_len=S, seed=seed + i, verify=verify)
+                   for i, (path, _) in enumerate(has_val)]
+        own = windows[0] if len(windows) == 1 else Mixture(windows, [w for _, w in has_val], seed)
+        names = ", ".join(Path(p).name for p, _ in has_val)
+        sets.append(_eval_set(cfg, "val_loss", f"the val split of {names}", own, global_batch, where,
+                              "turn validation off (`eval_every: 0`)"))
+        if len(has_val) < len(sources):
+            note = "the run's own set holds only the sources with a val split"
+    else:
+        note = ("the data has no val split, so the run's own set is not validated"
+                + ("" if cfg.eval.eval_data else " (and no `eval_data` is given: nothing is)"))
+    where = f"{cfg.where.get('eval_data', 'config')}: `eval_data`"
+    for i, (name, (path, split)) in enumerate(eval_sources(cfg.eval.eval_data, where).items()):
+        w = TokenWindows(path, split=split, seq_len=S, seed=seed, verify=verify)
+        packing(f"{where}.{name}", path, w)
+        sets.append(_eval_set(cfg, f"val_loss_{name}", f"the {split} split of {Path(path).name}", w, global_batch,
+                              f"{where}.{name}", f"drop `{name}` from `eval_data`"))
+    return sets, note
+
+
+def check_monitors(cfg: RunConfig) -> list[str]:
+    """`report_to`, with each monitor's package importable (checked here, not deep inside DeepSpeed)."""
+    import importlib.util
+
+    where = cfg.where.get("report_to", "config")
+    wanted = report_to(cfg.monitor.report_to, where)
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in wanted and importlib.util.find_spec(module) is None:
+            raise UserError(f"{where}: `report_to` has {name}, but the `{module}` package is not installed; "
+                            f"`pip install 'layer-aware[monitor]'` (or `pip install {module}`)")
+    return wanted
 
 
 def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> RunPlan:
@@ -321,11 +426,14 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
                         f"in two places")
     batch = batch_plan(cfg, world_size)
     ds_raw, ds_path = deepspeed_json.load(cfg, use_gpu)
-    ds = deepspeed_json.merged(ds_raw, cfg, batch.global_batch, batch.micro_batch, batch.grad_accum, batch.dp_size)
+    ds = deepspeed_json.merged(ds_raw, cfg, batch.global_batch, batch.micro_batch, batch.grad_accum, batch.dp_size,
+                               monitors=check_monitors(cfg))
     data = open_mixture(data_sources(cfg.data.data, cfg.where.get("data", "config")), cfg.data.seq_len,
                         cfg.schedule.seed, cfg.data.verify_data)
-    check_data(cfg, hf_config, tokenizer_dir, data)
-    return RunPlan(cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
+    packing = PackingCheck(cfg, hf_config, tokenizer_dir)
+    check_data(cfg, hf_config, tokenizer_dir, data, packing)
+    evals, eval_note = eval_plan(cfg, data, batch.global_batch, packing)
+    return RunPlan(evals=evals, eval_note=eval_note, cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
                    base_model=hf.model_identity(model_dir, hf_config), weights=weights, shapes=hf.expected_tensors(hf_config),
                    groups=groups, world_size=world_size, stages=partition(groups, P), batch=batch, ds_config=ds,
                    ds_path=ds_path, dtype=deepspeed_json.training_dtype(ds), data=data)

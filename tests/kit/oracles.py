@@ -106,3 +106,50 @@ def chat_candidate_rank(model, tok, messages, candidates: list[str], answer: str
         scores.append(sum(lp[k - 1, ids[k]].item() for k in pos))
     t = scores[candidates.index(answer)]
     return 1 + sum(s > t for s in scores) + (sum(s == t for s in scores) - 1) / 2
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of every event file under log_dir, read with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def wandb_offline_history(path: Path) -> tuple[list[dict], str]:
+    """(history rows, run name) of an offline W&B run's transaction log (run-ID.wandb).
+
+    The file is what `wandb sync` uploads: a 7-byte header (":W&B", magic 0xBEE1, version 0),
+    then LevelDB-log records (crc32, uint16 length, type; FULL=1, FIRST=2, MIDDLE=3, LAST=4) in
+    32 KiB blocks, each payload one protobuf `Record` of wandb's own schema."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1, f"{path}: not a W&B log"
+    BLOCK, pos, payloads, part = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            payloads.append(part)
+    rows, name = [], ""
+    for raw in payloads:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "run":
+            name = rec.run.display_name
+    return rows, name

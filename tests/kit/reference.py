@@ -15,6 +15,7 @@ from pipeline.hf import load_causal_lm
 from pipeline.training.data import to_inputs_labels
 from pipeline.training.model import causal_lm_loss
 from pipeline.training.schedule import lr_factor
+from pipeline.training.validation import due
 
 
 def trainable(model, groups) -> list:
@@ -35,6 +36,22 @@ def step_batches(plan, start_step: int = 0):
         yield [to_inputs_labels(*next(it)) for _ in range(G // m)]
 
 
+@torch.no_grad()
+def validate_reference(model, plan) -> dict[str, float]:
+    """Each of the plan's validation sets: samples [0, batches x G) in micro-batches of the run's
+    size, the mean of their losses (every batch holds the same number of micro-batches)."""
+    was = model.training
+    model.eval()
+    m, out = plan.cfg.data.micro_batch_size, {}
+    for s in plan.evals:
+        it = micro_batches(s.data, m, 0, 1, start_sample=0)
+        n = s.batches * plan.batch.global_batch // m
+        out[s.key] = sum(causal_lm_loss(model(input_ids=x).logits, y).item()
+                         for x, y in (to_inputs_labels(*next(it)) for _ in range(n))) / n
+    model.train(was)
+    return out
+
+
 def _anchor_mse(model, base_layers, groups, inputs, h):
     """MSE between h (entering the format group) and the base raw group's output on the same input."""
     with torch.no_grad():
@@ -48,8 +65,9 @@ def _anchor_mse(model, base_layers, groups, inputs, h):
     return torch.mean((h - hb) ** 2)
 
 
-def train_reference(plan, steps: int | None = None):
-    """Returns (per-step losses, model)."""
+def train_reference(plan, steps: int | None = None, validations: dict | None = None):
+    """Returns (per-step losses, model). With `validations` (a dict), fills it with
+    {step: validate_reference(...)} at the steps where the run validates."""
     cfg, groups = plan.cfg, plan.groups
     torch.manual_seed(cfg.schedule.seed)
     model = load_causal_lm(cfg.model.model)
@@ -69,7 +87,11 @@ def train_reference(plan, steps: int | None = None):
             with_kwargs=True)
     losses = []
     it = step_batches(plan)
-    for _ in range(cfg.schedule.steps if steps is None else steps):
+    total_steps = cfg.schedule.steps if steps is None else steps
+    every = cfg.eval.eval_every if plan.evals else 0
+    if validations is not None and due(0, every, cfg.schedule.steps):
+        validations[0] = validate_reference(model, plan)
+    for step in range(1, total_steps + 1):
         micro = next(it)
         total = 0.0
         for inputs, labels in micro:
@@ -84,4 +106,6 @@ def train_reference(plan, steps: int | None = None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
+        if validations is not None and due(step, every, cfg.schedule.steps):
+            validations[step] = validate_reference(model, plan)
     return losses, model
