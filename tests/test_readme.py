@@ -15,7 +15,7 @@ from tests.kit.models import tiny_llama
 from tests.kit.tokenizers import conversations, documents, make_hf_tokenizer, write_jsonl
 
 SECTION = "## Your own model, step by step"
-TRY_ON_CPU = "--seq_len=64 --steps=20 --micro_batch_size=2 --global_batch_size=4 --save_every=10"
+TRY_ON_CPU = "--seq_len=64 --steps=20 --micro_batch_size=2 --global_batch_size=4 --save_every=10 --eval_every=0"
 
 
 def commands() -> list[str]:

@@ -125,3 +125,15 @@ def test_data_without_a_val_split_validates_the_named_sets_only(setup):
     rows = val_rows(run)
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert all("val_loss_chat" in r and "val_loss" not in r for r in rows)
+
+
+def test_a_set_with_fewer_windows_than_eval_batches_uses_what_it_has(setup):
+    from pipeline.config import load_config
+    from pipeline.training.plan import build_plan
+
+    cfg = ft.write_config(setup["root"] / "many.yaml", setup, "raw", setup["root"] / "runs" / "many",
+                          eval_every=5, eval_batches=1000)
+    plan = build_plan(load_config(cfg), world_size=1, use_gpu=False)
+    [own] = plan.evals
+    assert own.key == "val_loss" and own.batches == len(own.data) // G < 1000
+    assert f"{own.batches} of the 1000 batches asked for" in plan.layer_map()
