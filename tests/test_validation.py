@@ -137,3 +137,20 @@ def test_a_set_with_fewer_windows_than_eval_batches_uses_what_it_has(setup):
     [own] = plan.evals
     assert own.key == "val_loss" and own.batches == len(own.data) // G < 1000
     assert f"{own.batches} of the 1000 batches asked for" in plan.layer_map()
+
+
+def test_the_own_set_of_a_mix_is_the_mix_of_its_val_splits(setup):
+    """Two sources with equal weights: the own set mixes their val splits half and half, and its
+    size is what the smaller split allows before it would repeat a window."""
+    from data_prep.reader import Mixture
+    from pipeline.config import load_config
+    from pipeline.training.plan import build_plan
+
+    mix = [{"path": str(setup["raw"]), "weight": 1}, {"path": str(setup["raw"]), "weight": 1}]
+    cfg = ft.write_config(setup["root"] / "mix.yaml", setup, "raw", setup["root"] / "runs" / "mix",
+                          data=mix, eval_every=5, eval_batches=1000)
+    plan = build_plan(load_config(cfg), world_size=1, use_gpu=False)
+    [own] = plan.evals
+    assert isinstance(own.data, Mixture) and [s.split for s in own.data.sources] == ["val", "val"]
+    n = len(own.data.sources[0])
+    assert own.batches == (2 * n) // G

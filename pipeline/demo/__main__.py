@@ -21,8 +21,10 @@ examples:
   python -m pipeline.demo --size tiny --out /tmp/demo-smoke    (a few minutes: plumbing only)
 
 outputs in OUT: results.json, results.md (the table and what it shows), results.png (format
-adherence vs knowledge), models/ (every model as an HF directory), runs/ (training runs with
-metrics.jsonl and loss.png), eval/, logs/; with --sweep also sweep.json, sweep.md, sweep.png.
+adherence vs knowledge), forgetting.png (A-Raw's and naive's validation losses while training, on
+the new people's held-out biographies and on the base's corpus), models/ (every model as an HF
+directory), runs/ (training runs with metrics.jsonl and loss.png), eval/, logs/; with --sweep also
+sweep.json, sweep.md, sweep.png.
 Rerunning continues where an interrupted run stopped; a sweep reuses a demo's runs in the same OUT.
 """
 

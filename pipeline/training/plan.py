@@ -334,7 +334,7 @@ def _capacity(data) -> tuple[int, TokenWindows]:
     if isinstance(data, TokenWindows):
         return len(data), data
     # Source k fills counts[k] of every MIX_BLOCK samples.
-    return min((len(w) * MIX_BLOCK // int(c), w) for w, c in zip(data.sources, data.counts))
+    return min(((len(w) * MIX_BLOCK // int(c), w) for w, c in zip(data.sources, data.counts)), key=lambda x: x[0])
 
 
 def _eval_set(cfg: RunConfig, key: str, what: str, data, global_batch: int, where: str, drop: str) -> EvalSet:
