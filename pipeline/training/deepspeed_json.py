@@ -14,6 +14,8 @@ from pathlib import Path
 from data_prep.common import UserError
 
 from ..config import REPO_ROOT, RunConfig
+from .monitor import SECTIONS as MONITOR_SECTIONS
+from .monitor import ds_sections
 
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 # JSON path -> the run-config key that owns it.
@@ -27,9 +29,8 @@ OWNED = {
     ("scheduler",): "lr, min_lr, warmup_steps",
     ("pipeline", "activation_checkpoint_interval"): "activation_checkpoint_interval",
     # Monitors write into the run directory and are switched per run (pipeline/training/monitor.py).
-    ("tensorboard",): "report_to",
-    ("wandb",): "report_to, wandb_project",
-    ("csv_monitor",): "report_to",
+    **{(section,): "report_to, wandb_project" if name == "wandb" else "report_to"
+       for name, section in MONITOR_SECTIONS.items()},
 }
 
 
@@ -89,8 +90,6 @@ def training_dtype(ds: dict):
 def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_accum: int, dp_size: int,
            monitors: list[str] = ()) -> dict:
     """The JSON of the run: the file's keys plus the run's (never a second copy)."""
-    from .monitor import ds_sections
-
     ds = copy.deepcopy(ds)
     ds.update(ds_sections(cfg, list(monitors)))
     ds["train_batch_size"] = global_batch

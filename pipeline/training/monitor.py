@@ -16,21 +16,23 @@ import contextlib
 import os
 from pathlib import Path
 
-from ..config import RunConfig, report_to
+from ..config import MONITORS, RunConfig, report_to
 
-SECTIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": "csv_monitor"}  # report_to -> JSON section
+# report_to name -> the DeepSpeed JSON section that switches it on (deepspeed_json refuses these).
+SECTIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": "csv_monitor"}
+assert set(SECTIONS) == set(MONITORS)
 
 
 def ds_sections(cfg: RunConfig, monitors: list[str]) -> dict:
     """The JSON sections that switch DeepSpeed's monitors on, writing under the run directory."""
-    out = Path(cfg.schedule.out)
     sections = {}
-    if "tensorboard" in monitors:  # DeepSpeed writes to output_path/job_name
-        sections["tensorboard"] = {"enabled": True, "output_path": str(out), "job_name": "tensorboard"}
-    if "csv" in monitors:
-        sections["csv_monitor"] = {"enabled": True, "output_path": str(out), "job_name": "csv"}
-    if "wandb" in monitors:
-        sections["wandb"] = {"enabled": True, "project": cfg.monitor.wandb_project}
+    for name in monitors:
+        section = {"enabled": True}
+        if name == "wandb":  # W&B finds its folder and run name in the environment (prepare_wandb)
+            section["project"] = cfg.monitor.wandb_project
+        else:  # DeepSpeed writes to output_path/job_name: OUT/tensorboard/, OUT/csv/
+            section.update(output_path=str(Path(cfg.schedule.out)), job_name=name)
+        sections[SECTIONS[name]] = section
     return sections
 
 
