@@ -154,3 +154,44 @@ def test_the_own_set_of_a_mix_is_the_mix_of_its_val_splits(setup):
     assert isinstance(own.data, Mixture) and [s.split for s in own.data.sources] == ["val", "val"]
     n = len(own.data.sources[0])
     assert own.batches == (2 * n) // G
+
+
+TIMING = ("tokens_per_s", "step_time_s", "eval_time_s")
+
+
+ONE_PROCESS = dict(pipeline_stages=1, eval_every=3, eval_batches=2)
+
+
+@pytest.fixture(scope="module")
+def whole(setup):
+    return train(setup, "whole_1p", ranks=1, eval_data={"chat": str(setup["chat"])}, **ONE_PROCESS)[0]
+
+
+@pytest.mark.parametrize("die_after,resumes_at", [(8, 6), (2, None)])
+def test_a_killed_and_resumed_run_validates_exactly_like_an_uninterrupted_one(setup, whole, die_after, resumes_at):
+    """kill -9 after step 8 (checkpoint at 6), or after step 2 (no checkpoint yet: a fresh start that
+    must not keep the first try's step-0 validation), then the same command: metrics.jsonl,
+    validation rows included, and the final weights are those of the uninterrupted run."""
+    import subprocess
+    import sys
+
+    name = f"killed_1p_{die_after}"
+    run = setup["root"] / "runs" / name
+    cfg = ft.write_config(setup["root"] / f"{name}.yaml", setup, "raw", run,
+                          **{**RUN, **ONE_PROCESS, "eval_data": {"chat": str(setup["chat"])}})
+    helper = str(ft.REPO / "tests" / "helpers" / "train_with_faults.py")
+    p = subprocess.run([sys.executable, helper, str(cfg)], cwd=ft.REPO, capture_output=True, text=True, timeout=300,
+                       env={**ft.env(), "LAYER_AWARE_TEST_DIE_RANK": "0", "LAYER_AWARE_TEST_DIE_STEP": str(die_after)})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == die_after - 1
+    p = ft.run_train([str(cfg)])
+    if resumes_at:
+        assert f"step_{resumes_at:08d}" in p.stdout and "resuming from" in p.stdout
+    else:
+        assert "resuming from" not in p.stdout
+
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
+    got, want = [strip(r) for r in read_metrics(run / "metrics.jsonl")], [strip(r) for r in read_metrics(whole / "metrics.jsonl")]
+    assert got == want and [r["step"] for r in want if "val_loss" in r] == [0, 3, 6, 9, 12]
+    a, b = checkpoint_tensors(run, STEPS), checkpoint_tensors(whole, STEPS)
+    assert all(torch.equal(a[k], b[k]) for k in b)

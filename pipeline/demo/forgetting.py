@@ -12,7 +12,7 @@ from pathlib import Path
 from data_prep.common import atomic_file
 
 from ..plots import png_bytes, pyplot
-from ..training.metrics_log import read_metrics, val_keys
+from ..training.metrics_log import read_metrics, val_keys, validation_rows
 
 # Demo run -> its label in the plot and the table.
 WATCHED = {"a_raw": "A-Raw (raw group only)", "naive": "naive (every layer)"}
@@ -24,7 +24,7 @@ SETS = {"val_loss_new_heldout": "new people's held-out biographies (learning)",
 def forgetting_report(runs: dict[str, Path], png: Path) -> str:
     """Write the plot (one panel per validation set, one line per run) and return a markdown
     table of each set's loss at the first and last validation; '' when no run validated."""
-    curves = {label: [r for r in read_metrics(path) if "eval_time_s" in r] for label, path in runs.items()}
+    curves = {label: validation_rows(read_metrics(path)) for label, path in runs.items()}
     curves = {k: v for k, v in curves.items() if v}
     keys = list(dict.fromkeys(k for rows in curves.values() for k in val_keys(rows)))
     if not keys:

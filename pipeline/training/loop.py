@@ -12,7 +12,7 @@ from ..rundir import RunDir
 from . import checkpoint, monitor
 from .data import training_batches
 from .engine import Engine
-from .metrics_log import MetricsLog, plot_loss
+from .metrics_log import MetricsLog, plot_loss, val_keys
 from .plan import RESUMABLE
 from .schedule import lr_factor
 from .validation import due, validate
@@ -50,7 +50,7 @@ def train(eng: Engine) -> dict:
                         "tokens_per_s": G * S / dt, "step_time_s": dt}
                 if due(step, every, steps):
                     last.update(validate(eng))
-                    shown = {k: v for k, v in last.items() if k.startswith("val_loss")}
+                    shown = {k: last[k] for k in val_keys([last])}
                 # A validated step is always logged: its losses exist nowhere else.
                 if step % cfg.schedule.log_every == 0 or step == steps or due(step, every, steps):
                     metrics.log(last)

@@ -46,6 +46,11 @@ def val_keys(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r if k.startswith("val_loss")))
 
 
+def validation_rows(rows: list[dict]) -> list[dict]:
+    """The rows of validated steps (each carries `eval_time_s`, with or without a set's loss)."""
+    return [r for r in rows if "eval_time_s" in r]
+
+
 def plot_loss(metrics_path: Path, png_path: Path, title: str) -> None:
     """Training loss, and each validation loss beside it on the same axes (both are mean
     cross-entropy per target token, so the gap between them is the overfitting)."""
