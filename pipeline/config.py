@@ -17,6 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from data_prep.common import UserError
+from data_prep.manifest import SPLITS
 
 from .groups import PHASES
 
@@ -359,7 +360,6 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
 
 
 MONITORS = ("tensorboard", "wandb", "csv")
-EVAL_SPLITS = ("train", "val")
 
 
 def report_to(value, where: str = "config") -> list[str]:
@@ -395,7 +395,7 @@ def eval_sources(value, where: str = "config") -> dict[str, tuple[str, str]]:
             raise UserError(f"{where}: `eval_data.{name}` must be a manifest path or {{path: MANIFEST, split: val}}, "
                             f"got {item!r}")
         split = item.get("split", "val")
-        if split not in EVAL_SPLITS:
+        if split not in SPLITS:
             raise UserError(f"{where}: `eval_data.{name}.split` must be `train` or `val`, got {split!r}")
         out[name] = (item["path"], split)
     return out
