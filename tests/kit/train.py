@@ -63,14 +63,14 @@ def env() -> dict:
 def run_train(args: list[str], ranks: int = 1, timeout: int = 400, check: bool = True, launcher: str = "python",
               env: dict | None = None):
     """Run the real entry point: one process, or `deepspeed --num_gpus N` CPU ranks (`env` on top of
-    the hermetic environment)."""
+    the hermetic environment; a None value removes the variable)."""
     if ranks == 1 and launcher == "python":
         cmd = [sys.executable, "-m", "pipeline.train", *args]
     else:
         cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                "--module", "pipeline.train", *args]
-    p = subprocess.run(cmd, cwd=REPO, env={**globals()["env"](), **(env or {})}, capture_output=True, text=True,
-                       timeout=timeout)
+    e = {k: v for k, v in {**globals()["env"](), **(env or {})}.items() if v is not None}
+    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
