@@ -331,3 +331,15 @@ def test_kill9_during_transplant_leaves_nothing_complete(tmp_path, rng):
     got, want = files(out), files(tmp_path / "clean" / "transplant")
     assert got.keys() == want.keys() and len(got) > 5
     assert got == want
+
+
+@pytest.mark.multiproc
+def test_a_cpu_job_leaves_no_shared_memory_behind(setup):
+    """DeepSpeed's CPU allreduce maps a 69 MB /dev/shm segment per rank; left named, every job
+    under the deepspeed launcher (finished or killed) would keep 69 MB per rank of RAM until reboot."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    cfg, _ = config(setup, "shm", steps=2, save_every=2)
+    ft.run_train([str(cfg)], ranks=2)
+    left = set(shm.glob("deepspeed_allreduce_buffer_*")) - before
+    assert not left, sorted(p.name for p in left)

@@ -19,6 +19,7 @@ Run as a module it checks a hostfile, so launch scripts can validate before star
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -242,11 +243,30 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tupl
             os.environ.update(_single_rendezvous())
             info["filled"].update(MASTER_PORT=os.environ["MASTER_PORT"])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if accel.device_name() == "cpu":
+        _unlink_shm_buffer(rank)
     if rank == 0:
         filled = ", ".join(f"{k}={v}" for k, v in info["filled"].items()) or "nothing"
         print(f"[dist] {world} rank(s) via {info['source']} ({backend}); filled in: {filled}",
               flush=True)
     return rank, world, int(os.environ["LOCAL_RANK"])
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU allreduce gives each rank of a one-machine job a 69 MB /dev/shm segment
+    (deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK, mapped by every rank) and never unlinks it, so
+    every such job, finished or killed, leaves 69 MB per rank in RAM until the machine reboots.
+    Once every rank has returned from init, every rank has mapped every other's segment, so the
+    names are no longer needed: each rank unlinks its own after a barrier. The memory stays mapped
+    and is freed when the last rank exits, however it exits."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 # ---------------------------------------------------------------------------------------------
