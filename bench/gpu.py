@@ -154,10 +154,9 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
 
     from pipeline.config import load_config
     from pipeline.hf import load_causal_lm
-    from pipeline.training.model import causal_lm_loss
     from pipeline.training.plan import build_plan
     from pipeline.training.schedule import lr_factor
-    from tests.kit.reference import step_batches, trainable
+    from tests.kit.reference import step_batches, summed_ce, trainable
 
     cfg = load_config(cfg_path)
     plan = build_plan(cfg, 1, use_gpu=device == "cuda")
@@ -167,7 +166,7 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
     if compile_layers:
         for layer in model.model.layers:
             layer.compile()
-    params = trainable(model, plan.groups)
+    params = trainable(model, plan)
     ds_params = plan.ds_config["optimizer"]["params"]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
                             weight_decay=cfg.optim.weight_decay)
@@ -178,12 +177,12 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
     info = {"attn_implementation": model.config._attn_implementation}
 
     def step():
-        micro = next(it)
+        micro, targets = next(it)
         for inputs, labels in micro:
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast:
                 logits = model(input_ids=inputs).logits
-            (causal_lm_loss(logits, labels) / len(micro)).backward()
+            (summed_ce(logits, labels) / targets).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         sched.step()

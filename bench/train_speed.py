@@ -195,13 +195,12 @@ def flop_ratio(cfg_path: Path) -> tuple[float, dict]:
     from pipeline.config import load_config
     from pipeline.names import to_pipeline_name
     from pipeline.training.plan import build_plan
-    from tests.kit.reference import trainable
-
     cfg = load_config(cfg_path)
     plan = build_plan(cfg, 1, use_gpu=False)
     hf_cfg, groups, tied = plan.hf_config, plan.groups, plan.groups.tied
     model = hf.meta_model(hf.config_object(hf_cfg))
-    trainable(model, groups)
+    for name, p in model.named_parameters():
+        p.requires_grad_(groups.trains(name))
     L, S, H = groups.num_layers, cfg.data.seq_len, hf_cfg["hidden_size"]
     heads = hf_cfg["num_attention_heads"]
     attn_width = hf_cfg.get("head_dim") or H // heads
@@ -344,10 +343,9 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
 
     from pipeline.config import load_config
     from pipeline.hf import load_causal_lm
-    from pipeline.training.data import training_batches
+    from pipeline.training.data import step_micro_batches
     from pipeline.training.dist import init
     from pipeline.training.engine import build_engine
-    from pipeline.training.model import causal_lm_loss
     from pipeline.training.plan import build_plan
     from tests.kit import reference
 
@@ -357,7 +355,7 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     with quiet():
         init()
         eng = build_engine(plan, 0)
-        it = training_batches(plan.data, plan.batch.micro_batch, 0, 1, 0)
+        it = step_micro_batches(plan.data, plan.batch.global_batch, plan.batch.micro_batch, 0, 1, cfg.data.seq_len, 0)
         for _ in range(2):
             eng.engine.train_batch(data_iter=it)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -368,14 +366,14 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     gc.collect()
 
     model = load_causal_lm(cfg.model.model)
-    params = reference.trainable(model, plan.groups)
+    params = reference.trainable(model, plan)
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
     batches = reference.step_batches(plan)
 
     def ref_step():
-        micro = next(batches)
+        micro, targets = next(batches)
         for inputs, labels in micro:
-            (causal_lm_loss(model(input_ids=inputs).logits, labels) / len(micro)).backward()
+            (reference.summed_ce(model(input_ids=inputs).logits, labels) / targets).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -19,21 +19,17 @@ final norm alone.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from data_prep.common import UserError
+
+from .names import EMBED, HEAD, NORM, layer_of
 
 FROZEN, RAW, FORMAT = "frozen", "raw", "format"
 GROUPS = (FROZEN, RAW, FORMAT)
 # What each phase trains. `raw_trains_format` adds the format group to `raw` (an ablation).
 PHASE_TRAINS = {"chat": (FORMAT,), "raw": (RAW,), "full": GROUPS}
 PHASES = tuple(PHASE_TRAINS)
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-EMBED = "model.embed_tokens."
-NORM = "model.norm."
-HEAD = "lm_head."
 
 
 def resolve_index(value, num_layers: int) -> int:
@@ -89,9 +85,9 @@ class LayerGroups:
 
     def group_of(self, hf_name: str) -> str:
         """The group of an HF parameter name (`model.layers.3.mlp.up_proj.weight`, `lm_head.weight`)."""
-        m = _LAYER.match(hf_name)
-        if m:
-            return self.group_of_layer(int(m.group(1)))
+        i = layer_of(hf_name)
+        if i is not None:
+            return self.group_of_layer(i)
         if hf_name.startswith(EMBED):
             return FROZEN
         if hf_name.startswith(HEAD):

@@ -1,4 +1,5 @@
-"""Stable layer names: decoder layer i is `model.layers.i` everywhere.
+"""Stable layer names: decoder layer i is `model.layers.i` everywhere. The one owner of HF tensor
+names: every other module asks here instead of spelling a name or a pattern.
 
 The pipeline has exactly one entry per HF decoder layer, so DeepSpeed's checkpoint file
 `layer_{i:02d}-model_states.pt` holds HF layer i. The embeddings ride on layer 0 and the
@@ -19,6 +20,28 @@ import re
 
 ANCHOR = "anchor"
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+EMBED = "model.embed_tokens."      # prefix of the embedding matrix
+NORM = "model.norm."               # prefix of the final norm
+HEAD = "lm_head."                  # prefix of the LM head
+EMBED_WEIGHT = f"{EMBED}weight"
+HEAD_WEIGHT = f"{HEAD}weight"
+
+
+def layer_prefix(i: int) -> str:
+    """The HF name prefix of decoder layer i's tensors."""
+    return f"model.layers.{i}."
+
+
+def layer_of(hf_name: str) -> int | None:
+    """The decoder layer an HF tensor name belongs to, or None (embeddings, norm, head)."""
+    m = _HF_LAYER.match(hf_name)
+    return int(m.group(1)) if m else None
+
+
+def tied_embeddings(hf_config: dict) -> bool:
+    """Whether a config.json ties the LM head to the embedding matrix (then a checkpoint may hold
+    no `lm_head.weight`, and training the one trains the other). HF's default is untied."""
+    return bool(hf_config.get("tie_word_embeddings", False))
 
 
 def layer_file(i: int) -> str:
@@ -32,7 +55,7 @@ def to_hf_name(layer: int, key: str) -> str | None:
         return None
     head, _, rest = key.partition(".")
     if head == "decoder":
-        return f"model.layers.{layer}.{rest}"
+        return f"{layer_prefix(layer)}{rest}"
     if head in ("embed_tokens", "norm"):
         return f"model.{key}"
     if head == "lm_head":
@@ -45,10 +68,10 @@ def to_pipeline_name(hf_name: str, num_layers: int) -> tuple[int, str]:
     m = _HF_LAYER.match(hf_name)
     if m:
         return int(m.group(1)), f"decoder.{m.group(2)}"
-    if hf_name.startswith("model.embed_tokens."):
+    if hf_name.startswith(EMBED):
         return 0, hf_name[len("model."):]
-    if hf_name.startswith("model.norm."):
+    if hf_name.startswith(NORM):
         return num_layers - 1, hf_name[len("model."):]
-    if hf_name.startswith("lm_head."):
+    if hf_name.startswith(HEAD):
         return num_layers - 1, hf_name
     raise KeyError(f"unexpected HF parameter name {hf_name!r}")

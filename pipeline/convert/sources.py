@@ -16,7 +16,7 @@ from data_prep.common import UserError
 
 from .. import hf
 from ..groups import LayerGroups
-from ..names import layer_file, to_hf_name, to_pipeline_name
+from ..names import HEAD_WEIGHT, layer_file, tied_embeddings, to_hf_name, to_pipeline_name
 from ..rundir import RunDir
 
 
@@ -47,9 +47,9 @@ class HFSource:
         self.run, self.step, self.groups = None, None, None
         self._files = hf.weight_map(self.path, flag=f"{flag}")
         self._by_layer: dict[int, list[str]] = {}
-        tied = bool(self.config.get("tie_word_embeddings", False))
+        tied = tied_embeddings(self.config)
         for name in self._files:
-            if name.endswith(".rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+            if name.endswith(".rotary_emb.inv_freq") or (tied and name == HEAD_WEIGHT):
                 continue  # a buffer old checkpoints saved (recomputed on load); a tied head saved twice
             try:
                 i = to_pipeline_name(name, self.num_layers)[0]
@@ -131,7 +131,7 @@ class RunSource:
                 name = to_hf_name(i, key)
             except KeyError:
                 raise UserError(f"{path}: unexpected key {key!r} (see pipeline/names.py)") from None
-            if name is None or (self.groups.tied and name == "lm_head.weight"):
+            if name is None or (self.groups.tied and name == HEAD_WEIGHT):
                 continue  # the anchor; and the tied head, which the last layer saves again: it *is* the embedding
             out[name] = (t, self.origin(rel))
         # A checkpoint saved without its frozen parameters (DeepSpeed's exclude_frozen_params) lacks

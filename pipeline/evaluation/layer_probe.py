@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data_prep.common import UserError, atomic_write_json, atomic_write_text
 
+from ..names import EMBED, HEAD, NORM, layer_of
 from ..plots import png_bytes, pyplot
 
 
@@ -36,9 +37,9 @@ def weight_change(base, chat) -> dict:
         missing = sorted(set(b) ^ set(c))
         if missing:
             raise UserError(f"--base and --chat hold different tensors in layer {i} (e.g. {missing[0]!r})")
-        groups = {"layer": [n for n in b if n.startswith(f"model.layers.{i}.")],
-                  "embed": [n for n in b if n.startswith("model.embed_tokens.")],
-                  "top": [n for n in b if n.startswith(("model.norm.", "lm_head."))]}
+        groups = {"layer": [n for n in b if layer_of(n) == i],
+                  "embed": [n for n in b if n.startswith(EMBED)],
+                  "top": [n for n in b if n.startswith((NORM, HEAD))]}
         for key, names in groups.items():
             if not names:
                 continue

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..rundir import RunDir
 from . import checkpoint, monitor
-from .data import training_batches
+from .data import step_micro_batches
 from .engine import Engine
 from .metrics_log import MetricsLog, plot_loss, val_keys
 from .plan import RESUMABLE
@@ -33,8 +33,8 @@ def train(eng: Engine) -> dict:
             print(f"resuming from {run.tag_dir(start)}", flush=True)
         metrics = MetricsLog(run.metrics, start, enabled=is_main)
         G, S, steps = plan.batch.global_batch, cfg.data.seq_len, cfg.schedule.steps
-        batches = training_batches(plan.data, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size,
-                                   start_sample=start * G)
+        batches = step_micro_batches(plan.data, G, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size, S,
+                                     start_sample=start * G)
         last, shown, every = {}, {}, cfg.eval.eval_every if plan.evals else 0
         if start == 0 and due(0, every, steps):  # the model as loaded: where the curves start
             metrics.log({"step": 0, **validate(eng)})

@@ -16,15 +16,14 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .. import hf
-from ..groups import LayerGroups
-
-IGNORE_INDEX = -100
+from ..groups import RAW, LayerGroups
+from ..names import EMBED, EMBED_WEIGHT, HEAD, NORM, layer_prefix
+from .loss import causal_lm_loss
 
 
 def mask_function(config, i: int):
@@ -59,13 +58,13 @@ class StageLoader:
         return module
 
     def decoder_layer(self, i: int) -> nn.Module:
-        return self._load(self.meta.model.layers[i], f"model.layers.{i}.")
+        return self._load(self.meta.model.layers[i], layer_prefix(i))
 
     def embed_tokens(self) -> nn.Module:
-        return self._load(self.meta.model.embed_tokens, "model.embed_tokens.")
+        return self._load(self.meta.model.embed_tokens, EMBED)
 
     def norm(self) -> nn.Module:
-        return self._load(self.meta.model.norm, "model.norm.")
+        return self._load(self.meta.model.norm, NORM)
 
     def lm_head(self, embed_tokens: nn.Module | None) -> nn.Module:
         head = self.meta.lm_head
@@ -73,8 +72,8 @@ class StageLoader:
             if embed_tokens is not None:  # one stage holds both: one shared Parameter, as in HF
                 head.weight = embed_tokens.weight
                 return head
-            return self._load(head, "lm_head.", source="model.embed_tokens.weight")
-        return self._load(head, "lm_head.")
+            return self._load(head, HEAD, source=EMBED_WEIGHT)
+        return self._load(head, HEAD)
 
     def rotary(self) -> nn.Module:
         if self._rotary is None:  # buffer-only (inv_freq is computed, never stored): built on CPU
@@ -180,18 +179,6 @@ class DecoderLayerPipe(nn.Module):
         return torch.cat([h, h_base])
 
 
-def causal_lm_loss(logits, labels):
-    """Mean cross-entropy over labels that are not IGNORE_INDEX (labels are already shifted).
-
-    Same value as the HF model's own loss, except that a micro-batch with no target at all (a chat
-    window holding no assistant token) gives 0 instead of NaN, so it contributes nothing.
-    """
-    flat = labels.reshape(-1)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    return total / (flat != IGNORE_INDEX).sum().clamp(min=1)
-
-
 def clone_views_only(item):
     """What DeepSpeed's save does to each layer's state dict, but only where it is needed: a tensor
     that is a view into a larger buffer (ZeRO's flat copy of the trained weights) is cloned, or
@@ -244,7 +231,7 @@ def layer_specs(plan, loader: StageLoader) -> list[LayerSpec]:
     anchoring = weight > 0 and plan.cfg.groups.phase == "raw"
     specs = []
     for i in range(g.num_layers):
-        raw = g.raw_start <= i < g.format_start
+        raw = g.group_of_layer(i) == RAW
         extra = {}
         if anchoring and raw:
             # The engine scales the loss by 1/accumulation before backward; the injected gradient

@@ -18,7 +18,7 @@ from data_prep.reader import MIX_BLOCK, Mixture, TokenWindows, open_mixture
 from .. import hf
 from ..config import RunConfig, data_sources, eval_sources, report_to
 from ..groups import FORMAT, FROZEN, LayerGroups
-from ..names import to_pipeline_name
+from ..names import EMBED_WEIGHT, HEAD_WEIGHT, NORM, layer_of, tied_embeddings, to_pipeline_name
 from . import deepspeed_json
 
 # Keys that may change between a run and its resumption without changing what it computes.
@@ -74,6 +74,7 @@ class RunPlan:
     data: Mixture = field(repr=False)
     evals: list[EvalSet] = field(default_factory=list)   # empty: no validation
     eval_note: str = ""              # why the run's own val split is not validated, if it is not
+    chat_template: dict | None = None  # the template the chat data was rendered with (data_template)
 
     @property
     def num_stages(self) -> int:
@@ -92,11 +93,11 @@ class RunPlan:
         L = self.groups.num_layers
         names = [n for n in self.shapes if to_pipeline_name(n, L)[0] == i]
         if self.groups.tied and i == L - 1:
-            names.append("lm_head.weight")  # the last layer's head reads the shared embedding matrix
+            names.append(HEAD_WEIGHT)  # the last layer's head reads the shared embedding matrix
         return names
 
     def numel(self, names) -> int:
-        shapes = {**self.shapes, "lm_head.weight": self.shapes.get("lm_head.weight", self.shapes["model.embed_tokens.weight"])}
+        shapes = {**self.shapes, HEAD_WEIGHT: self.shapes.get(HEAD_WEIGHT, self.shapes[EMBED_WEIGHT])}
         n = 0
         for name in names:
             k = 1
@@ -112,7 +113,7 @@ class RunPlan:
         for s in range(self.num_stages):
             names = [n for i in range(self.stages[s], self.stages[s + 1]) for n in self.layer_names(i)]
             if self.groups.tied and self.num_stages == 1:
-                names = [n for n in names if n != "lm_head.weight"]  # one shared Parameter on one stage
+                names = [n for n in names if n != HEAD_WEIGHT]  # one shared Parameter on one stage
             trained = [n for n in names if self.groups.trains(n)]
             out.append(stage_memory(self.numel(names), self.numel(trained), self.dtype, zero, self.batch.dp_size))
         return out
@@ -132,6 +133,8 @@ class RunPlan:
             "ds_config": self.ds_config,
             "clipping": "global norm over the pipeline stages, by the engine's AdamW" if self.clips_globally
                         else "DeepSpeed's",
+            # What the trained model must ship: export, transplant and chat vector read it here.
+            "chat_template": self.chat_template,
         }
 
     def layer_map(self) -> str:
@@ -142,7 +145,7 @@ class RunPlan:
         def state(name):
             return "trained" if g.trains(name) else "frozen"
 
-        emb = "model.embed_tokens.weight"
+        emb = EMBED_WEIGHT
         rows.append(f"{'embeddings':<16}{g.group_of(emb):<8}{self.stage_of_layer(0):<7}{self.numel([emb]):>12,}  {state(emb)}")
         i = 0
         while i < g.num_layers:  # consecutive layers with the same group and stage share one row
@@ -151,16 +154,15 @@ class RunPlan:
                    and self.stage_of_layer(j + 1) == self.stage_of_layer(i)):
                 j += 1
             rng = f"{i}" if i == j else f"{i}-{j}"
-            n = self.numel([k for k in self.shapes if k.startswith("model.layers.")
-                            and i <= int(k.split(".")[2]) <= j])
+            n = self.numel([k for k in self.shapes if layer_of(k) in range(i, j + 1)])
             st = "trained" if g.layer_trained(i) else "frozen"
             rows.append(f"{'layers.' + rng:<16}{g.group_of_layer(i):<8}{self.stage_of_layer(i):<7}{n:>12,}  {st}")
             i = j + 1
         last = self.stage_of_layer(g.num_layers - 1)
-        norm = [k for k in self.shapes if k.startswith("model.norm.")]
+        norm = [k for k in self.shapes if k.startswith(NORM)]
         rows.append(f"{'norm':<16}{FORMAT:<8}{last:<7}{self.numel(norm):>12,}  {state(norm[0])}")
         if g.tied:
-            head = "trained" if g.trains("lm_head.weight") else "frozen (tied to the embeddings)"
+            head = "trained" if g.trains(HEAD_WEIGHT) else "frozen (tied to the embeddings)"
             rows.append(f"{'lm_head':<16}{FROZEN:<8}{last:<7}{'(tied)':>12}  {head}")
         else:
             rows.append(f"{'lm_head':<16}{FORMAT:<8}{last:<7}{self.numel(['lm_head.weight']):>12,}  "
@@ -171,6 +173,10 @@ class RunPlan:
             rows.append(f"stage {s}: {gb(m['total'])} per rank before activations (weights {gb(m['weights'])}, "
                         f"gradients {gb(m['gradients'])}, optimizer {gb(m['optimizer'])})")
         rows.extend(self.validation_lines())
+        if self.chat_template:
+            t = self.chat_template
+            rows.append(f"chat template: the one {Path(t['manifest']).name} was rendered with ({t['from']}; sha256 "
+                        f"{t['sha256'][:12]}); export, transplant and chat vector ship it")
         return "\n".join(rows)
 
     def validation_lines(self) -> list[str]:
@@ -314,6 +320,28 @@ class PackingCheck:
                             f"`--tokenizer {tok_dir}`, or set `tokenizer:` to the one it was packed with")
 
 
+def data_template(cfg: RunConfig, data: Mixture) -> dict | None:
+    """The chat template the run's chat data was rendered with (from its manifests): the format the
+    trained model learns, so the one it must ship. None when the run trains on no chat data. Chat
+    sources rendered with different templates are refused: the model would learn two formats and
+    could ship only one."""
+    from data_prep.template import manifest_template
+
+    where = f"{cfg.where.get('data', 'config')}: `data`"
+    found = [(path, t) for (path, _), w in zip(data_sources(cfg.data.data, where), data.sources)
+             if (t := manifest_template(w.manifest)) is not None]
+    for path, t in found[1:]:
+        if t["sha256"] != found[0][1]["sha256"]:
+            raise UserError(f"{where}: {found[0][0]} and {path} were rendered with different chat templates "
+                            f"(manifest chat_template_sha256 {found[0][1]['sha256'][:12]} vs {t['sha256'][:12]}); "
+                            f"the model would learn two formats and ship one. Repack one of them with the other's "
+                            f"template (`python -m data_prep chat --chat-template FILE`)")
+    if not found:
+        return None
+    path, t = found[0]
+    return {**t, "manifest": str(Path(path).resolve())}
+
+
 def check_data(cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixture,
                packing: PackingCheck | None = None) -> None:
     """Does the data fit the model and the phase? Same vocabulary, same tokenizer, the right kind."""
@@ -414,7 +442,7 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
         raise UserError(f"{cfg.where.get('seq_len', 'config')}: `seq_len` ({cfg.data.seq_len}) exceeds the model's "
                         f"max_position_embeddings ({max_pos}) in {model_dir}/config.json")
     g = cfg.groups
-    tied = bool(hf_config.get("tie_word_embeddings", False))
+    tied = tied_embeddings(hf_config)
     groups = LayerGroups.resolve(g.raw_start, g.format_start, L, tied, g.phase, g.raw_trains_format, cfg.where)
     P = cfg.parallel.pipeline_stages
     if P > L:
@@ -436,4 +464,5 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
     return RunPlan(evals=evals, eval_note=eval_note, cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
                    base_model=hf.model_identity(model_dir, hf_config), weights=weights, shapes=hf.expected_tensors(hf_config),
                    groups=groups, world_size=world_size, stages=partition(groups, P), batch=batch, ds_config=ds,
-                   ds_path=ds_path, dtype=deepspeed_json.training_dtype(ds), data=data)
+                   ds_path=ds_path, dtype=deepspeed_json.training_dtype(ds), data=data,
+                   chat_template=data_template(cfg, data))

@@ -5,19 +5,18 @@ gradients, so validating changes nothing in training: no optimizer step, no RNG 
 is in eval mode, so dropout draws nothing), and the training data iterator is put back. A test
 holds the curve and the final weights to bit equality with validation on and off.
 
-A set's loss is the mean over its batches of the engine's batch loss, itself the mean of the
-micro-batch losses over accumulation and data-parallel ranks: the quantity the training loss
-is, on other data. Each validation reads the same sequences (samples [0, batches x G) of the
+A set's loss follows the training loss's rule (`loss.py`) over the whole set: the summed token
+loss of every batch divided by the set's target tokens. The engine returns each batch's
+per-token loss; weighting it by that batch's target count gives the set's, so a batch with few
+targets weighs little. Each validation reads the same sequences (samples [0, batches x G) of the
 set, split over data-parallel ranks like training's), so the curve compares like with like.
 """
 from __future__ import annotations
 
 import time
 
-from data_prep.reader import micro_batches
-
 from . import monitor
-from .data import to_inputs_labels
+from .data import global_targets, step_micro_batches
 from .engine import Engine
 
 
@@ -30,15 +29,16 @@ def validate(eng: Engine) -> dict[str, float]:
     """{key: mean loss} of every set of the plan, plus `eval_time_s`; a collective, every rank calls it."""
     plan, engine = eng.plan, eng.engine
     t0 = time.perf_counter()
-    out = {}
+    G, S, out = plan.batch.global_batch, plan.cfg.data.seq_len, {}
     with monitor.muted(engine):
         for s in plan.evals:
-            batches = (to_inputs_labels(t, m) for t, m in
-                       micro_batches(s.data, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size, 0))
-            total = 0.0
-            for _ in range(s.batches):
-                total += float(engine.eval_batch(data_iter=batches, bcast_loss=True))
-            out[s.key] = total / s.batches
+            batches = step_micro_batches(s.data, G, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size, S, 0)
+            total, targets = 0.0, 0
+            for b in range(s.batches):
+                n = global_targets(s.data, b * G, G, S)
+                total += float(engine.eval_batch(data_iter=batches, bcast_loss=True)) * n
+                targets += n
+            out[s.key] = total / max(targets, 1)
     monitor.write(engine, out)
     out["eval_time_s"] = time.perf_counter() - t0
     return out
