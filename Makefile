@@ -2,12 +2,19 @@
 # or `make test`. Every option below is a `?=` default you can override on the command line,
 # e.g. `make chat CHAT_CONFIG=configs/my_chat.yaml`.
 
-# The Python that builds the venv. Any 3.10+ works.
+# The Python that builds the venv: 3.11+ (transformers 5.24+ needs it; CONSTRAINTS was made on 3.11).
 PYTHON ?= python3
 # torch is installed first and on its own: a bare `torch` requirement would pull a multi-GB CUDA
 # build; 2.13.0 is the CPU build that lies on disk here. On a GPU cluster: TORCH='torch==2.13.0'
-# with your CUDA index, or TORCH=skip to keep the torch you have.
+# with your CUDA index, or TORCH=skip to keep the torch you have (2.13+, pyproject's floor, or pip
+# replaces it).
 TORCH ?= torch==2.13.0
+# The exact versions of everything else that the suite last passed with (pip constraints: they pin
+# what gets installed, they install nothing). pyproject.toml only gives the ranges that work; the
+# newest release inside a range is untested until someone runs the suite on it, so setup and CI
+# install the tested set. CONSTRAINTS= (empty) resolves freely from pyproject's ranges instead:
+# `make setup CONSTRAINTS= VENV=.venv-new`. Written by `make lock`.
+CONSTRAINTS ?= constraints.txt
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # DeepSpeed picks its accelerator at import; without a GPU it must be told, or it guesses CUDA.
@@ -27,19 +34,36 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: setup test demo sweep bench bench-gpu data chat raw transplant eval clean help
+.PHONY: setup lock test demo sweep bench bench-gpu data chat raw transplant eval clean help
 
 help:  ## list targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | column -t -s '	'
 
-$(VENV)/.stamp: pyproject.toml
+# The stamp depends on the constraints too: a new lock reinstalls, so the venv is what it says.
+$(VENV)/.stamp: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	if [ "$(TORCH)" != skip ]; then $(VENV)/bin/pip install -q "$(TORCH)"; fi
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
 	touch $@
 
-setup: $(VENV)/.stamp  ## create .venv and install the project with its test extras
+setup: $(VENV)/.stamp  ## create .venv and install the project with its test extras (pinned by CONSTRAINTS)
+
+# Rewrites CONSTRAINTS from the venv as it is now, so the lock only ever holds a combination the
+# suite passed with: upgrade in the venv (`.venv/bin/pip install -U transformers`), `make test`,
+# then `make lock` and commit both. Left out: the project itself (the checkout, installed
+# editable) and torch with its CUDA runtime (nvidia-*, triton), which TORCH installs: CPU in CI,
+# the cluster's CUDA build elsewhere. No `setup` prerequisite: it freezes the venv you tested, not
+# a reinstall of the old lock. A tool you pip-installed there by hand (ruff, ipython) lands in the
+# lock too: harmless, a constraint installs nothing, but take its line out.
+lock:  ## rewrite constraints.txt from the venv's versions (after `make test` passed on them)
+	@test -n "$(CONSTRAINTS)" || { echo "error: make lock needs CONSTRAINTS=FILE to write" >&2; exit 2; }
+	@test -x $(PY) || { echo "error: no venv at $(VENV): make setup (and make test) first" >&2; exit 1; }
+	{ echo "# Exact versions the suite passed with, on Python $$($(PY) -c 'import sys; print(*sys.version_info[:2], sep=".")'). Written by \`make lock\` from"; \
+	  echo "# \`pip freeze\`; \`make setup\` installs through it (pip -c). torch: TORCH in the Makefile."; \
+	  $(VENV)/bin/pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-[a-z0-9_-]+)=='; } > $(CONSTRAINTS).tmp
+	@# sh has no pipefail: a freeze that failed leaves no pin, and must not replace the lock.
+	grep -q '==' $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 PYTEST_ARGS ?=
 # pytest exits 5 when it collected no test: that is a broken suite (a bad path or a lost
