@@ -78,7 +78,10 @@ test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs inclu
 # sweep in the same folder reuses the demo's base and A-Chat. Each seed gets its own folder
 # (runs/demo, runs/demo-seed1, ...): the demo refuses a folder made with other settings rather than
 # reuse its runs.
-DEMO_OUT ?= runs/demo$(if $(filter-out 0,$(SEED)),-seed$(SEED))
+# SEEDS=0,1,2,3,4 (or 0-4) runs each seed in DEMO_OUT/seed-S and writes DEMO_OUT/aggregate.md: means
+# with 95% intervals over seeds, because one seed's figures move by 10-15 points.
+SEEDS ?=
+DEMO_OUT ?= $(if $(SEEDS),runs/demo-seeds,runs/demo$(if $(filter-out 0,$(SEED)),-seed$(SEED)))
 # DEMO_SIZE=tiny is a few-minute plumbing check with meaningless numbers.
 DEMO_SIZE ?= full
 # One seed sets the world, the initialisation and the data order.
@@ -89,10 +92,10 @@ RECIPE ?= configs/demo/recipe.yaml
 SWEEP ?= configs/demo/sweep.yaml
 
 demo: setup  ## the whole method on the built-in synthetic world, on CPU (~14 min): table in $(DEMO_OUT)/results.md
-	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --seed $(SEED) --recipe $(RECIPE)
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(SEEDS),--seeds $(SEEDS),--seed $(SEED)) --recipe $(RECIPE)
 
 sweep: setup  ## every recipe of SWEEP against the demo's base and A-Chat (hours on CPU): $(DEMO_OUT)/sweep.md
-	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) --seed $(SEED) --sweep $(SWEEP)
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(SEEDS),--seeds $(SEEDS),--seed $(SEED)) --sweep $(SWEEP)
 
 # ---- benchmarks -------------------------------------------------------------------------------
 # small keeps a CPU run under 10 minutes; medium uses bigger models for steadier ratios.

@@ -19,12 +19,15 @@ examples:
   python -m pipeline.demo --out runs/demo          (~15 min on 2 idle CPU cores)
   python -m pipeline.demo --out runs/demo --sweep configs/demo/sweep.yaml      (make sweep: hours)
   python -m pipeline.demo --size tiny --out /tmp/demo-smoke    (a few minutes: plumbing only)
+  python -m pipeline.demo --out runs/demo-seeds --seeds 0-4    (make demo SEEDS=0,1,2,3,4: ~15 min a seed)
 
 outputs in OUT: results.json, results.md (the table and what it shows), results.png (format
 adherence vs knowledge), forgetting.png (A-Raw's and naive's validation losses while training, on
 the new people's held-out biographies and on the base's corpus), models/ (every model as an HF
 directory), runs/ (training runs with metrics.jsonl and loss.png), eval/, logs/; with --sweep also
-sweep.json, sweep.md, sweep.png.
+sweep.json, sweep.md, sweep.png. With --seeds, OUT/seed-S/ holds each seed's demo, and
+OUT/aggregate.{md,json,png} the means, 95% intervals, paired differences and the verdict; seeds a
+recipe was chosen on (its `tuned_on`) are reported apart, and the verdict is read on the others.
 Rerunning continues where an interrupted run stopped; a sweep reuses a demo's runs in the same OUT.
 """
 
@@ -39,6 +42,9 @@ def main(argv=None):
     p.add_argument("--size", choices=["full", "tiny"], default="full",
                    help="full: the real demo; tiny: minutes-long plumbing check with meaningless numbers")
     p.add_argument("--seed", type=int, default=0, help="one seed for the world, init, data order (default 0)")
+    p.add_argument("--seeds", type=seed_list, metavar="S,S,...",
+                   help="run each seed in OUT/seed-S (skipping what is done), then write OUT/aggregate.{md,json,png}: "
+                        "means with 95%% intervals, paired differences and a verdict that reads them")
     p.add_argument("--recipe", type=Path, default=CONFIGS / "recipe.yaml",
                    help="the recipe (or recipes) to run beside the baselines (default configs/demo/recipe.yaml, "
                         "the best the sweep found)")
@@ -50,14 +56,47 @@ def main(argv=None):
     from . import recipes
     from .run import Demo
 
+    out = Path(args.out)
     if args.sweep:
-        from .sweep import run_sweep
+        from .sweep import run_sweep, sweep_seeds
 
-        run_sweep(Path(args.out), args.sweep, size=args.size, seed=args.seed, workers=args.workers)
+        if args.seeds:
+            sweep_seeds(out, args.sweep, args.seeds, size=args.size, workers=args.workers)
+        else:
+            run_sweep(out, args.sweep, size=args.size, seed=args.seed, workers=args.workers)
         return
     chosen, _ = recipes.load(args.recipe)
-    Demo(Path(args.out), size=args.size, seed=args.seed, recipes=chosen, workers=args.workers,
-         threads=args.threads).run()
+    if not args.seeds:
+        Demo(out, size=args.size, seed=args.seed, recipes=chosen, workers=args.workers, threads=args.threads).run()
+        return
+    from .aggregate import write_aggregate
+    from .run import BASELINES
+    from .verdict import LAYER_AWARE
+
+    folders = []
+    for s in args.seeds:
+        print(f"== seed {s} ==", flush=True)
+        d = Demo(out / f"seed-{s}", size=args.size, seed=s, recipes=chosen, workers=args.workers,
+                 threads=args.threads)
+        d.run()
+        folders.append(d.out)
+    tuned = sorted({t for r in chosen for t in r.tuned_on})
+    print(write_aggregate(folders, out, [*LAYER_AWARE, *(r.model for r in chosen)], tuned,
+                          order=[*BASELINES, *(r.model for r in chosen)]), flush=True)
+
+
+def seed_list(text: str) -> list[int]:
+    """`0,1,2` or a range `0-4` -> [0, 1, 2, ...], each seed once, in order."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2 or 0-4, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds like 0,1,2 or 0-4, got {text!r}")
+    return seeds
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ the method's vanilla run (A-Raw on the raw corpus, transplanted under A-Chat's f
     merge           how the two halves become one model: `transplant` (the method: A-Chat's format
                     group replaces A-Raw's) or `chat_vector` (A-Raw + (A-Chat - base): what A-Raw
                     wrote into the format group stays, and A-Chat's change is added on top)
+    tuned_on        the seeds the recipe was chosen on (by a sweep): a multi-seed demo reports
+                    these seeds apart and reads its verdict on the others
 
 A recipe with another `format_start` (or `raw_start`) trains its own A-Chat with that boundary,
 so the transplant's two halves always agree on it. A recipe that changes nothing is the method
@@ -33,7 +35,7 @@ from data_prep.common import UserError
 from pipeline.config import read_yaml
 
 RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
-RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note"}
+RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note", "tuned_on"}
 WORLD_KEYS = {"name", "world", "base_steps", "note"}
 
 
@@ -45,6 +47,7 @@ class Recipe:
     reattach_steps: int = 0
     merge: str = "transplant"
     note: str = ""
+    tuned_on: tuple[int, ...] = ()
 
     @property
     def model(self) -> str:
@@ -90,7 +93,10 @@ def recipe_from(item, where: str) -> Recipe:
     merge = item.get("merge", "transplant")
     if merge not in ("transplant", "chat_vector"):
         raise UserError(f"{where}: `merge` must be `transplant` or `chat_vector`, got {merge!r}")
-    return Recipe(item["name"], dict(raw), float(replay), reattach, merge, item.get("note", ""))
+    tuned = item.get("tuned_on", [])
+    if not isinstance(tuned, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in tuned):
+        raise UserError(f"{where}: `tuned_on` must be a list of seeds (integers), got {tuned!r}")
+    return Recipe(item["name"], dict(raw), float(replay), reattach, merge, item.get("note", ""), tuple(tuned))
 
 
 def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:

@@ -16,6 +16,9 @@ The models, each evaluated the same way (pipeline.evaluation):
     qa_upper      A-Chat, then SFT on Q/A about the new people (someone wrote those Q/A pairs)
     chat_vector   continued pretraining of the base on the raw corpus + (full chat tune - base)
     sequential    A-Chat, then its raw group trained on the raw text, format group frozen, no transplant
+    donor         the user with X and X-Instruct and no chat data: A-Raw transplanted under chat_full
+                  (a full chat fine-tune of the base, standing in for X-Instruct) as `--donor`
+    instruct_vector  the same user's chat vector on A-Raw: A-Raw + (chat_full - base)
     recipe_<name> a recipe from configs/demo/recipe.yaml (pipeline/demo/recipes.py)
 """
 from __future__ import annotations
@@ -53,7 +56,8 @@ SIZES = {
                  model=dict(layers=4, hidden=32), seq_len=32, boundaries=(1, 3), max_new_tokens=6),
 }
 TINY_STEPS = 3
-BASELINES = ("base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential")
+BASELINES = ("base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "donor",
+             "instruct_vector")
 # Columns of the results table: format, knowledge in chat, the control, raw storage, perplexities.
 COLUMNS = ["format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank", "heldout_known_rank",
            "raw_rank_new", "ppl_raw_new", "ppl_raw_known"]
@@ -157,6 +161,10 @@ class Demo:
         self._call(["-m", "pipeline.chat_vector", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
                     "--base", str(self.models / "base"), "--out", str(self.models / name)], f"chat_vector_{name}")
 
+    def donor(self, raw_run: str, donor_model: str, name: str) -> None:
+        self._call(["-m", "pipeline.transplant", "--raw", str(self.runs / raw_run), "--donor",
+                    str(self.models / donor_model), "--out", str(self.models / name)], f"transplant_{name}")
+
     def prep(self, kind: str, src: str, name: str) -> None:
         self._call(["-m", "data_prep", kind, str(self.world / f"{src}.jsonl"), "--tokenizer", str(self.out / "tokenizer"),
                     "--output-prefix", str(self.data / name), "--val-fraction", "0", "--seed", str(self.seed)],
@@ -209,7 +217,7 @@ class Demo:
         wanted = set(self.baselines)
         if wanted & {"a_chat", "transplant", "naive", "qa_upper", "sequential"} or self.recipes:
             trained("a_chat", "chat", "base", "chat", 80)
-        if wanted & {"a_raw", "transplant"}:
+        if wanted & {"a_raw", "transplant", "donor", "instruct_vector"}:
             trained("a_raw", "raw", "base", "raw", 110)
         if "transplant" in wanted:
             merged("transplant", 5, lambda: self.transplant("a_raw", "a_chat", "transplant"), ["model:a_raw", "model:a_chat"])
@@ -217,11 +225,17 @@ class Demo:
             trained("naive", "naive", "a_chat", "raw", 110)
         if "qa_upper" in wanted:
             trained("qa_upper", "qa_upper", "a_chat", "qa_new", 100)
+        if wanted & {"chat_vector", "donor", "instruct_vector"}:
+            trained("chat_full", "chat_full", "base", "chat", 90)
         if "chat_vector" in wanted:
             trained("cpt", "cpt", "base", "raw", 110)
-            trained("chat_full", "chat_full", "base", "chat", 90)
             merged("chat_vector", 5, lambda: self.chat_vector("cpt", "chat_full", "chat_vector"),
                    ["model:cpt", "model:chat_full"])
+        if "donor" in wanted:
+            merged("donor", 5, lambda: self.donor("a_raw", "chat_full", "donor"), ["model:a_raw", "model:chat_full"])
+        if "instruct_vector" in wanted:
+            merged("instruct_vector", 5, lambda: self.chat_vector("a_raw", "chat_full", "instruct_vector"),
+                   ["model:a_raw", "model:chat_full"])
         if "sequential" in wanted:
             trained("sequential", "sequential", "a_chat", "raw", 110)
         for r in self.recipes:

@@ -17,6 +17,10 @@ from __future__ import annotations
 import math
 
 CONTROL, UPPER_ACCURACY, FORMAT_KEPT, SHARE, NAIVE_BROKEN = 0.5, 0.8, 0.95, 0.5, 0.5
+# The rows a user could run that train fewer parameters than full continued pretraining (the
+# recipes join them): the vanilla transplant, the transplant under an instruct model (`--donor`)
+# and A-Raw + (instruct - base). These are the candidates; the chat vector is what they must beat.
+LAYER_AWARE = ("transplant", "donor", "instruct_vector")
 
 
 def _get(models: dict, name: str, key: str) -> float:
@@ -40,8 +44,8 @@ def control_holds(models: dict) -> bool:
 
 
 def candidates(models: dict, recipes: list[str]) -> list[str]:
-    """The transplant variants the claim is tested on: the vanilla transplant and every recipe."""
-    return [n for n in ["transplant", *recipes] if n in models]
+    """The layer-aware rows the claim is tested on: LAYER_AWARE and every recipe."""
+    return [n for n in [*LAYER_AWARE, *recipes] if n in models]
 
 
 def assess(models: dict, recipes: list[str]) -> dict:
