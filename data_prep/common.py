@@ -51,7 +51,14 @@ def read_jsonl(path: str | os.PathLike, bad_lines: str = "raise") -> Iterator[tu
                 yield lineno, err
 
 
-EXIT_USER, EXIT_INTERRUPTED = 2, 130
+EXIT_USER, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 4, 130
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss, gradient norm or weight: one line naming the step, exit 4,
+    and the last good checkpoint stays the latest. Not exit 2: the input may be fine (an unlucky
+    learning rate, bad data deep in a corpus), and a scheduler can tell the two apart."""
+    exit_code = EXIT_DIVERGED
 
 
 def fail_cleanly(main):
@@ -65,7 +72,7 @@ def fail_cleanly(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(EXIT_USER)
+            sys.exit(getattr(e, "exit_code", EXIT_USER))
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C): nothing half-written is left; rerun the same command to "
                   "continue", file=sys.stderr)

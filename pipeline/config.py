@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +328,10 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
         raise UserError(f"{where.get(key, 'config')}: `{key}` {msg}")
 
     g, d, s, o = cfg.groups, cfg.data, cfg.schedule, cfg.optim
+    for key, (sec, _) in LEAVES.items():  # inf or nan would train to NaN and exit 0
+        v = getattr(getattr(cfg, sec), key)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(key, f"must be a finite number, got {v}")
     if g.phase not in PHASES:
         bad("phase", f"must be one of {', '.join(PHASES)}, got {g.phase!r}")
     for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every", "steps",
@@ -412,7 +417,7 @@ def data_sources(data, where: str = "config") -> list[tuple[str, float]]:
                     and set(item) <= {"path", "weight"}):
                 raise UserError(f"{where}: `data[{i}]` must be {{path: MANIFEST, weight: W}}, got {item!r}")
             w = item.get("weight", 1.0)
-            if not isinstance(w, (int, float)) or w <= 0:
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:
                 raise UserError(f"{where}: `data[{i}].weight` must be a positive number, got {w!r}")
             out.append((item["path"], float(w)))
         return out

@@ -316,7 +316,9 @@ def test_a_key_given_twice_in_the_run_config(w, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag,key", [("--lr=-1", "lr"), ("--steps=0", "steps"), ("--min_lr=5", "min_lr")])
+@pytest.mark.parametrize("flag,key", [("--lr=-1", "lr"), ("--steps=0", "steps"), ("--min_lr=5", "min_lr"),
+                                      ("--lr=inf", "lr"), ("--lr=nan", "lr"), ("--weight_decay=nan", "weight_decay"),
+                                      ("--grad_clip=inf", "grad_clip"), ("--min_lr=-inf", "min_lr")])
 def test_out_of_range_flags(w, tmp_path, capsys, flag, key):
     names(train_err(capsys, w, tmp_path, extra_argv=[flag]), f"--{key}", f"`{key}`")
 
@@ -428,3 +430,8 @@ def test_a_deepspeed_json_with_its_own_tensorboard_section(w, tmp_path, capsys):
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 1},\n "tensorboard": {"enabled": true, "output_path": "tb"}}\n')
     names(train_err(capsys, w, tmp_path, ds_config=str(ds)), str(ds), "`tensorboard`", "`report_to`")
+
+
+def test_a_non_finite_mixture_weight_names_the_config_line(w, tmp_path, capsys):
+    err = train_err(capsys, w, tmp_path, data=[{"path": str(w["raw"]), "weight": float("inf")}])
+    assert "`data[0].weight` must be a positive number" in err and "cfg.yaml" in err

@@ -343,3 +343,20 @@ def test_a_cpu_job_leaves_no_shared_memory_behind(setup):
     ft.run_train([str(cfg)], ranks=2)
     left = set(shm.glob("deepspeed_allreduce_buffer_*")) - before
     assert not left, sorted(p.name for p in left)
+
+
+@pytest.mark.multiproc
+def test_a_diverging_run_stops_at_its_step_and_keeps_the_last_good_checkpoint(setup):
+    """lr 1e30 trains one finite step (saved), then the loss is NaN: both ranks of a 2-stage job
+    stop at step 2 with exit 4 and a line naming the step, nothing NaN is logged or saved, and the
+    latest checkpoint is step 1."""
+    cfg, run = config(setup, "diverge", steps=6, save_every=1, lr=1e30, warmup_steps=0)
+    p = ft.run_train([str(cfg)], ranks=2, check=False)
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "error: step 2: loss nan" in out and "the last good checkpoint (step 1) stays the latest" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert RunDir(run).latest_step() == 1
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1] and all(r["loss"] == r["loss"] for r in rows if "loss" in r)
+    assert all(torch.isfinite(t).all() for t in checkpoint_tensors(run).values())

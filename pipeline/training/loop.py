@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from data_prep.common import Diverged
 
 from ..rundir import RunDir
 from . import checkpoint, monitor
@@ -46,6 +50,7 @@ def train(eng: Engine) -> dict:
                 # float() waits for the device, so the step time includes kernels still queued on a GPU.
                 loss = float(engine.train_batch(data_iter=batches))
                 dt = time.perf_counter() - t0
+                check_finite(engine, step, loss, run, saving=step % cfg.schedule.save_every == 0 or step == steps)
                 last = {"step": step, "loss": loss, "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
                         "tokens_per_s": G * S / dt, "step_time_s": dt}
                 if due(step, every, steps):
@@ -65,3 +70,27 @@ def train(eng: Engine) -> dict:
             plot_loss(run.metrics, run.loss_png, f"{cfg.groups.phase}: {run.path.name}")
             print(f"run directory: {run.path} (metrics.jsonl, loss.png, checkpoints/)", flush=True)
     return last
+
+
+def check_finite(engine, step: int, loss: float, run: RunDir, saving: bool) -> None:
+    """Stop at the first non-finite loss or gradient norm, and before saving a checkpoint whose
+    weights are not all finite, so the last good checkpoint stays the latest. Every rank sees the
+    same loss (the engine broadcasts it along the pipeline) and the weight check is all-reduced,
+    so every rank stops at the same step. The weight check costs one pass over the stage's trained
+    parameters per save, against a save that writes them all anyway."""
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    bad = [] if math.isfinite(loss) else [f"loss {loss}"]
+    if isinstance(norm, (int, float, torch.Tensor)) and not math.isfinite(float(norm)):
+        bad.append(f"gradient norm {float(norm)}")
+    if saving and not bad:
+        ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()
+                                     if p.requires_grad))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() < 1:
+            bad.append("non-finite weights")
+    if bad:
+        last = run.latest_step()
+        keep = f"the last good checkpoint (step {last}) stays the latest" if last else "no checkpoint was saved"
+        raise Diverged(f"step {step}: {' and '.join(bad)}; training stopped, {keep}. Rerunning the same command "
+                       f"resumes from it and meets the same step again: check the data, or start a new `out` with a "
+                       f"lower `lr` or more `warmup_steps`.")
