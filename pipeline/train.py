@@ -36,6 +36,9 @@ def parse_args(argv):
         epilog=EPILOG + describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="run config YAML (see configs/ for examples)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true",
+                   help="print DeepSpeed's start-up lines (its seed, topology and op-build messages) as they come; "
+                        "by default rank 0 prints one line that sums them up")
     return p.parse_known_args(argv)
 
 
@@ -61,11 +64,53 @@ def main(argv=None):
 
     info = setup_distributed_env()
     plan = preflight(cfg, info)
-    rank, world_size, _ = init(timeout_s=cfg.parallel.dist_timeout_s, info=info)
+    held = StartUpLines(args.verbose)
+    with held:
+        rank, world_size, _ = init(timeout_s=cfg.parallel.dist_timeout_s, info=info)
     # With several ranks, a failure anywhere ends every rank with a message naming the rank
     # that stopped (pipeline/training/watchdog.py), instead of a hang or a wall of tracebacks.
     with guard(rank, world_size):
-        loop.train(engine.build_engine(plan, rank))
+        with held:
+            eng = engine.build_engine(plan, rank)
+        held.sum_up(rank, eng)
+        loop.train(eng)
+
+
+class StartUpLines:
+    """DeepSpeed's start-up prints (its op-build, seed and topology lines: several per rank, at
+    every start, in every SLURM log) held back while the process group and the engine start; rank
+    0 then prints our own `[dist]` line and one line that sums the rest up. `--verbose` lets them
+    through. A failure prints what was held back first, since it may explain the failure."""
+
+    def __init__(self, verbose: bool):
+        import io
+
+        self.verbose, self.text = verbose, io.StringIO()
+
+    def __enter__(self):
+        import contextlib
+
+        self._cm = contextlib.nullcontext() if self.verbose else contextlib.redirect_stdout(self.text)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self._cm.__exit__(kind, value, tb)
+        if kind is not None and not self.verbose:
+            sys.stdout.write(self.text.getvalue())
+        return False
+
+    def sum_up(self, rank: int, eng) -> None:
+        if self.verbose or rank != 0:
+            return
+        import deepspeed
+
+        lines = [line for line in self.text.getvalue().splitlines() if line.strip()]
+        ours = [line for line in lines if line.startswith("[dist]")]
+        print("\n".join(ours + [
+            f"DeepSpeed {deepspeed.__version__}: {eng.plan.num_stages} pipeline stage(s) x {eng.plan.batch.dp_size} "
+            f"data-parallel rank(s) ({len(lines) - len(ours)} start-up line(s) of rank 0 held back; --verbose shows "
+            f"them)"]), flush=True)
 
 
 if __name__ == "__main__":

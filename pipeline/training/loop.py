@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from data_prep.common import Diverged
 
@@ -18,6 +16,7 @@ from .data import step_micro_batches
 from .engine import Engine
 from .metrics_log import MetricsLog, plot_loss, val_keys
 from .plan import RESUMABLE
+from .progress import Progress
 from .schedule import lr_factor
 from .validation import due, validate
 
@@ -43,8 +42,7 @@ def train(eng: Engine) -> dict:
         if start == 0 and due(0, every, steps):  # the model as loaded: where the curves start
             metrics.log({"step": 0, **validate(eng)})
         # A context manager: the bar is closed before an error or Ctrl-C message is printed.
-        with tqdm(total=steps, initial=start, disable=not is_main, desc=f"{cfg.groups.phase}", unit="step",
-                  mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True) as bar:
+        with Progress(cfg.groups.phase, steps, start, enabled=is_main) as bar:
             for step in range(start + 1, steps + 1):
                 t0 = time.perf_counter()
                 # float() waits for the device, so the step time includes kernels still queued on a GPU.
@@ -59,9 +57,8 @@ def train(eng: Engine) -> dict:
                 # A validated step is always logged: its losses exist nowhere else.
                 if step % cfg.schedule.log_every == 0 or step == steps or due(step, every, steps):
                     metrics.log(last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                **({"val": f"{next(iter(shown.values())):.4f}"} if every and shown else {}))
+                bar.update(step, loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                           **({"val": f"{next(iter(shown.values())):.4f}"} if every and shown else {}))
                 if step % cfg.schedule.save_every == 0 or step == steps:
                     checkpoint.save(engine, run, step, cfg.schedule.keep_last)
         metrics.close()
