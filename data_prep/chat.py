@@ -1,17 +1,15 @@
 """`python -m data_prep chat`: chat conversations -> token shards + aligned loss-mask shards.
 
 The loss mask must mark exactly what the model should learn to write: each assistant
-message's content and its end-of-turn token, never the role header before it. We find those
-characters with the template itself, so any template works without knowing its syntax:
+message's content and its end-of-turn token, never the role header before it. Those characters
+are found with the template itself, so any template works without knowing its syntax (the span
+rule lives in data_prep/template.py, which also derives the end-of-turn token from it). Then the
+full text is tokenized once with character offsets and a token is masked iff its characters
+overlap an assistant span.
 
-    prompt_i = render(messages[:i], add_generation_prompt=True)   # ends right after the header
-    upto_i   = render(messages[:i+1])                             # ends after the turn
-    assistant span i = [len(prompt_i), len(upto_i.rstrip()))      # content + end-of-turn token
-
-Both renders must be prefixes of the full render (checked: a template that rewrites earlier
-turns is refused). Then the full text is tokenized once with character offsets and a token
-is masked iff its characters overlap an assistant span. The trailing whitespace the template
-puts between turns (ChatML's "\\n" after <|im_end|>) is not the model's to predict.
+The manifest records the template that rendered the shards (text, sha256, where it came from)
+and its end-of-turn token: training records it in run.json, and export, transplant and chat
+vector ship it, so the model is served with the format it was trained on.
 """
 from __future__ import annotations
 
@@ -29,6 +27,7 @@ from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
 from .raw import add_common_args, run_job
 from .shards import OutputSet, val_mask
+from .template import BadRecord, Renderer, end_of_turn_ids, read_template_file, template_sha256, template_text
 from .tokenizer import load_tokenizer, plain_backend, tokenizer_identity, vocab_size
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -48,10 +47,6 @@ input records, one JSON object per line:
   {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
 
 output: token shards as for `raw` plus P.train.00000.mask.bin/.idx (uint8, 1 = assistant token)."""
-
-
-class BadRecord(Exception):
-    """A record that cannot be used; becomes `file:line: why` (or is skipped with --skip-bad)."""
 
 
 def _messages(rec) -> list[dict]:
@@ -136,46 +131,6 @@ def find_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-class Renderer:
-    """Chat template rendering plus the assistant character spans (see the module docstring)."""
-
-    def __init__(self, tok, template_flag: str):
-        self.tok, self.flag = tok, template_flag
-
-    def render(self, msgs: list[dict], gen: bool) -> str:
-        import jinja2
-
-        try:
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        except jinja2.TemplateSyntaxError as e:
-            raise UserError(f"{self.flag}: template syntax error at line {e.lineno}: {e.message}")
-        except Exception as e:  # noqa: BLE001 - templates raise their own errors for bad input
-            raise BadRecord(f"the chat template refused it ({type(e).__name__}: {e})")
-
-    def __call__(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        full = self.render(msgs, gen=False)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prompt = self.render(msgs[:i], gen=True) if i else self._empty_prompt()
-            upto = self.render(msgs[: i + 1], gen=False)
-            if not (full.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt)):
-                raise UserError(f"{self.flag}: the chat template does not render a conversation's "
-                                "beginning as a prefix of the whole, so the assistant tokens "
-                                "cannot be located; use a template without history rewriting")
-            a = len(prompt)
-            spans.append((a, a + len(upto[a:].rstrip())))
-        return full, spans
-
-    def _empty_prompt(self) -> str:
-        # An assistant turn first: the prompt is whatever the template emits before any message.
-        try:
-            return self.render([], gen=True)
-        except BadRecord:
-            return ""
-
-
 def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     """1 for each token whose characters overlap an assistant span."""
     mask = np.zeros(len(offsets), dtype=np.uint8)
@@ -197,15 +152,16 @@ def _run(args, argv: list[str] | None) -> dict:
         raise UserError(f"inputs {' '.join(args.inputs)}: no .jsonl/.json files found")
     tok = load_tokenizer(args.tokenizer)
     flag = f"--tokenizer {args.tokenizer}"
+    origin = f"the template of --tokenizer {Path(args.tokenizer).resolve()}"
     if args.chat_template is not None:
         path = Path(args.chat_template)
-        if not path.is_file():
-            raise UserError(f"--chat-template {path}: no such file")
-        tok.chat_template = path.read_text()
-        flag = f"--chat-template {path}"
-    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = read_template_file(path)
+        flag, origin = f"--chat-template {path}", f"--chat-template {path.resolve()}"
+    elif not template_text(tok):
         raise UserError(f"--tokenizer {args.tokenizer}: has no chat template; pass "
                         "--chat-template FILE (a Jinja template, e.g. ChatML)")
+    template = template_text(tok)
+    tok.chat_template = template  # named templates: the default one renders, and is the one recorded
     identity = tokenizer_identity(args.tokenizer, tok)
     vocab = vocab_size(tok)
     dtype = token_dtype(vocab)
@@ -261,9 +217,14 @@ def _run(args, argv: list[str] | None) -> dict:
         if stats["documents"] == 0:
             raise UserError(f"inputs {' '.join(map(str, args.inputs))}: no usable conversations "
                             f"({stats['skipped']} skipped)")
+        eot = end_of_turn_ids(tok)  # after the records: a broken template has been reported by now
+        if not eot:
+            print(f"warning: {flag}: the chat template ends an assistant turn with no special token, so a "
+                  f"model trained on it has nothing to stop at but the tokenizer's eos", file=sys.stderr)
         body = {"kind": "chat", "dtype": dtype.name, "mask_dtype": "uint8", "vocab_size": vocab,
                 "eod_token_id": None, "append_eod": False, "tokenizer": identity,
-                "chat_template": tok.chat_template, "seed": args.seed,
+                "chat_template": template, "chat_template_sha256": template_sha256(template),
+                "chat_template_from": origin, "end_of_turn_ids": eot, "seed": args.seed,
                 "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens,
                 "assistant_tokens": stats["assistant_tokens"],
                 "skipped_records": stats["skipped"], "skipped_examples": examples,
@@ -285,7 +246,8 @@ def parser(sub=None) -> argparse.ArgumentParser:
         else argparse.ArgumentParser(**kw)
     p.add_argument("inputs", nargs="+", help=".jsonl/.json files or directories of them")
     p.add_argument("--chat-template", default=None,
-                   help="Jinja chat template file to use instead of the tokenizer's own")
+                   help="Jinja chat template file to use instead of the tokenizer's own; recorded in the "
+                        "manifest, and the model trained on this data ships it (export, transplant, chat vector)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed records (counted in the manifest) instead of stopping")
     add_common_args(p)

@@ -10,6 +10,11 @@ paths in it are relative to the manifest's directory, so the folder can be moved
                  "tokens_file": {"bin", "bin_bytes", "bin_sha256", "idx", "idx_bytes", "idx_sha256"},
                  "mask_file": {...same, chat only...}}, ...],
      "command": "python -m data_prep raw ...", ...}
+
+A chat manifest also records the template its shards were rendered with: `chat_template` (the
+text), `chat_template_sha256`, `chat_template_from` (the --chat-template file or the tokenizer)
+and `end_of_turn_ids` (data_prep/template.py). Training copies it into run.json, and the
+trained model ships it (pipeline/convert/template.py).
 """
 from __future__ import annotations
 

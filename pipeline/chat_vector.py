@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=1.0, help="how much of the chat vector to add (default 1.0)")
     p.add_argument("--raw-step", type=int, metavar="N", help="checkpoint step of a --raw run (default: latest)")
     p.add_argument("--chat-step", type=int, metavar="N", help="checkpoint step of a --chat run (default: latest)")
+    p.add_argument("--chat-template-from", choices=("chat", "raw"), metavar="INPUT",
+                   help="whose chat template the result ships when --raw and --chat were trained with different "
+                        "ones (refused otherwise): chat or raw")
     add_output_flags(p, made="merge", auto_dtype="the base's")
     return p
 
@@ -37,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
     rec = convert_chat_vector.chat_vector(a.raw, a.chat, a.base, a.out, a.ratio, a.raw_step, a.chat_step,
-                                          a.max_shard_size, a.force, a.dtype)
+                                          a.max_shard_size, a.force, a.dtype, a.chat_template_from)
     print(f"chat vector: {a.raw} + {a.ratio} x ({a.chat} - {a.base}) -> {a.out} ({len(rec['tensors'])} tensors; "
           f"provenance in chat_vector.json, mergekit equivalent in mergekit.yaml)")
 

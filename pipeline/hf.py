@@ -15,6 +15,8 @@ from pathlib import Path
 from data_prep.common import UserError, atomic_dir
 from data_prep.tokenizer import TOKENIZER_FILES
 
+from .names import HEAD_WEIGHT, tied_embeddings
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -80,7 +82,7 @@ def model_identity(model_dir: str | Path, cfg: dict | None = None) -> dict:
         "num_layers": cfg.get("num_hidden_layers"),
         "hidden_size": cfg.get("hidden_size"),
         "vocab_size": cfg.get("vocab_size"),
-        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "tie_word_embeddings": tied_embeddings(cfg),
         "fingerprint": h.hexdigest(),
     }
 
@@ -160,8 +162,8 @@ def expected_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor an HF checkpoint of this config holds (tied: no lm_head)."""
     model = meta_model(config_object(cfg))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if cfg.get("tie_word_embeddings", False):
-        shapes.pop("lm_head.weight", None)
+    if tied_embeddings(cfg):
+        shapes.pop(HEAD_WEIGHT, None)
     return shapes
 
 
@@ -176,24 +178,11 @@ def load_causal_lm(model_dir: str | Path, dtype=None):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32, local_files_only=True)
 
 
-def end_of_turn_ids(tok) -> list[int]:
-    """The special token(s) the chat template puts right after an assistant reply: what must stop
-    generation. Llama-3 ends turns with <|eot_id|> but text with <|end_of_text|>; a model whose
-    generation config knows only the latter runs on past its turn in plain `generate()`."""
-    msgs = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    try:
-        prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
-        text = tok.apply_chat_template(msgs, tokenize=False)
-    except Exception:  # noqa: BLE001 - no template, or one that refuses these roles: nothing to add
+def eos_ids(value) -> list[int]:
+    """generation_config's `eos_token_id` as a list: it may be one id, a list of ids, or absent."""
+    if value is None:
         return []
-    k = text.find("pong", len(prompt) if text.startswith(prompt) else 0)
-    if k < 0:
-        return []
-    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
-    for t in tok(text[k + len("pong"):], add_special_tokens=False)["input_ids"]:
-        if t in special:
-            return [t]
-    return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 # ---------------------------------------------------------------------------------------------

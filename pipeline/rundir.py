@@ -2,7 +2,8 @@
 and who may write it. Training, resume, export, transplant and chat vector all ask this module.
 
     OUT/
-      run.json                  the plan of the run (config, groups, stages, batch, base model)
+      run.json                  the plan of the run (config, groups, stages, batch, base model, and
+                                the chat template its chat data was rendered with: what it ships)
       metrics.jsonl, loss.png   one line per logged or validated step; the curves, written at the end
       tensorboard/, csv/, wandb/  DeepSpeed's monitors, when `report_to` names them
       .lock                     held by the training that owns the directory (pid, host)
@@ -159,6 +160,13 @@ class RunDir:
             if (old.get("base_model") or {}).get("fingerprint") != (record.get("base_model") or {}).get("fingerprint"):
                 raise UserError(f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
                                 f"this run started (base_model.fingerprint); use a new `out`")
+            # The same manifest path repacked with another template: the checkpoints learned the old
+            # format, the rest of the run would learn the new one, and the model could ship only one.
+            sha = lambda r: (r.get("chat_template") or {}).get("sha256")  # noqa: E731
+            if "chat_template" in old and sha(old) != sha(record):
+                raise UserError(f"{self.run_json}: the chat data's template has changed since this run started "
+                                f"(chat_template.sha256 {str(sha(old))[:12]} -> {str(sha(record))[:12]}); use a new "
+                                f"`out`, or restore the data it started with")
         atomic_write_json(self.run_json, {"format_version": RUN_FORMAT_VERSION, **record})
 
     # --------------------------------------------------------------- ownership

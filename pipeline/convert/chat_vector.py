@@ -4,7 +4,9 @@ The field's answer to the same problem (Chat Vector, Huang et al., ACL 2024; ins
 residuals, Jindal et al., 2024): continue pretraining the base on your documents (here: any run
 or HF model trained from the base, such as A-Raw or a full continued pretraining), then add back
 what chat tuning changed (the chat model minus its base). config.json, the tokenizer, the chat
-template and the generation config come from the chat model, as for the transplant.
+template and the generation config come from the chat model, as for the transplant: the template
+is the one its chat data was rendered with, and a --raw trained with another is refused unless
+--chat-template-from chooses (template.py). --base's own template never counts.
 
 Arithmetic: each tensor is computed as mergekit's `task_arithmetic` computes it with
 `dtype: float64`, base + 1·(raw − base) + ratio·(chat − base) in float64, then cast to the output
@@ -17,6 +19,7 @@ Streamed one layer at a time, like the transplant: memory is about one shard plu
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from .hf_files import check_tokenizer
 from .output import check_out_not_input, output_dtype, write_model
 from .shards import DEFAULT_SHARD_SIZE, parse_size
 from .sources import HFSource, check_same_shape, open_source
+from .template import for_merge
 
 
 def check_lineage(src, base: HFSource) -> None:
@@ -66,7 +70,8 @@ class ChatVector:
 
 
 def chat_vector(raw, chat, base, out, ratio: float = 1.0, raw_step: int | None = None, chat_step: int | None = None,
-                max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, dtype: str = "auto") -> dict:
+                max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, dtype: str = "auto",
+                chat_template_from: str | None = None) -> dict:
     """Build the chat vector model in `out`; return chat_vector.json. Raises UserError, writing nothing."""
     max_bytes = parse_size(max_shard_size)
     if not math.isfinite(ratio):
@@ -81,12 +86,17 @@ def chat_vector(raw, chat, base, out, ratio: float = 1.0, raw_step: int | None =
     for src in (rs, cs):
         check_lineage(src, bs)
     check_tokenizer(cs.tokenizer_dir, f"--chat {cs.path}")
+    template = for_merge(cs, [rs], chat_template_from)
     out_dtype = output_dtype(dtype, bs.config)
     L = bs.num_layers
     yaml = mergekit.task_arithmetic(rs, cs, bs, ratio, str(out_dtype).removeprefix("torch."), out)
-    return write_model(out, [(i, ChatVector(rs, cs, bs, ratio, out_dtype)) for i in range(L)], config=cs.config,
-                       model_dir=cs.model_dir, tokenizer_dir=cs.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes,
-                       force=force, tool="chat_vector",
-                       record={"ratio": ratio, "formula": "raw + ratio * (chat - base), in float64",
-                               "inputs": {"raw": rs.describe(), "chat": cs.describe(), "base": bs.describe()}},
-                       extra_files={"mergekit.yaml": yaml})
+    rec = write_model(out, [(i, ChatVector(rs, cs, bs, ratio, out_dtype)) for i in range(L)], config=cs.config,
+                      model_dir=cs.model_dir, tokenizer_dir=cs.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes,
+                      force=force, tool="chat_vector",
+                      record={"ratio": ratio, "formula": "raw + ratio * (chat - base), in float64",
+                              "inputs": {"raw": rs.describe(), "chat": cs.describe(), "base": bs.describe()}},
+                      template=template, extra_files={"mergekit.yaml": yaml})
+    if rec["chat_template"]["text"] is None:
+        print(f"warning: --chat {cs.path} records no chat template and its tokenizer ({cs.tokenizer_dir}) has none; "
+              f"the result has none", file=sys.stderr)
+    return rec

@@ -2,10 +2,11 @@
 
 config.json comes from the model whose architecture the weights follow; the tokenizer files are
 copied byte for byte (never re-serialised through transformers, so nothing about the tokenizer can
-change). generation_config.json is the one file that is edited: its `eos_token_id` must hold the
-chat template's end-of-turn token as well as the text EOS, or plain `generate()` and
-`pipeline("text-generation")` run on past the assistant's turn (the Llama-3 situation: text ends
-with <|end_of_text|>, turns with <|eot_id|>).
+change), except the chat template, which is the one the weights were trained with (template.py
+decides which, and writes it). generation_config.json is the one file that is edited: its
+`eos_token_id` must hold the shipped template's end-of-turn token as well as the text EOS, or
+plain `generate()` and `pipeline("text-generation")` run on past the assistant's turn (the Llama-3
+situation: text ends with <|end_of_text|>, turns with <|eot_id|>; ChatML turns end with <|im_end|>).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import shutil
 from pathlib import Path
 
 from data_prep.common import UserError, atomic_write_json
+from data_prep.template import end_of_turn_ids
 from data_prep.tokenizer import TOKENIZER_FILES
 
 from .. import hf
+from .template import ChatTemplate, ship
 
 
 def check_tokenizer(tokenizer_dir: Path, flag: str) -> None:
@@ -28,10 +31,12 @@ def check_tokenizer(tokenizer_dir: Path, flag: str) -> None:
                         f"and no chat template; put the tokenizer's files there (or record `tokenizer:` in the run)")
 
 
-def write_side_files(out: Path, model_dir: Path, tokenizer_dir: Path, dtype=None) -> dict[str, str]:
+def write_side_files(out: Path, model_dir: Path, tokenizer_dir: Path, template: ChatTemplate, dtype=None,
+                     shown_as: Path | None = None) -> tuple[dict[str, str], dict]:
     """config.json (model_dir's; its dtype set to `dtype` when the weights were cast), the tokenizer
-    files (tokenizer_dir's), and generation_config.json (tokenizer_dir's, else model_dir's, else
-    one made from config.json) stopping at the template's end of turn. Returns {file: origin}."""
+    files (tokenizer_dir's) rendering with `template`, and generation_config.json (tokenizer_dir's,
+    else model_dir's, else one made from config.json) stopping at that template's end of turn.
+    Returns ({file: origin}, the record's chat_template entry); `shown_as` is `out`'s final name."""
     written = {}
 
     def copy(src: Path, name: str, dest: str | None = None):
@@ -56,8 +61,11 @@ def write_side_files(out: Path, model_dir: Path, tokenizer_dir: Path, dtype=None
         if extra.is_dir():
             shutil.copytree(extra, out / extra.name)
             written[extra.name] = str(extra.resolve())
+    chat_template = ship(out, template, tokenizer_dir, shown_as or out)
+    for name in chat_template.get("written_to", []):
+        written[name] = f"{written.get(name, 'new')}, its chat template replaced by {chat_template['from']}"
     written["generation_config.json"] = _generation_config(out, cfg, model_dir, tokenizer_dir)
-    return written
+    return written, chat_template
 
 
 def _generation_config(out: Path, cfg: dict, model_dir: Path, tokenizer_dir: Path) -> str:
@@ -66,15 +74,14 @@ def _generation_config(out: Path, cfg: dict, model_dir: Path, tokenizer_dir: Pat
     gen = json.loads(src.read_text()) if src else {
         k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
     origin = str(src.resolve()) if src else f"made from {(model_dir / 'config.json').resolve()}"
-    eos = gen.get("eos_token_id")
-    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    eos = hf.eos_ids(gen.get("eos_token_id"))
     from transformers import AutoTokenizer
 
-    try:
+    try:  # the tokenizer as written, with the template it ships
         tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     except (OSError, ValueError):
         tok = None
-    turn = [t for t in (hf.end_of_turn_ids(tok) if tok is not None else []) if t not in eos]
+    turn = [t for t in (end_of_turn_ids(tok) if tok is not None else []) if t not in eos]
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos + turn:
         turn.append(tok.eos_token_id)
     if turn:
@@ -89,10 +96,3 @@ def _generation_config(out: Path, cfg: dict, model_dir: Path, tokenizer_dir: Pat
     else:
         return "none (no token ids known)"
     return origin
-
-
-def has_chat_template(out: Path) -> bool:
-    if (out / "chat_template.jinja").is_file() or (out / "chat_template.json").is_file():
-        return True
-    cfg = out / "tokenizer_config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))

@@ -8,6 +8,7 @@ from data_prep.common import UserError, atomic_dir, atomic_write_json, atomic_wr
 
 from .. import hf
 from .hf_files import write_side_files
+from .template import ChatTemplate
 from .shards import ShardWriter, stream_layers
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -51,18 +52,21 @@ def check_out_not_input(out: Path, inputs: list[Path], flag: str = "--out") -> N
 
 
 def write_model(out: Path, layers: list, *, config: dict, model_dir: Path, tokenizer_dir: Path, dtype,
-                max_bytes: int, force: bool, tool: str, record: dict, extra_files: dict | None = None) -> dict:
+                max_bytes: int, force: bool, tool: str, record: dict, template: ChatTemplate,
+                extra_files: dict | None = None) -> dict:
     """Stream `layers` ([(i, source with .layer(i))]) into `out` with config.json from model_dir and
-    the tokenizer from tokenizer_dir; write `{tool}.json` (record + files + per-tensor provenance)
-    and any extra text files. Returns the record."""
+    the tokenizer from tokenizer_dir, rendering with `template` (template.py's choice); write
+    `{tool}.json` (record + the chat template shipped + files + per-tensor provenance) and any
+    extra text files. Returns the record."""
     expected = hf.expected_tensors(config)
     with atomic_dir(out, force=force) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         stream_layers(layers, writer, expected, desc=tool, dtype=dtype)
         written = writer.close()
-        side = write_side_files(tmp, model_dir, tokenizer_dir, dtype)
+        side, chat_template = write_side_files(tmp, model_dir, tokenizer_dir, template, dtype, shown_as=out)
         rec = {"format_version": 1, "tool": f"pipeline.{tool}", **record, "dtype": str(dtype).removeprefix("torch."),
-               "copied": side, "files": written["files"], "tensors": written["tensors"]}
+               "chat_template": chat_template, "copied": side, "files": written["files"],
+               "tensors": written["tensors"]}
         atomic_write_json(tmp / f"{tool}.json", rec)
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)

@@ -3,8 +3,10 @@
 Which input gives which tensor is the layer groups' answer (pipeline/groups.py): every tensor of
 the format group (layers [format_start, L), the final norm, an untied LM head) comes from A-Chat,
 every other tensor from A-Raw. The embeddings belong to the frozen group, so they come from A-Raw,
-and both inputs must carry the same (the base's) ones. config.json, the tokenizer, the chat
-template and the generation config come from A-Chat.
+and both inputs must carry the same (the base's) ones. config.json, the tokenizer and the generation
+config come from A-Chat, and so does the chat template: the one A-Chat's chat data was rendered
+with. If A-Raw was trained with a different one, the transplant is refused unless
+--chat-template-from chooses (template.py has the rule).
 
 Inputs are run directories (one checkpoint step each, the latest complete one by default) or
 Hugging Face directories. The boundary comes from the runs' run.json; only when both inputs are
@@ -28,13 +30,15 @@ import torch
 
 from data_prep.common import UserError
 
+from .. import hf
 from ..groups import FORMAT, RAW, LayerGroups
 from ..names import to_pipeline_name
 from . import mergekit
-from .hf_files import check_tokenizer, has_chat_template
+from .hf_files import check_tokenizer
 from .output import check_out_not_input, output_dtype, write_model
 from .shards import DEFAULT_SHARD_SIZE, parse_size
 from .sources import check_same_shape, open_source
+from .template import for_merge
 
 EMBED = "model.embed_tokens.weight"
 
@@ -142,23 +146,16 @@ def chat_token_ids(tokenizer_dir: Path, base_tokenizer_dir: Path) -> dict[int, s
 
     from transformers import AutoTokenizer
 
+    from data_prep.template import template_special_ids
+
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     base = AutoTokenizer.from_pretrained(str(base_tokenizer_dir), local_files_only=True)
     own = {base.bos_token_id, base.eos_token_id, base.unk_token_id, base.pad_token_id}
-    special = (set(tok.all_special_ids) | set(tok.added_tokens_decoder)) - own
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    ids = set()
-    for conv, gen in ((msgs, False), (msgs[1:], False), (msgs[1:2], True)):
-        try:
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-        except Exception:  # noqa: BLE001 - a template without a system role, say
-            continue
-        ids |= {t for t in tok(text, add_special_tokens=False)["input_ids"] if t in special}
+    ids = template_special_ids(tok)
     gen_file = tokenizer_dir / "generation_config.json"
     if gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else []) - own
-    return {i: tok.convert_ids_to_tokens(i) for i in sorted(ids)}
+        ids |= set(hf.eos_ids(json.loads(gen_file.read_text()).get("eos_token_id")))
+    return {i: tok.convert_ids_to_tokens(i) for i in sorted(ids - own)}
 
 
 class WithDonorRows(ByGroup):
@@ -182,10 +179,10 @@ class WithDonorRows(ByGroup):
 
 
 def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step: int | None = None,
-                     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, dtype: str = "auto") -> dict:
+                     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, dtype: str = "auto",
+                     chat_template_from: str | None = None) -> dict:
     """A-Raw below format_start + an instruct model's format group, norm and head (see the module
     docstring for the embeddings rule); returns transplant.json. Writes nothing on a refusal."""
-    from .. import hf
     from .sources import HFSource
 
     max_bytes = parse_size(max_shard_size)
@@ -202,6 +199,7 @@ def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step:
     check_same_vocabulary(rs, ds)
     groups = merge_groups(rs, ds, format_start)
     check_tokenizer(ds.tokenizer_dir, f"--donor {ds.path}")
+    template = for_merge(ds, [rs], chat_template_from)
     out_dtype = output_dtype(dtype, ds.config)
     L, f = groups.num_layers, groups.format_start
     # The base's own specials come from the base model's directory: a run may record another
@@ -212,23 +210,25 @@ def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step:
     rows = chat_token_ids(ds.tokenizer_dir, base_tok)
     merged = WithDonorRows(groups, rs, ds, hf.expected_tensors(ds.config), rows)
     yaml = mergekit.passthrough(rs, ds, f, L, str(out_dtype).removeprefix("torch."), out, donor_rows=rows)
-    return write_model(out, [(i, merged) for i in range(L)], config=ds.config, model_dir=ds.model_dir,
-                       tokenizer_dir=ds.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
-                       tool="transplant",
-                       record={"format_start": f, "num_layers": L,
-                               "inputs": {"raw": rs.describe(), "donor": ds.describe()},
-                               "donor_layers_not_used": [0, f],
-                               "embeddings": "the base's (from --raw), rows of the donor's chat tokens from --donor",
-                               "embedding_rows_from_donor": {str(k): v for k, v in rows.items()}},
-                       extra_files={"mergekit.yaml": yaml})
+    rec = write_model(out, [(i, merged) for i in range(L)], config=ds.config, model_dir=ds.model_dir,
+                      tokenizer_dir=ds.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
+                      tool="transplant",
+                      record={"format_start": f, "num_layers": L,
+                              "inputs": {"raw": rs.describe(), "donor": ds.describe()},
+                              "donor_layers_not_used": [0, f],
+                              "embeddings": "the base's (from --raw), rows of the donor's chat tokens from --donor",
+                              "embedding_rows_from_donor": {str(k): v for k, v in rows.items()}},
+                      template=template, extra_files={"mergekit.yaml": yaml})
+    if rec["chat_template"]["text"] is None:
+        print(f"warning: the donor's tokenizer ({ds.tokenizer_dir}) has no chat template; the result has none",
+              file=sys.stderr)
+    return rec
 
 
 def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | None = None,
                chat_step: int | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False,
-               dtype: str = "auto") -> dict:
+               dtype: str = "auto", chat_template_from: str | None = None) -> dict:
     """Build the transplant in `out`; return the transplant.json record. Raises UserError, writing nothing."""
-    from .. import hf
-
     max_bytes = parse_size(max_shard_size)
     rs = open_source(raw, raw_step, "--raw", "--raw-step")
     cs = open_source(chat, chat_step, "--chat", "--chat-step")
@@ -240,6 +240,7 @@ def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | 
     groups = merge_groups(rs, cs, format_start)
     check_embeddings(rs, cs)
     check_tokenizer(cs.tokenizer_dir, f"--chat {cs.path}")
+    template = for_merge(cs, [rs], chat_template_from)
     out_dtype = output_dtype(dtype, cs.config)
     L, f = groups.num_layers, groups.format_start
     merged = ByGroup(groups, rs, cs, hf.expected_tensors(cs.config))
@@ -248,8 +249,8 @@ def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | 
                       tokenizer_dir=cs.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
                       tool="transplant", record={"format_start": f, "num_layers": L,
                                                  "inputs": {"raw": rs.describe(), "chat": cs.describe()}},
-                      extra_files={"mergekit.yaml": yaml})
-    if not has_chat_template(out):
-        print(f"warning: A-Chat's tokenizer ({cs.tokenizer_dir}) has no chat template; the result has none",
-              file=sys.stderr)
+                      template=template, extra_files={"mergekit.yaml": yaml})
+    if rec["chat_template"]["text"] is None:
+        print(f"warning: A-Chat ({cs.path}) records no chat template and its tokenizer ({cs.tokenizer_dir}) has "
+              f"none; the result has none", file=sys.stderr)
     return rec

@@ -285,7 +285,7 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
     import torch
     from transformers import AutoTokenizer
 
-    from ..hf import load_causal_lm
+    from ..hf import eos_ids, load_causal_lm
 
     tok_dir = str(tokenizer_dir or model_dir)
     try:
@@ -296,8 +296,7 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
     # Replies end where plain `model.generate()` ends them: at the model's own generation_config
     # eos ids, and nowhere else. A metric that also stopped at the tokenizer's eos would report a
     # stop that a user's generate() or pipeline("text-generation") never makes.
-    gen_eos = model.generation_config.eos_token_id
-    end_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    end_ids = set(eos_ids(model.generation_config.eos_token_id))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(end_ids, default=0)
     opts = {"progress": progress, "batch_size": batch_size, "score_batch_size": score_batch_size,
             "max_new_tokens": max_new_tokens, "end_ids": end_ids, "pad_id": pad_id,

@@ -78,12 +78,14 @@ class Run:
 
 def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, format_start: int = 2,
              steps=(5,), seed: int = 1, tokenizer: Path | None = None, embeddings_trained: bool | None = None,
-             drop_frozen: bool = False, perturb: bool = True) -> Run:
+             drop_frozen: bool = False, perturb: bool = True, chat_template: str | None = None) -> Run:
     """A pipeline run dir whose checkpoints hold the base weights with the phase's groups changed.
 
     Each step perturbs the trained groups differently (so steps are distinguishable).
     drop_frozen: store only trained tensors, like DeepSpeed's exclude_frozen_params.
     perturb=False stores the base weights unchanged (for round trips).
+    chat_template: record in run.json that the run's chat data was rendered with this template,
+    as the trainer does (pipeline/training/plan.py `data_template`).
     """
     from pipeline.hf import model_identity, read_config
 
@@ -99,6 +101,10 @@ def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, form
         run_cfg["tokenizer"] = str(tokenizer)
     run_json = {"format_version": 1, "config": run_cfg, "phase": phase, "groups": groups.to_record(),
                 "base_model": model_identity(base_dir), "stages": [[0, L]]}
+    if chat_template is not None:
+        run_json["chat_template"] = {"text": chat_template, "sha256": hashlib.sha256(chat_template.encode()).hexdigest(),
+                                     "from": "--chat-template (hand-built run)",
+                                     "manifest": str(run_dir / "chat.manifest.json")}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(run_json, indent=2))
     run = Run(run_dir, base_dir)

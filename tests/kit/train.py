@@ -91,3 +91,27 @@ def run_deepspeed_script(script: str, args: list[str], ranks: int, timeout: int 
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def build_template_setup(root: Path, conversations_n: int = 60) -> dict:
+    """The usual base model: its tokenizer has no chat template and its eos is the text's end
+    (<|endoftext|>, not <|im_end|>). Chat data packed with a ChatML template *file*
+    (`data_prep chat --chat-template chatml.jinja`), all of it in the train split, so a test can
+    compare every stored conversation with what a model directory's tokenizer renders.
+    Returns paths: tokenizer, model, chat manifest, template file, conversations (.jsonl)."""
+    from data_prep.__main__ import main as data_prep_main
+    from transformers import AutoTokenizer
+
+    from .tokenizers import CHATML
+
+    tok_dir = make_hf_tokenizer(root / "tok", vocab_size=300, chat_template=None)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = tiny_llama(root / "model", len(tok), tokenizer_dir=tok_dir, bos_token_id=None,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    template = root / "chatml.jinja"
+    template.write_text(CHATML)
+    chat = write_jsonl(root / "chat.jsonl", conversations(conversations_n, seed=4))
+    data_prep_main(["chat", str(chat), "--tokenizer", str(model), "--chat-template", str(template),
+                    "--output-prefix", str(root / "data/chat"), "--val-fraction", "0"])
+    return {"root": root, "tokenizer": tok_dir, "model": model, "chat": root / "data/chat.manifest.json",
+            "template": template, "conversations": chat}
