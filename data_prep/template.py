@@ -12,9 +12,23 @@ The assistant span of message i, found with the template itself (any template, a
     upto_i   = render(messages[:i+1])                             # ends after the turn
     span i   = [len(prompt_i), len(upto_i.rstrip()))              # content + end-of-turn token
 
-Both renders must be prefixes of the full render (a template that rewrites earlier turns is
-refused). The whitespace the template puts between turns (ChatML's "\\n" after <|im_end|>) is not
-part of the turn.
+The whitespace the template puts between turns (ChatML's "\\n" after <|im_end|>) is not part of
+the turn. Today's templates bend this rule in known ways, and these are handled:
+
+- The generation prompt holds more than the rendered history does. Qwen3 with
+  `enable_thinking=False` adds an empty `<think>\\n\\n</think>\\n\\n` to the prompt that earlier
+  turns of the full render lack. The turn then starts where prompt_i and the full render part,
+  provided they part after the history (render(messages[:i]) is still a prefix of the full render).
+- The last turn is rendered differently from the same turn inside a longer conversation. Qwen3
+  writes the think block only on the assistant turns after the last user message, so upto_i is not
+  a prefix of the full render. The turn then ends where its content, followed by what upto_i
+  writes after the content (the end-of-turn token), ends in the full render.
+- Templates that date their system message (Llama 3.1/3.2: "Today Date: ...", through
+  `strftime_now`) open every conversation with a system header the messages do not hold; the
+  shards then carry the packing day's date, as the model will see its own day when prompted.
+
+Anything else (a template that rewrites earlier turns) is a BadRecord naming the message index,
+which data_prep reports with the record's file and line.
 """
 from __future__ import annotations
 
@@ -93,19 +107,38 @@ class Renderer:
 
     def __call__(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         full = self.render(msgs, gen=False)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prompt = self.render(msgs[:i], gen=True) if i else self._empty_prompt()
-            upto = self.render(msgs[: i + 1], gen=False)
-            if not (full.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt)):
-                raise UserError(f"{self.flag}: the chat template does not render a conversation's "
-                                "beginning as a prefix of the whole, so the assistant tokens "
-                                "cannot be located; use a template without history rewriting")
-            a = len(prompt)
-            spans.append((a, a + len(upto[a:].rstrip())))
-        return full, spans
+        return full, [self._span(full, msgs, i) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+
+    def _span(self, full: str, msgs: list[dict], i: int) -> tuple[int, int]:
+        def cannot(why: str) -> BadRecord:
+            return BadRecord(f"message {i} (assistant): the chat template ({self.flag}) {why}, so the turn's "
+                             f"tokens cannot be located; a template that rewrites earlier turns cannot be "
+                             f"trained on turn by turn")
+
+        prompt = self.render(msgs[:i], gen=True) if i else self._empty_prompt()
+        history = self.render(msgs[:i], gen=False) if i else ""
+        if not full.startswith(history):
+            raise cannot(f"renders messages 0-{i - 1} differently inside the whole conversation")
+        a = len(prompt)
+        if not full.startswith(prompt):  # the prompt adds what the history lacks (Qwen3's think block)
+            a = len(history)
+            while a < len(prompt) and a < len(full) and prompt[a] == full[a]:
+                a += 1
+        upto = self.render(msgs[: i + 1], gen=False)
+        if full.startswith(upto) and len(upto.rstrip()) > a:
+            return a, len(upto.rstrip())
+        # This turn rendered as the last one differs from it inside the whole (Qwen3 gives only the
+        # final turns a think block): end where its content and its end-of-turn text end in the whole.
+        content = str(msgs[i].get("content", "")).strip()
+        k_upto = upto.rfind(content) if content else -1
+        k_full = full.find(content, a) if content else -1
+        if k_upto < 0 or k_full < 0:
+            raise cannot("does not write this turn's content where the generation prompt ends")
+        tail = upto[k_upto + len(content):].rstrip()
+        end = k_full + len(content)
+        if not full.startswith(tail, end):
+            raise cannot(f"ends this turn with {tail!r} when it is the last one, and otherwise inside the whole")
+        return a, end + len(tail)
 
     def _empty_prompt(self) -> str:
         # An assistant turn first: the prompt is whatever the template emits before any message.

@@ -199,3 +199,63 @@ def test_content_as_a_list_of_text_parts(tmp_path, toks):
         {"role": "assistant", "content": "a cat"}]}])
     with pytest.raises(SystemExit):
         run_cli("chat", img, "--tokenizer", toks["hf"], "--output-prefix", tmp_path / "img")
+
+
+def _masked_turns(manifest: Path, tok) -> list[list[str]]:
+    """Per stored conversation, the decoded text of each masked run (each assistant turn)."""
+    return [[tok.decode(t[a:b]) for a, b in runs(m)] for t, m in stored(manifest)]
+
+
+def test_a_qwen3_template_trains_each_turn_as_it_renders(tmp_path):
+    """Qwen3 gives only the final assistant turn a think block and (enable_thinking=False) adds one to
+    its generation prompt: an earlier turn's prompt and its last-turn form are not prefixes of the
+    whole. Each turn is still located and trains `content<|im_end|>`: for the last one the think
+    block is part of the generation prompt, as at inference."""
+    tok_dir = F.make_hf_tokenizer(tmp_path / "qwen3", chat_template=F.QWEN3)
+    convs = [[{"role": "user", "content": "one"}, {"role": "assistant", "content": "red"},
+              {"role": "user", "content": "two"}, {"role": "assistant", "content": "green river"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "three"},
+              {"role": "assistant", "content": "blue"}]]
+    F.write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])
+    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", tok_dir, "--output-prefix", tmp_path / "out/chat",
+            "--val-fraction", "0")
+    tok = load_tokenizer(tok_dir)
+    got = sorted(_masked_turns(tmp_path / "out/chat.manifest.json", tok))
+    assert got == sorted([["red<|im_end|>", "green river<|im_end|>"], ["blue<|im_end|>"]])
+    texts = sorted(tok.decode(t) for t, _ in stored(tmp_path / "out/chat.manifest.json"))
+    assert texts[1].count("<think>") == 1 and "assistant\nred<|im_end|>" in texts[1]  # as the template renders
+
+
+def test_a_llama3_template_with_a_dated_system_message(tmp_path):
+    """Llama 3.2 opens every conversation with a system header dated through strftime_now: the
+    shards hold the packing day's date, and each turn trains its trimmed `content<|eot_id|>`."""
+    import datetime
+
+    tok_dir = F.make_hf_tokenizer(tmp_path / "llama", chat_template=F.LLAMA3, extra_specials=F.LLAMA3_SPECIALS,
+                                  bos_token="<|begin_of_text|>")
+    convs = [[{"role": "user", "content": "one"}, {"role": "assistant", "content": " red "},
+              {"role": "user", "content": "two"}, {"role": "assistant", "content": "green"}]] * 3
+    F.write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])
+    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", tok_dir, "--output-prefix", tmp_path / "out/chat",
+            "--val-fraction", "0")
+    tok = load_tokenizer(tok_dir)
+    assert _masked_turns(tmp_path / "out/chat.manifest.json", tok) == [["red<|eot_id|>", "green<|eot_id|>"]] * 3
+    texts = {tok.decode(t) for t, _ in stored(tmp_path / "out/chat.manifest.json")}
+    assert len(texts) == 1 and f"Today Date: {datetime.date.today():%d %b %Y}" in texts.pop()
+    m = json.loads((tmp_path / "out/chat.manifest.json").read_text())
+    assert m["end_of_turn_ids"] == [tok.convert_tokens_to_ids("<|eot_id|>")]
+
+
+def test_a_template_that_rewrites_history_names_the_record_and_the_message(tmp_path, capsys):
+    # Renders only the last two messages: earlier turns vanish from the whole conversation.
+    last_two = ("{% for m in messages[-2:] %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    (tmp_path / "t.jinja").write_text(last_two)
+    ok = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    F.write_jsonl(tmp_path / "c.jsonl", [{"messages": ok}, {"messages": ok + ok}])
+    with pytest.raises(SystemExit) as e:
+        run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", F.make_hf_tokenizer(tmp_path / "tok"),
+                "--chat-template", tmp_path / "t.jinja", "--output-prefix", tmp_path / "out/chat")
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"{tmp_path / 'c.jsonl'}:2:" in err and "message 3 (assistant)" in err and "t.jinja" in err, err

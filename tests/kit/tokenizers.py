@@ -25,6 +25,41 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
+# Today's templates, cut to what matters for locating assistant turns (no tools), written from
+# the published Qwen3 and Llama 3.2 chat templates.
+# Qwen3: the assistant turns after the last user message get a think block, earlier ones do not;
+# this variant's generation prompt also adds the empty think block (enable_thinking=False).
+QWEN3 = ("{%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}"
+         "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+         "{%- if not ns.found and message.role == 'user' %}{%- set ns.found = true %}"
+         "{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+         "{%- for message in messages %}"
+         "{%- if message.role == 'user' or message.role == 'system' %}"
+         "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+         "{%- elif message.role == 'assistant' %}"
+         "{%- if loop.index0 > ns.last_query_index and loop.last %}"
+         "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message.content }}"
+         "{%- else %}{{- '<|im_start|>assistant\n' + message.content }}{%- endif %}"
+         "{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+         "{%- if enable_thinking is not defined or enable_thinking is false %}"
+         "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}")
+# Llama 3.2: every conversation opens with a system header dated by strftime_now, content trimmed.
+LLAMA3 = ("{{- bos_token }}"
+          "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+          "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+          "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+          "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+          "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+          "{{- 'Cutting Knowledge Date: December 2023\n' }}{{- 'Today Date: ' + date_string + '\n\n' }}"
+          "{{- system_message }}{{- '<|eot_id|>' }}"
+          "{%- for message in messages %}"
+          "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+          " + '<|eot_id|>' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
 def sentence(rng: random.Random, n: int | None = None) -> str:
     words = [rng.choice(WORDS) for _ in range(n or rng.randint(4, 14))]
     return " ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","])
@@ -54,20 +89,22 @@ def make_sp_model(tmp: Path, vocab_size: int = 400) -> Path:
 
 
 def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | None = CHATML, corpus_seed: int = 2,
-                      eos_token: str = "<|endoftext|>") -> Path:
-    """An HF fast tokenizer directory (byte-level BPE; ChatML specials; eos <|endoftext|> unless told).
-    Another corpus_seed gives another tokenizer of the same size (other merges, other ids)."""
+                      eos_token: str = "<|endoftext|>", extra_specials: tuple[str, ...] = (),
+                      bos_token: str | None = None) -> Path:
+    """An HF fast tokenizer directory (byte-level BPE; ChatML specials plus `extra_specials`; eos
+    <|endoftext|> unless told). Another corpus_seed gives another tokenizer of the same size (other
+    merges, other ids)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + list(extra_specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(documents(300, seed=corpus_seed), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token,
-                                  pad_token="<|pad|>", bos_token=None, unk_token=None)
+                                  pad_token="<|pad|>", bos_token=bos_token, unk_token=None)
     if chat_template is not None:
         tok.chat_template = chat_template
     out.mkdir(parents=True, exist_ok=True)
