@@ -91,11 +91,13 @@ def count_params(model_dir: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from pipeline.names import tied_embeddings
+
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
     total = sum(p.numel() for p in m.parameters())
     embed = m.model.embed_tokens.weight.numel()
-    return {"total": total, "matmul": total - embed if not m.config.tie_word_embeddings else total}
+    return {"total": total, "matmul": total - embed if not tied_embeddings(m.config.to_dict()) else total}
 
 
 def run_pipeline(cfg_path: Path, metrics: Path, env: dict, timeout: float) -> list[float]:

@@ -32,7 +32,7 @@ from data_prep.common import UserError
 
 from .. import hf
 from ..groups import FORMAT, RAW, LayerGroups
-from ..names import to_pipeline_name
+from ..names import tied_embeddings, to_pipeline_name
 from . import mergekit
 from .hf_files import check_tokenizer
 from .output import check_out_not_input, output_dtype, write_model
@@ -77,13 +77,13 @@ def merge_groups(raw, chat, given: int | None) -> LayerGroups:
                         f"boundary: pass --format-start N (the first layer of the format group)")
     raw_start = raw.groups.raw_start if raw.kind == "run" else 0
     return LayerGroups.resolve(min(raw_start, f - 1) if f >= 1 else 0, f, chat.num_layers,
-                               bool(chat.config.get("tie_word_embeddings", False)),
+                               tied_embeddings(chat.config),
                                where={"format_start": "--format-start", "raw_start": "--raw run.json"})
 
 
 def check_embeddings(raw, chat) -> None:
     """The result has one embedding matrix; both inputs must hold the same (the base's) one."""
-    tied = bool(chat.config.get("tie_word_embeddings", False))
+    tied = tied_embeddings(chat.config)
     for src in (raw, chat):
         if src.kind == "run" and src.groups.embeddings_trained:
             tie_note = (" With tie_word_embeddings the LM head *is* that matrix, so A-Chat's head and "
