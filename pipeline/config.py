@@ -77,7 +77,10 @@ class DataSection:
 class OptimSection:
     lr: float = doc("Peak learning rate (AdamW).", 3e-4)
     min_lr: float = doc("Learning rate at the end of the cosine decay.", 0.0)
-    warmup_steps: int = doc("Linear warmup steps before the cosine decay.", 0)
+    warmup_steps: Union[int, float] = doc(
+        "Linear warmup before the cosine decay: a number of steps, or a fraction of `steps` (0.05: the first 5%, "
+        "rounded up, so at least one step). A fraction keeps a shortened run (--steps=20) from ending inside its "
+        "warm-up.", 0)
     weight_decay: float = doc("AdamW decoupled weight decay, applied to trained parameters only.", 0.0)
     grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
 
@@ -342,6 +345,8 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
         bad("lr", f"must be > 0, got {o.lr}")
     if not 0 <= o.min_lr <= o.lr:
         bad("min_lr", f"must lie in [0, lr = {o.lr}], got {o.min_lr}")
+    if isinstance(o.warmup_steps, float) and not 0 <= o.warmup_steps < 1:
+        bad("warmup_steps", f"as a fraction of `steps` must lie in [0, 1), got {o.warmup_steps} (or give whole steps)")
     for k in ("warmup_steps", "weight_decay", "grad_clip", "activation_checkpoint_interval"):
         if getattr(getattr(cfg, LEAVES[k][0]), k) < 0:
             bad(k, "must be >= 0")

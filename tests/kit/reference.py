@@ -61,12 +61,13 @@ def step_batches(plan, start_step: int = 0):
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warmup over `warmup_steps` (step 0 gets lr/warmup), then cosine from lr to min_lr
-    reached at the last step."""
+    """Linear warmup over `warmup_steps` (whole steps, or that fraction of `steps` rounded up; step 0
+    gets lr/warmup), then cosine from lr to min_lr reached at the last step."""
     o, total = cfg.optim, cfg.schedule.steps
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    warm = o.warmup_steps if isinstance(o.warmup_steps, int) else -int(-round(o.warmup_steps * total, 9) // 1)
+    if step < warm:
+        return o.lr * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, total - warm))
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
