@@ -22,10 +22,11 @@ data: setup  ## pack RAW_INPUT and CHAT_INPUT into token shards under DATA_OUT
 	$(PY) -m data_prep chat $(CHAT_INPUT) --tokenizer $(TOKENIZER) --output-prefix $(DATA_OUT)/chat $(DATA_ARGS)
 
 # ---- chat / raw: the two training phases (independent: run them at the same time if you can)
-# Run configs of the two phases (`phase: chat` / `phase: raw`, same model and boundaries).
-# The demo's by default (their base model comes from `make demo`); point them at your own.
-CHAT_CONFIG ?= configs/demo/chat.yaml
-RAW_CONFIG ?= configs/demo/raw.yaml
+# Run configs of the two phases (`phase: chat` / `phase: raw`, same model and boundaries): the
+# shipped templates for your own model (models/base, data/shards/*). Copy and edit them, or
+# override keys with TRAIN_ARGS; the demo's own configs are configs/demo/*.yaml.
+CHAT_CONFIG ?= configs/chat.yaml
+RAW_CONFIG ?= configs/raw.yaml
 # Where each phase writes its run (passed as --out=..., so the transplant finds them).
 CHAT_RUN ?= runs/chat
 RAW_RUN ?= runs/raw

@@ -24,6 +24,9 @@ parse_launch_args() {
   esac
   [ $# -ge 1 ] || { usage >&2; exit 2; }
   CONFIG="$1"; shift
-  [ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of $me)"
+  # As pipeline.train finds it: a relative path that is not under the working directory but names
+  # a config shipped with the repository (configs/chat.yaml) is taken from the repository.
+  if [ ! -e "$CONFIG" ] && [ "${CONFIG#/}" = "$CONFIG" ] && [ -f "$REPO/$CONFIG" ]; then CONFIG="$REPO/$CONFIG"; fi
+  [ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of $me; looked in $PWD and $REPO)"
   ARGS=("$@")
 }

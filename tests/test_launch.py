@@ -149,6 +149,12 @@ def test_run_sh_errors(config, tmp_path):
     r = run([RUN_SH, "--dry-run", tmp_path / "missing.yaml"], clean_env())
     assert r.returncode == 2 and "missing.yaml not found" in r.stderr
 
+    # From a user's own folder, a shipped config is found in the repository, as pipeline.train finds it.
+    r = run([RUN_SH, "--dry-run", "configs/chat.yaml"], clean_env(), cwd=tmp_path)
+    assert r.returncode == 0 and f"{REPO}/configs/chat.yaml" in r.stdout, r.stderr
+    r = run([RUN_SH, "--dry-run", "configs/nope.yaml"], clean_env(), cwd=tmp_path)
+    assert r.returncode == 2 and f"looked in {tmp_path} and {REPO}" in r.stderr
+
     r = run([RUN_SH, "--dry-run", config], clean_env(NUM_NODES=2))
     assert r.returncode == 2 and "HOSTFILE" in r.stderr
 
@@ -508,9 +514,9 @@ def test_make_targets_chain():
     def line(prefix):
         (hit,) = [shlex.split(l) for l in lines if prefix in l]
         return hit
-    chat = line("launch/run.sh configs/demo/chat.yaml")
+    chat = line("launch/run.sh configs/chat.yaml")
     assert chat[0] == "NUM_GPUS=4" and chat[-2:] == ["--out=r/c", "--steps=9"]
-    assert line("launch/run.sh configs/demo/raw.yaml")[-2:] == ["--out=r/r", "--steps=9"]
+    assert line("launch/run.sh configs/raw.yaml")[-2:] == ["--out=r/r", "--steps=9"]
     transplant = line("-m pipeline.transplant")
     assert transplant[transplant.index("-m") + 1:] == ["pipeline.transplant", "--raw", "r/r", "--chat", "r/c",
                                                       "--out", "r/t"]

@@ -15,7 +15,7 @@ from tests.kit.models import tiny_llama
 from tests.kit.tokenizers import conversations, documents, make_hf_tokenizer, write_jsonl
 
 SECTION = "## Your own model, step by step"
-TRY_ON_CPU = "--seq_len=64 --steps=20 --micro_batch_size=2 --global_batch_size=4 --save_every=10 --eval_every=0"
+TRY_ON_CPU = "--seq_len=64 --steps=20 --micro_batch_size=2 --global_batch_size=4 --save_every=10 --eval_every=0 --lr=1e-3"
 
 
 def commands() -> list[str]:
@@ -50,6 +50,13 @@ def test_step_by_step_runs_verbatim_outside_the_repository(tmp_path):
             argv[1:1] = ["--master_port", str(ft.free_port())]
         p = subprocess.run(argv, cwd=home, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    # The first try learns something a user can see: both runs leave their warm-up and the loss falls.
+    from pipeline.training.metrics_log import read_metrics
+
+    for run in ("chat", "raw"):
+        rows = [r for r in read_metrics(home / "runs" / run / "metrics.jsonl") if "loss" in r]
+        assert rows[-1]["lr"] < rows[1]["lr"] == pytest.approx(1e-3, rel=0.05), (run, rows)  # warm-up: 1 step
+        assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, (run, [r["loss"] for r in rows])  # 5.70 -> 5.51 measured
     results = json.loads((home / "runs/eval/results.json").read_text())["models"]
     assert set(results) == {"a-chat", "transplant"}
     assert (home / "runs/eval/results.md").is_file() and (home / "models/transplant/transplant.json").is_file()
