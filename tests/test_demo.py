@@ -12,7 +12,8 @@ from pipeline.groups import FORMAT, LayerGroups
 from pipeline.training.metrics_log import read_metrics
 from tests.kit import train as ft
 
-MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "recipe_rtf_chat_vector"}
+MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "donor",
+          "instruct_vector", "recipe_rtf_chat_vector"}
 METRICS = {"format_adherence", "knowledge_accuracy", "knowledge_rank", "heldout_known_rank", "raw_rank_new",
            "ppl_raw_new", "ppl_raw_known", "chance_rank"}
 
@@ -77,6 +78,36 @@ def test_tiny_demo_end_to_end(tiny_demo):
     assert p2.returncode == 0, p2.stderr[-2000:]
     steps, done = map(int, re.search(r"(\d+) steps \((\d+) done already\)", p2.stdout).groups())
     assert done == steps - 1 and "start report" in p2.stdout and "start eval" not in p2.stdout, p2.stdout[-2000:]
+
+
+@pytest.mark.multiproc
+def test_seeds_run_in_their_own_folders_and_aggregate(tiny_demo, tmp_path):
+    """`--seeds` runs each seed in OUT/seed-S (here seed 0 is the finished tiny demo, so nothing
+    trains) and writes the aggregate; the recipe's tuning seed is reported apart, and with no
+    held-out seed left the verdict cannot tell."""
+    out = tmp_path / "seeds"
+    out.mkdir()
+    (out / "seed-0").symlink_to(tiny_demo["out"], target_is_directory=True)
+    p = _demo(out, "--seeds", "0", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "about 0 min of work" in p.stdout
+    agg = json.loads((out / "aggregate.json").read_text())
+    every = agg["every_seed"]
+    assert every["seeds"] == [0] and every["tuned_on"] == [0] and agg["held_out"]["seeds"] == []
+    # A tiny world may fail the control: then the seed is listed as failed, not averaged.
+    r = tiny_demo["results"]
+    answers = (r["a_chat"]["heldout_known_rank"] <= 0.5 * r["a_chat"]["chance_rank"]
+               and r["qa_upper"]["knowledge_accuracy"] >= 0.8)
+    assert (every["answering"], every["failed"]) == (([0], []) if answers else ([], [0]))
+    if answers:  # one seed: the means are that seed's own figures, with no interval
+        a, q, t = (r[n]["knowledge_rank"] for n in ("a_chat", "qa_upper", "transplant"))
+        share = every["table"]["transplant"]["share"]
+        assert share["n"] == 1 and share["mean"] == pytest.approx((a - t) / (a - q))
+    else:
+        assert every["table"] == {} and "fails on seed(s) 0" in (out / "aggregate.md").read_text()
+    md = (out / "aggregate.md").read_text()
+    assert "chosen on seed(s) 0" in md and "**Verdict: cannot tell.**" in md
+    assert (out / "aggregate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_folder_made_with_another_seed_is_refused_not_reused(tmp_path):
