@@ -223,3 +223,18 @@ def test_a_recipe_file_with_a_typo_names_it(tmp_path):
     bad.write_text("recipes:\n  - name: x\n    raw: {format_star: 5}\n")
     with pytest.raises(UserError, match=r"`raw` may set"):
         recipes.load(bad)
+
+
+def test_a_recipe_builds_a_member_of_the_layer_aware_merge_family(tmp_path):
+    from pipeline.demo import recipes
+
+    f = tmp_path / "r.yaml"
+    f.write_text("name: blend\nmerge: chat_vector\nweights: {raw: 'format=0.5', transition: 2}\n")
+    (r,), _ = recipes.load(f)
+    assert r.merge_args == ["--raw-weights", "format=0.5", "--transition", "2"] and not r.is_vanilla
+    f.write_text("name: blend\nweights: {raw: 'format=0.5'}\n")  # a transplant has no deltas to weight
+    with pytest.raises(UserError, match="`weights` needs `merge: chat_vector`"):
+        recipes.load(f)
+    f.write_text("name: blend\nmerge: chat_vector\nweights: {ratio: 2}\n")
+    with pytest.raises(UserError, match="`weights` may set chat, raw, transition"):
+        recipes.load(f)

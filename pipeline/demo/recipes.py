@@ -15,6 +15,9 @@ the method's vanilla run (A-Raw on the raw corpus, transplanted under A-Chat's f
     merge           how the two halves become one model: `transplant` (the method: A-Chat's format
                     group replaces A-Raw's) or `chat_vector` (A-Raw + (A-Chat - base): what A-Raw
                     wrote into the format group stays, and A-Chat's change is added on top)
+    weights         with `merge: chat_vector`, the layer-aware member of the merge family to build:
+                    {raw: "frozen=1,raw=1,format=0.5", chat: "format=1", transition: 1}, passed to
+                    pipeline.chat_vector as --raw-weights / --chat-weights / --transition
     tuned_on        the seeds the recipe was chosen on (by a sweep): a multi-seed demo reports
                     these seeds apart and reads its verdict on the others
 
@@ -35,7 +38,8 @@ from data_prep.common import UserError
 from pipeline.config import read_yaml
 
 RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
-RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note", "tuned_on"}
+RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note", "tuned_on", "weights"}
+WEIGHT_KEYS = {"raw": "--raw-weights", "chat": "--chat-weights", "transition": "--transition"}
 WORLD_KEYS = {"name", "world", "base_steps", "note"}
 
 
@@ -48,6 +52,11 @@ class Recipe:
     merge: str = "transplant"
     note: str = ""
     tuned_on: tuple[int, ...] = ()
+    weights: tuple[tuple[str, str], ...] = ()  # (pipeline.chat_vector flag, value) pairs
+
+    @property
+    def merge_args(self) -> list[str]:
+        return [a for flag, value in self.weights for a in (flag, value)]
 
     @property
     def model(self) -> str:
@@ -55,7 +64,8 @@ class Recipe:
 
     @property
     def is_vanilla(self) -> bool:
-        return not self.raw and not self.replay and not self.reattach_steps and self.merge == "transplant"
+        return (not self.raw and not self.replay and not self.reattach_steps and self.merge == "transplant"
+                and not self.weights)
 
     def boundary(self, default: tuple[int, int]) -> tuple[int, int]:
         return (self.raw.get("raw_start", default[0]), self.raw.get("format_start", default[1]))
@@ -96,7 +106,13 @@ def recipe_from(item, where: str) -> Recipe:
     tuned = item.get("tuned_on", [])
     if not isinstance(tuned, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in tuned):
         raise UserError(f"{where}: `tuned_on` must be a list of seeds (integers), got {tuned!r}")
-    return Recipe(item["name"], dict(raw), float(replay), reattach, merge, item.get("note", ""), tuple(tuned))
+    weights = item.get("weights") or {}
+    if not isinstance(weights, dict) or set(weights) - set(WEIGHT_KEYS):
+        raise UserError(f"{where}: `weights` may set {', '.join(sorted(WEIGHT_KEYS))}, got {weights!r}")
+    if weights and merge != "chat_vector":
+        raise UserError(f"{where}: `weights` needs `merge: chat_vector` (they weight its raw and chat deltas)")
+    pairs = tuple((WEIGHT_KEYS[k], str(v)) for k, v in weights.items())
+    return Recipe(item["name"], dict(raw), float(replay), reattach, merge, item.get("note", ""), tuple(tuned), pairs)
 
 
 def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:

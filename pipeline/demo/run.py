@@ -157,9 +157,10 @@ class Demo:
         self._call(["-m", "pipeline.transplant", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
                     "--out", str(self.models / name)], f"transplant_{name}")
 
-    def chat_vector(self, raw_run: str, chat_run: str, name: str) -> None:
+    def chat_vector(self, raw_run: str, chat_run: str, name: str, extra: list[str] = ()) -> None:
         self._call(["-m", "pipeline.chat_vector", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
-                    "--base", str(self.models / "base"), "--out", str(self.models / name)], f"chat_vector_{name}")
+                    "--base", str(self.models / "base"), "--out", str(self.models / name), *extra],
+                   f"chat_vector_{name}")
 
     def donor(self, raw_run: str, donor_model: str, name: str) -> None:
         self._call(["-m", "pipeline.transplant", "--raw", str(self.runs / raw_run), "--donor",
@@ -266,7 +267,11 @@ class Demo:
             trained(raw_run, "raw", "base", data, 110 * (1 + r.replay), boundaries=bounds, **extra)
         else:
             trained("a_raw", "raw", "base", "raw", 110)
-        merge = self.chat_vector if r.merge == "chat_vector" else self.transplant
+        if r.merge == "chat_vector":
+            def merge(raw, chat, name):
+                self.chat_vector(raw, chat, name, r.merge_args)
+        else:
+            merge = self.transplant
         merged(f"transplant_{r.name}", 5, lambda: merge(raw_run, chat_run, f"transplant_{r.name}"),
                [f"model:{raw_run}", f"model:{chat_run}"])
         if r.reattach_steps:

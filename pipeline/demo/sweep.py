@@ -83,6 +83,8 @@ def sweep_seeds(out: Path, sweep_file: Path, seeds: list[int], size: str = "full
         item = {"name": best.name, **({"raw": best.raw} if best.raw else {}),
                 **({"replay": best.replay} if best.replay else {}),
                 **({"reattach_steps": best.reattach_steps} if best.reattach_steps else {}),
+                **({"weights": {k: v for k, flag in R.WEIGHT_KEYS.items() for f, v in best.weights if f == flag}}
+                   if best.weights else {}),
                 "merge": best.merge, "note": best.note, "tuned_on": list(seeds)}
         atomic_write_text(out / "chosen_recipe.yaml",
                           f"# Chosen by `make sweep` on seeds {seeds} from {sweep_file}: the best mean knowledge share\n"
