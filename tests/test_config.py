@@ -8,7 +8,7 @@ from pipeline.config import LEAVES, describe_keys, load_config, parse_overrides
 from pipeline.training import deepspeed_json
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE_FILES = ("recipe.yaml", "sweep.yaml")  # configs/demo: the demo's recipes, not run configs
+RECIPE_FILES = ("recipe.yaml", "sweep.yaml", "family.yaml")  # configs/demo: the demo's recipes, not run configs
 SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name not in RECIPE_FILES)
 
 

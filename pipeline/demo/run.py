@@ -253,7 +253,7 @@ class Demo:
             trained(chat_run, "chat", "base", "chat", 80, boundaries=bounds)
         extra = {k: v for k, v in r.raw.items() if k not in ("raw_start", "format_start")}
         # A recipe that only changes what happens after A-Raw shares the vanilla A-Raw.
-        raw_run = "a_raw" if not r.raw and not r.replay else f"a_raw_{r.name}"
+        raw_run = self._raw_run(r)
         data = "raw"
         if r.replay:
             # The same raw exposure as the vanilla recipe: the steps grow with the replayed share.
@@ -280,6 +280,16 @@ class Demo:
         else:  # the transplant itself is the recipe's model
             merged(r.model, 1, lambda: _alias(self.models / f"transplant_{r.name}", self.models / r.model),
                    [f"model:transplant_{r.name}"])
+
+    def _raw_run(self, r: Recipe) -> str:
+        """The A-Raw a recipe needs: the vanilla one, or the run of the first recipe (in file order)
+        with the same A-Raw settings, so recipes that differ only after A-Raw (how they merge)
+        share one training."""
+        key = lambda x: (sorted(x.raw.items()), x.replay)  # noqa: E731 - the identity of an A-Raw
+        if not r.raw and not r.replay:
+            return "a_raw"
+        first = next(x for x in self.recipes if key(x) == key(r))
+        return f"a_raw_{first.name}"
 
     def model_names(self) -> list[str]:
         return [n for n in BASELINES if n in self.baselines] + [r.model for r in self.recipes]
