@@ -25,7 +25,7 @@ import numpy as np
 from .common import JSONLineError, UserError, read_jsonl, refuse_repeated_inputs
 from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
-from .raw import add_common_args, run_job
+from .raw import add_common_args, check_splits, run_job, strip_bom
 from .shards import OutputSet, val_mask
 from .template import BadRecord, Renderer, end_of_turn_ids, read_template_file, template_sha256, template_text
 from .tokenizer import load_tokenizer, plain_backend, tokenizer_identity, vocab_size
@@ -69,7 +69,7 @@ def _messages(rec) -> list[dict]:
         if role not in mapping:
             raise BadRecord(f"message {i}: unknown {rkey} {role!r} (expected one of "
                             f"{', '.join(mapping)})")
-        content = message_text(m.get(ckey), f"message {i} ({role})")
+        content = strip_bom(message_text(m.get(ckey), f"message {i} ({role})"))
         if not content.strip():
             raise BadRecord(f"message {i} ({role}): empty content")
         out.append({"role": mapping[role], "content": content})
@@ -101,7 +101,8 @@ def message_text(content, where: str) -> str:
 def _records(paths: list[Path]) -> Iterator[tuple[str, object]]:
     """(where, record or BadRecord) for every record, in file order."""
     for path in paths:
-        head = path.read_bytes()[:4096].lstrip()
+        # json.loads reads bytes with a leading UTF-8 byte-order mark; the array test must skip it too.
+        head = path.read_bytes()[:4096].removeprefix(b"\xef\xbb\xbf").lstrip()
         if path.suffix == ".json" and head.startswith(b"["):
             try:
                 records = json.loads(path.read_bytes())
@@ -172,6 +173,7 @@ def _run(args, argv: list[str] | None) -> dict:
 
     start = time.perf_counter()
     stats = {"documents": 0, "tokens": 0, "assistant_tokens": 0, "skipped": 0}
+    per_split = {"train": 0, "val": 0}
     examples: list[str] = []
     with OutputSet(args.output_prefix, dtype, args.shard_tokens, with_mask=True,
                    force=args.force) as out:
@@ -187,6 +189,7 @@ def _run(args, argv: list[str] | None) -> dict:
             is_val = val_mask(stats["documents"], len(batch), args.seed, args.val_fraction)
             for split, sel in (("train", ~is_val), ("val", is_val)):
                 idx = np.flatnonzero(sel)
+                per_split[split] += len(idx)
                 if len(idx):
                     out.writers[split].add(np.concatenate([toks[i] for i in idx]), sizes[idx],
                                            np.concatenate([masks[i] for i in idx]))
@@ -217,6 +220,7 @@ def _run(args, argv: list[str] | None) -> dict:
         if stats["documents"] == 0:
             raise UserError(f"inputs {' '.join(map(str, args.inputs))}: no usable conversations "
                             f"({stats['skipped']} skipped)")
+        check_splits(per_split, args.val_fraction, "conversations")
         eot = end_of_turn_ids(tok)  # after the records: a broken template has been reported by now
         if not eot:
             print(f"warning: {flag}: the chat template ends an assistant turn with no special token, so a "
@@ -230,7 +234,8 @@ def _run(args, argv: list[str] | None) -> dict:
                 "skipped_records": stats["skipped"], "skipped_examples": examples,
                 "command": command_line(argv if argv is not None else sys.argv[2:], "chat")}
         records = out.finish()
-    path = write_manifest(Path(args.output_prefix), {**body, "totals": totals(records), "shards": records})
+        # Still inside: the prefix is this run's until its manifest, written last, is there.
+        path = write_manifest(Path(args.output_prefix), {**body, "totals": totals(records), "shards": records})
     secs = time.perf_counter() - start
     print(f"chat: {stats['documents']:,} conversations ({stats['skipped']:,} skipped), "
           f"{stats['tokens']:,} tokens ({stats['assistant_tokens']:,} assistant) in {secs:.1f}s "

@@ -18,11 +18,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import UserError
+from .common import UserError, check_writable
 from .corpus import find_sources, iter_text_batches
 from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
-from .shards import OutputSet, val_mask
+from .shards import OutputSet, check_prefix, val_mask
 from .tokenizer import encode_batches, load_tokenizer, to_arrays, threads, tokenizer_identity, vocab_size
 
 EPILOG = """examples:
@@ -70,12 +70,34 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_common(args) -> None:
+    """The flags both subcommands share, and the output's place: all before any input is read."""
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be >= 1")
     if args.batch_docs < 1:
         raise UserError(f"--batch-docs {args.batch_docs}: must be >= 1")
+    if args.shard_tokens < 1:
+        raise UserError(f"--shard-tokens {args.shard_tokens}: must be >= 1")
+    check_writable(check_prefix(args.output_prefix), "--output-prefix")
+
+
+def strip_bom(text: str) -> str:
+    """A document's leading UTF-8 byte-order mark (Windows editors write one at the start of a
+    file) is an encoding artefact, not text: left in, it would be trained on as a token."""
+    return text.removeprefix("\ufeff")
+
+
+def check_splits(docs: dict[str, int], val_fraction: float, what: str) -> None:
+    """A train split left empty by --val-fraction is refused; an empty val split is noted."""
+    total = docs["train"] + docs["val"]
+    if not docs["train"]:
+        raise UserError(f"--val-fraction {val_fraction}: all {total} {what} went to the val split (it is drawn "
+                        f"per {what[:-1]}), so the train split is empty; add {what} or lower --val-fraction "
+                        f"(0 keeps every one for training)")
+    if val_fraction > 0 and not docs["val"]:
+        print(f"note: --val-fraction {val_fraction}: none of the {total} {what} went to the val split (it is drawn "
+              f"per {what[:-1]}), so training has no val split of this data to validate on", file=sys.stderr)
 
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -154,11 +176,12 @@ def _run(args, argv: list[str] | None) -> dict:
     start = time.perf_counter()
     docs = tokens = 0
     empty = [0]
+    per_split = {"train": 0, "val": 0}
 
     def non_empty(batches):
         # A blank document teaches nothing and would become a lone EOD token: skipped, and counted.
         for texts in batches:
-            kept = [t for t in texts if t.strip()]
+            kept = [t for t in map(strip_bom, texts) if t.strip()]
             empty[0] += len(texts) - len(kept)
             if kept:
                 yield kept
@@ -173,6 +196,7 @@ def _run(args, argv: list[str] | None) -> dict:
                     idx = np.flatnonzero(sel)
                     if len(idx) == 0:
                         continue
+                    per_split[split] += len(idx)
                     if args.append_eod:
                         parts = [a for i in idx for a in (arrays[i], eod_arr)]
                         out.writers[split].add(np.concatenate(parts), sizes[idx] + 1)
@@ -185,6 +209,7 @@ def _run(args, argv: list[str] | None) -> dict:
         if docs == 0:
             raise UserError(f"inputs {' '.join(map(str, args.inputs))}: the corpus is empty "
                             f"(no documents{f'; {empty[0]} blank ones skipped' if empty[0] else ''})")
+        check_splits(per_split, args.val_fraction, "documents")
         body = {"kind": "raw", "dtype": dtype.name, "vocab_size": vocab,
                 "eod_token_id": eod if args.append_eod else None, "append_eod": args.append_eod,
                 "tokenizer": identity, "text_key": args.text_key, "seed": args.seed,
@@ -192,8 +217,9 @@ def _run(args, argv: list[str] | None) -> dict:
                 "blank_documents_skipped": empty[0],
                 "command": command_line(argv if argv is not None else sys.argv[2:], "raw")}
         records = out.finish()
-    path = write_manifest(Path(args.output_prefix),
-                          {**body, "totals": totals(records), "shards": records})
+        # Still inside: the prefix is this run's until its manifest, written last, is there.
+        path = write_manifest(Path(args.output_prefix),
+                              {**body, "totals": totals(records), "shards": records})
     secs = time.perf_counter() - start
     t = totals(records)
     print(f"raw: {docs:,} documents ({t['val']['documents']:,} val, {empty[0]:,} blank skipped), {tokens:,} tokens in "

@@ -14,8 +14,6 @@ next run with the same prefix deletes.
 """
 from __future__ import annotations
 
-import contextlib
-
 import hashlib
 import os
 import re
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UserError, fsync_dir, pid_alive
+from .common import UserError, fsync_dir, owned, pid_alive
 from .mmidx import index_bytes
 
 
@@ -225,30 +223,46 @@ def val_mask(first: int, n: int, seed: int, fraction: float) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < fraction
 
 
+def check_prefix(text: str) -> Path:
+    """--output-prefix names files (data/wiki -> data/wiki.train.00000.bin), not a folder."""
+    prefix = Path(text)
+    if prefix.name in ("", ".", "..") or prefix.is_dir() or str(text).endswith(("/", os.sep)):
+        raise UserError(f"--output-prefix {text}: names files, not a directory "
+                        "(e.g. data/wiki gives data/wiki.train.00000.bin ...)")
+    return prefix
+
+
 class OutputSet:
     """The train and val writers of one run, plus the checks before and the commit after.
 
     Use as a context manager: if the block raises (a bad input, Ctrl-C), every temp file is
-    removed and nothing of this run remains.
+    removed and nothing of this run remains. The run owns its prefix from here until the block
+    ends, manifest included (data_prep.common.owned): a second run on the same prefix is refused
+    at once, naming this one's pid, instead of mixing its shards with this one's.
     """
 
     def __init__(self, prefix: str | Path, dtype: np.dtype, shard_tokens: int,
                  with_mask: bool = False, force: bool = False):
-        text = str(prefix)
-        prefix = Path(prefix)
-        if prefix.name in ("", ".", "..") or prefix.is_dir() or text.endswith(("/", os.sep)):
-            raise UserError(f"--output-prefix {text}: names files, not a directory "
-                            "(e.g. data/wiki gives data/wiki.train.00000.bin ...)")
+        prefix = check_prefix(str(prefix))
         if shard_tokens <= 0:
             raise UserError(f"--shard-tokens {shard_tokens}: must be positive")
         manifest = prefix.with_name(prefix.name + ".manifest.json")
-        if manifest.exists() and not force:
-            raise UserError(f"--output-prefix {prefix}: {manifest} already exists "
-                            "(pass --force to replace it)")
-        # Folders this run creates are removed again if it fails: a refused input leaves nothing.
-        self.created = [d for d in [prefix.parent, *prefix.parent.parents] if not d.exists()]
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(prefix)
+
+        def refuse_existing():
+            if manifest.exists() and not force:
+                raise UserError(f"--output-prefix {prefix}: {manifest} already exists "
+                                "(pass --force to replace it)")
+
+        refuse_existing()
+        # Owning the prefix creates its folder; a refused or failed run removes what it created.
+        self._owner = owned(prefix, "--output-prefix")
+        self._owner.__enter__()
+        try:
+            refuse_existing()  # again, now that it is ours: a run may have finished in between
+            clean_stale(prefix)
+        except BaseException:
+            self._owner.__exit__(None, None, None)
+            raise
         self.prefix = prefix
         self.writers = {s: SplitWriter(prefix, s, dtype, shard_tokens, with_mask)
                         for s in ("train", "val")}
@@ -257,12 +271,12 @@ class OutputSet:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            for w in self.writers.values():
-                w.abort()
-            for d in self.created:  # deepest first
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        try:
+            if exc_type is not None:
+                for w in self.writers.values():
+                    w.abort()
+        finally:
+            self._owner.__exit__(None, None, None)
 
     def finish(self) -> list[dict]:
         """Close every shard and give them final names; returns the shard records."""

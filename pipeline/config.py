@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,6 +359,10 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
         bad("verify_data", f"must be `sha256` or `size`, got {d.verify_data!r}")
     if s.keep_last < 0:
         bad("keep_last", "must be >= 0 (0 keeps every checkpoint)")
+    if s.seed < 0:
+        bad("seed", f"must be >= 0 (NumPy, which DeepSpeed seeds with it, takes no negative seed), got {s.seed}")
+    if cfg.parallel.dist_timeout_s < 1:
+        bad("dist_timeout_s", f"must be >= 1 (seconds a collective may wait), got {cfg.parallel.dist_timeout_s}")
     if d.global_batch_size % d.micro_batch_size:
         bad("global_batch_size", f"({d.global_batch_size}) must be a multiple of micro_batch_size ({d.micro_batch_size})")
     data_sources(cfg.data.data, where.get("data", "config"))
@@ -367,6 +372,54 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
         bad("eval_batches", "must be >= 1")
     eval_sources(cfg.eval.eval_data, where.get("eval_data", "config"))
     report_to(cfg.monitor.report_to, where.get("report_to", "config"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths in a recorded config
+
+def map_paths(flat: dict, fn) -> dict:
+    """A copy of a flat config with every path in it passed through `fn`: `model`, `tokenizer`,
+    `out`, `ds_config` (unless `auto`), and each manifest of `data` and `eval_data`."""
+    out = dict(flat)
+    for k in ("model", "tokenizer", "out"):
+        if isinstance(out.get(k), str):
+            out[k] = fn(out[k])
+    if isinstance(out.get("ds_config"), str) and out["ds_config"] != "auto":
+        out["ds_config"] = fn(out["ds_config"])
+
+    def manifest(item):
+        if isinstance(item, str):
+            return fn(item)
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            return {**item, "path": fn(item["path"])}
+        return item
+
+    if isinstance(out.get("data"), (str, list)):
+        out["data"] = manifest(out["data"]) if isinstance(out["data"], str) else [manifest(d) for d in out["data"]]
+    if isinstance(out.get("eval_data"), dict):
+        out["eval_data"] = {name: manifest(item) for name, item in out["eval_data"].items()}
+    return out
+
+
+def resolve_paths(flat: dict) -> dict:
+    """The config as run.json records it: every path absolute, resolved against the working
+    directory with symlinks followed, so a later command (export, transplant, a resume) finds the
+    same files from any folder, and two spellings of one path (`runs/x`, `$PWD/runs/x`,
+    `./runs/x/`) record the same thing. A `ds_config` named after a file of the repository's
+    ds_configs/ resolves there, as training reads it."""
+    def one(p: str) -> str:
+        path = Path(p)
+        if not path.is_absolute() and not path.exists() and (REPO_ROOT / "ds_configs" / p).is_file():
+            path = REPO_ROOT / "ds_configs" / p
+        return str(path.resolve())
+
+    return map_paths(flat, one)
+
+
+def relative_paths(flat: dict, run_dir: str | Path) -> dict:
+    """The recorded config's paths relative to the run directory that recorded them: what stays
+    the same when a project folder (base model, data and runs) is moved or copied whole."""
+    return map_paths(flat, lambda p: os.path.relpath(p, run_dir))
 
 
 MONITORS = ("tensorboard", "wandb", "csv")

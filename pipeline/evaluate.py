@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from data_prep.common import UserError, fail_cleanly
+from data_prep.common import UserError, check_writable, fail_cleanly, owned
 
 EPILOG = """\
 file formats (.jsonl, one record per line):
@@ -34,6 +34,11 @@ examples:
       --raw-eval new=world/raw_eval_new.jsonl --raw-eval known=world/raw_eval_known.jsonl \\
       --probe new=world/probe_new.jsonl --out runs/demo/results.json
 """
+
+
+# How long an evaluation waits for another one to finish writing the same results file (a write
+# takes about a second: the table and the chart).
+WAIT_FOR_RESULTS_S = 300
 
 
 def parse_args(argv=None):
@@ -62,7 +67,7 @@ def parse_args(argv=None):
         p.error("nothing to evaluate: give at least one of --chat-eval, --raw-eval, --probe")
     for flag in ("max_new_tokens", "batch_size", "score_batch_size"):
         if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     return args
 
 
@@ -80,18 +85,30 @@ def main(argv=None):
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":
         raise UserError(f"--out {args.out}: must name a .json file")
-    results = load_results(out) if out else {"models": {}}  # fail on a bad file before the work
+    # Every output is checked before the model is even loaded, not once the evaluation is done.
+    for flag, path in (("--out", out), ("--details", args.details)):
+        if path is not None:
+            if Path(path).is_dir():
+                raise UserError(f"{flag} {path}: is a directory; name a file")
+            check_writable(path, flag)
+    if out:
+        load_results(out)  # fail on a bad results file before the work
     metrics = evaluate_model(
         args.model, chat=parse_named(args.chat_eval, "--chat-eval"),
         raw=parse_named(args.raw_eval, "--raw-eval"), probes=parse_named(args.probe, "--probe"),
         tokenizer_dir=args.tokenizer, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         score_batch_size=args.score_batch_size, details_path=args.details, progress=not args.no_progress)
     name = args.name or Path(args.model).resolve().name
-    results["models"][name] = metrics
     if out:
-        table = write_report(results, out.parent, stem=out.stem)
+        # The results file is shared: several evaluations add their model to it, perhaps at the same
+        # time. Each reads it again and writes it while it owns it (waiting for another writer to
+        # finish), so a model added while this one was evaluated is kept, not overwritten.
+        with owned(out, "--out", wait_s=WAIT_FOR_RESULTS_S):
+            results = load_results(out)
+            results["models"][name] = metrics
+            table = write_report(results, out.parent, stem=out.stem)
     else:
-        table = markdown_table(results["models"])
+        table = markdown_table({name: metrics})
     print(json.dumps({name: metrics}, indent=2))
     print(table)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.common import fail_cleanly
+from data_prep.common import UserError, check_writable, fail_cleanly
 
 from .evaluation import layer_probe
 
@@ -29,6 +29,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-prompts", type=int, default=16, help="prompts used at most (default 16)")
     p.add_argument("--out", required=True, help="folder for probe.json, probe.md, probe.png")
     a = p.parse_args(argv)
+    if a.max_prompts < 1:
+        raise UserError(f"--max-prompts {a.max_prompts}: must be >= 1 (it is how many prompts of --prompts are used)")
+    if a.prompts is None and a.max_prompts != p.get_default("max_prompts"):
+        raise UserError("--max-prompts applies to --prompts, which is not given")
+    check_writable(a.out, "--out", inside=True)
     r = layer_probe.run_probe(a.base, a.chat, a.out, a.prompts, a.max_prompts)
     print(layer_probe.markdown(r))
 

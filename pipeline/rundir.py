@@ -3,7 +3,10 @@ and who may write it. Training, resume, export, transplant and chat vector all a
 
     OUT/
       run.json                  the plan of the run (config, groups, stages, batch, base model, and
-                                the chat template its chat data was rendered with: what it ships)
+                                the chat template its chat data was rendered with: what it ships).
+                                Its paths are absolute, and `run_dir` says where it was written: a
+                                later command works from any folder, and a run directory moved
+                                together with its base model finds it at the same relative place
       metrics.jsonl, loss.png   one line per logged or validated step; the curves, written at the end
       tensorboard/, csv/, wandb/  DeepSpeed's monitors, when `report_to` names them
       .lock                     held by the training that owns the directory (pid, host)
@@ -146,30 +149,64 @@ class RunDir:
                             f"is not supported (expected {RUN_FORMAT_VERSION})")
         return run
 
+    def check_resume(self, record: dict, may_change: set[str]) -> None:
+        """When run.json exists (a resume), refuse a record whose config differs in a key that
+        changes what the run computes (anything outside `may_change`), naming the keys.
+
+        Paths compare by where they lead, not by how they are spelled: the records hold them
+        absolute (config.resolve_paths; a run.json from before that is read as relative to the
+        working directory, as it was written). `out` is this directory, wherever it now is; and a
+        run directory moved or copied together with its base model and data (a project folder
+        moved whole) resumes when each path is the same relative to the run directory."""
+        if not self.run_json.exists():
+            return
+        from .config import relative_paths, resolve_paths
+
+        old = self.read_run()
+        o, n = resolve_paths(old.get("config", {})), record["config"]
+        changed = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k) and k not in may_change | {"out"})
+        if changed and old.get("run_dir") and record.get("run_dir"):
+            ro, rn = relative_paths(o, old["run_dir"]), relative_paths(n, record["run_dir"])
+            changed = [k for k in changed if ro.get(k) != rn.get(k)]
+        if changed:
+            detail = ", ".join(f"`{k}` {o.get(k)!r} -> {n.get(k)!r}" for k in changed)
+            raise UserError(f"{self.run_json}: this run directory was started with a different config "
+                            f"({detail}); use a new `out`, or restore them to resume")
+        if (old.get("base_model") or {}).get("fingerprint") != (record.get("base_model") or {}).get("fingerprint"):
+            raise UserError(f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
+                            f"this run started (base_model.fingerprint); use a new `out`")
+        # The same manifest path repacked with another template: the checkpoints learned the old
+        # format, the rest of the run would learn the new one, and the model could ship only one.
+        sha = lambda r: (r.get("chat_template") or {}).get("sha256")  # noqa: E731
+        if "chat_template" in old and sha(old) != sha(record):
+            raise UserError(f"{self.run_json}: the chat data's template has changed since this run started "
+                            f"(chat_template.sha256 {str(sha(old))[:12]} -> {str(sha(record))[:12]}); use a new "
+                            f"`out`, or restore the data it started with")
+
     def write_run(self, record: dict, may_change: set[str]) -> None:
-        """Write run.json; when resuming, refuse a record whose config differs in a key that changes
-        what the run computes (anything outside `may_change`), naming the keys."""
-        if self.run_json.exists():
-            old = self.read_run()
-            o, n = old.get("config", {}), record["config"]
-            changed = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k) and k not in may_change)
-            if changed:
-                detail = ", ".join(f"`{k}` {o.get(k)!r} -> {n.get(k)!r}" for k in changed)
-                raise UserError(f"{self.run_json}: this run directory was started with a different config "
-                                f"({detail}); use a new `out`, or restore them to resume")
-            if (old.get("base_model") or {}).get("fingerprint") != (record.get("base_model") or {}).get("fingerprint"):
-                raise UserError(f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
-                                f"this run started (base_model.fingerprint); use a new `out`")
-            # The same manifest path repacked with another template: the checkpoints learned the old
-            # format, the rest of the run would learn the new one, and the model could ship only one.
-            sha = lambda r: (r.get("chat_template") or {}).get("sha256")  # noqa: E731
-            if "chat_template" in old and sha(old) != sha(record):
-                raise UserError(f"{self.run_json}: the chat data's template has changed since this run started "
-                                f"(chat_template.sha256 {str(sha(old))[:12]} -> {str(sha(record))[:12]}); use a new "
-                                f"`out`, or restore the data it started with")
+        """Write run.json, after `check_resume`."""
+        self.check_resume(record, may_change)
         atomic_write_json(self.run_json, {"format_version": RUN_FORMAT_VERSION, **record})
 
     # --------------------------------------------------------------- ownership
+    def _in_use(self, holder: str) -> UserError:
+        return UserError(f"`out` {self.path}: in use by another training ({holder}); wait for it to end, "
+                         f"or give this run its own `out`")
+
+    def check_free(self) -> None:
+        """At preflight, before DeepSpeed starts: refuse at once a directory another training holds
+        (`lock` takes it for real later, on rank 0; this only looks, and creates nothing)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR)
+        except OSError:  # no lock file yet (or none we may open): nothing to look at
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(os.read(fd, 4096).decode(errors="replace").strip() or "another process") from None
+        finally:
+            os.close(fd)  # closing drops the lock if we got it
+
     @contextlib.contextmanager
     def lock(self):
         """Own the directory for a training: a second writer meets a clear error.
@@ -187,8 +224,7 @@ class RunDir:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UserError(f"`out` {self.path}: in use by another training ({holder}); wait for it to end, "
-                            f"or give this run its own `out`") from None
+            raise self._in_use(holder) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())

@@ -318,7 +318,9 @@ def test_a_key_given_twice_in_the_run_config(w, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,key", [("--lr=-1", "lr"), ("--steps=0", "steps"), ("--min_lr=5", "min_lr"),
                                       ("--lr=inf", "lr"), ("--lr=nan", "lr"), ("--weight_decay=nan", "weight_decay"),
-                                      ("--grad_clip=inf", "grad_clip"), ("--min_lr=-inf", "min_lr")])
+                                      ("--grad_clip=inf", "grad_clip"), ("--min_lr=-inf", "min_lr"),
+                                      # tracebacks before: NumPy's seed, a collective that times out at once
+                                      ("--seed=-1", "seed"), ("--dist_timeout_s=0", "dist_timeout_s")])
 def test_out_of_range_flags(w, tmp_path, capsys, flag, key):
     names(train_err(capsys, w, tmp_path, extra_argv=[flag]), f"--{key}", f"`{key}`")
 
@@ -376,6 +378,13 @@ def test_pipeline_stages_on_one_process_says_both_ways_out(w, tmp_path, capsys, 
 def test_evaluate_on_a_run_directory_says_export_it_first(w, tmp_path, capsys):
     err = call(capsys, "pipeline.evaluate", ["--model", w["chat_run"], "--chat-eval", w["root"] / "chat.jsonl"])
     names(err, "--model", str(w["chat_run"]), "export it first", "python -m pipeline.export")
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--batch-size", "--score-batch-size"])
+def test_evaluate_count_flags_below_one(w, tmp_path, capsys, flag):
+    # Before: argparse's usage block and a `python -m pipeline.evaluate: error:` line, not the project's one line.
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": "some words"}])
+    names(call(capsys, "pipeline.evaluate", ["--model", w["base"], "--raw-eval", f, flag, 0]), f"{flag} 0", ">= 1")
 
 
 def test_eval_candidates_listed_twice(w, tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_dir, atomic_write_json, atomic_write_text
+from data_prep.common import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_writable
 
 from .. import hf
 from .hf_files import write_side_files
@@ -41,10 +41,13 @@ def output_dtype(name: str, config: dict):
 
 
 def check_out_not_input(out: Path, inputs: list[Path], flag: str = "--out") -> None:
-    """--force replaces the output directory whole: refuse when that would delete an input."""
+    """The checks of --out before any weight is read: it can be written (a read-only place fails
+    here, in a second, not after the whole merge), and --force, which replaces it whole, would not
+    delete an input."""
     o = out.resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: exists and is not a directory")
+    check_writable(out, flag)
     for p in inputs:
         p = p.resolve()
         if o == p or p in o.parents or o in p.parents:
@@ -59,7 +62,8 @@ def write_model(out: Path, layers: list, *, config: dict, model_dir: Path, token
     `{tool}.json` (record + the chat template shipped + files + per-tensor provenance) and any
     extra text files. Returns the record."""
     expected = hf.expected_tensors(config)
-    with atomic_dir(out, force=force) as tmp:
+    # Owned while written (data_prep.common.owned): a second writer of the same --out is refused.
+    with atomic_dir(out, force=force, flag="--out") as tmp:
         writer = ShardWriter(tmp, max_bytes)
         stream_layers(layers, writer, expected, desc=tool, dtype=dtype)
         written = writer.close()

@@ -8,6 +8,7 @@ run, step, file), for the provenance records.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -86,9 +87,12 @@ class RunSource:
         self.groups = LayerGroups.from_record(self.run["groups"], where)
         self.num_layers = self.groups.num_layers
         cfg = self.run["config"]
-        self.model_dir = _existing_dir(self._base_candidates(cfg), where, "config.model")
+        self.model_dir = self._base_dir(cfg, where)
         tok = cfg.get("tokenizer")
-        self.tokenizer_dir = _existing_dir([Path(tok)], where, "config.tokenizer") if tok else self.model_dir
+        if not tok or tok == cfg.get("model"):  # the model's own tokenizer (training's default)
+            self.tokenizer_dir = self.model_dir
+        else:
+            self.tokenizer_dir = _existing_dir(self._candidates(tok), where, "config.tokenizer")
         self.config = hf.read_config(self.model_dir)
         hf.check_architecture(self.config, str(self.model_dir))
         if self.config.get("num_hidden_layers") != self.num_layers:
@@ -100,15 +104,37 @@ class RunSource:
         self._base: HFSource | None = None
         self._verified: set[str] = set()
 
-    def _base_candidates(self, cfg: dict) -> list[Path]:
-        # base_model.path is absolute (resolved when the run started); config.model may be relative
-        # to wherever training was launched, so it is only the fallback.
-        cands = []
-        if isinstance(self.run.get("base_model"), dict) and self.run["base_model"].get("path"):
-            cands.append(Path(self.run["base_model"]["path"]))
-        if cfg.get("model"):
-            cands.append(Path(cfg["model"]))
+    def _candidates(self, recorded: str) -> list[Path]:
+        """Where a path run.json records may be now: where it was (run.json's paths are absolute),
+        then at the same place relative to this run directory, for a run moved or copied together
+        with its base model (run.json `run_dir` says where it was written). A path from a run.json
+        of before paths were resolved is relative to wherever training ran: tried as it is."""
+        cands = [Path(recorded)]
+        was = self.run.get("run_dir")
+        if was and Path(recorded).is_absolute():
+            moved = Path(os.path.normpath(self.path.resolve() / os.path.relpath(recorded, was)))
+            if moved != Path(recorded):
+                cands.append(moved)
         return cands
+
+    def _base_dir(self, cfg: dict, where: str) -> Path:
+        """The base model directory: the recorded one (base_model.path, then config.model), or the
+        same place relative to a moved run directory. When several exist, the one that still
+        holds the fingerprint the run recorded wins."""
+        cands: list[Path] = []
+        for p in ((self.run.get("base_model") or {}).get("path"), cfg.get("model")):
+            if isinstance(p, str) and p:
+                cands += [c for c in self._candidates(p) if c not in cands]
+        found = [c for c in cands if c.is_dir()]
+        recorded = (self.run.get("base_model") or {}).get("fingerprint")
+        if len(found) > 1 and recorded:
+            for c in found:
+                try:
+                    if hf.model_identity(c)["fingerprint"] == recorded:
+                        return c
+                except UserError:
+                    continue
+        return _existing_dir(found or cands, where, "config.model")
 
     @property
     def base(self) -> HFSource:
@@ -159,8 +185,9 @@ def _existing_dir(cands: list[Path], where: str, key: str) -> Path:
     for c in cands:
         if c.is_dir():
             return c
-    raise UserError(f"{where}: {key}: directory {', '.join(map(str, cands)) or '(none)'} does not exist "
-                    f"(the run's base model / tokenizer must still be on disk)")
+    tried = " or ".join(map(str, cands)) or "(none recorded)"
+    raise UserError(f"{where}: {key}: directory {tried} does not exist (the run's base model / tokenizer must "
+                    f"still be on disk, where run.json records it or at the same place relative to the run directory)")
 
 
 def open_source(path: str | Path, step: int | None, flag: str, step_flag: str):

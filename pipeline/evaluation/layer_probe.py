@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_write_json, atomic_write_text
+from data_prep.common import UserError, atomic_write_json, atomic_write_text, owned
 
 from ..names import EMBED, HEAD, NORM, layer_of
 from ..plots import png_bytes, pyplot
@@ -133,7 +133,19 @@ def markdown(result: dict) -> str:
 
 
 def run_probe(base, chat, out: Path, prompts=None, max_prompts: int = 16) -> dict:
-    """Measure, write probe.json / probe.md / probe.png into `out`, return the result."""
+    """Measure, write probe.json / probe.md / probe.png into `out`, return the result. `out` is
+    owned from the start (data_prep.common.owned): a second probe into it is refused at once,
+    rather than both writing and leaving one's table beside the other's plot."""
+    if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
+        raise UserError(f"--max-prompts {max_prompts}: must be >= 1")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    with owned(out, "--out"):
+        return _run_probe(base, chat, out, prompts, max_prompts)
+
+
+def _run_probe(base, chat, out: Path, prompts, max_prompts: int) -> dict:
     from ..convert.sources import check_same_shape, open_source
     from .metrics import load_chat_eval
 
@@ -152,7 +164,6 @@ def run_probe(base, chat, out: Path, prompts=None, max_prompts: int = 16) -> dic
             convs.append(r["messages"] + ([{"role": "assistant", "content": r["answer"]}] if "answer" in r else []))
         result["hidden_cosine"] = hidden_cosine(bs.path, cs.path, convs)
         result["prompts"] = {"file": str(Path(prompts).resolve()), "used": len(convs)}
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "probe.json", result)
     atomic_write_text(out / "probe.md", markdown(result))

@@ -148,7 +148,12 @@ def load_raw_texts(path) -> list[str]:
                 raise UserError(f"{path}:{lineno}: needs a 'text' string")
             texts.append(rec["text"])
     elif path.is_file():
-        texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        # utf-8-sig: a leading byte-order mark (Windows editors write one) is not part of the text.
+        try:
+            whole = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not valid UTF-8 text (byte {e.start}: {e.reason})") from None
+        texts = [p.strip() for p in whole.split("\n\n") if p.strip()]
     else:
         raise UserError(f"{path}: no such file")
     if not texts:

@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 from data_prep.common import UserError
@@ -292,6 +293,19 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
         tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{tok_dir}: cannot load a tokenizer ({e}); pass --tokenizer DIR") from None
+
+    def files(spec):
+        return [spec] if isinstance(spec, (str, Path)) else list(spec)
+
+    # Every file is read and checked before the model is loaded: a bad probe file, or raw texts
+    # too short to score, fails in a second, not after the chat suites have generated.
+    chat_sets = {name: (",".join(map(str, files(spec))), [r for f in files(spec) for r in load_chat_eval(f)])
+                 for name, spec in (chat or {}).items()}
+    if chat_sets and getattr(tok, "chat_template", None) is None:
+        raise UserError(f"{tok_dir}: the tokenizer has no chat template (needed for --chat-eval)")
+    raw_sets = {name: [ids for f in files(spec) for ids in _raw_token_lists(tok, f)] for name, spec in (raw or {}).items()}
+    probe_sets = {name: (",".join(map(str, files(spec))), [r for f in files(spec) for r in load_probe(f)])
+                  for name, spec in (probes or {}).items()}
     model = load_causal_lm(model_dir).eval()
     # Replies end where plain `model.generate()` ends them: at the model's own generation_config
     # eos ids, and nowhere else. A metric that also stopped at the tokenizer's eos would report a
@@ -302,33 +316,25 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
             "max_new_tokens": max_new_tokens, "end_ids": end_ids, "pad_id": pad_id,
             "special_ids": set(tok.all_special_ids)}
 
-    def files(spec):
-        return [spec] if isinstance(spec, (str, Path)) else list(spec)
-
+    if chat_sets and not end_ids:
+        raise UserError(f"{model_dir}: the model's generation_config has no eos_token_id, so generate() never "
+                        "ends a reply; set it to the chat template's end-of-turn token (pipeline.export and "
+                        "pipeline.transplant write it)")
     metrics, details = {}, []
     torch.manual_seed(0)  # nothing here samples; this only pins any library-internal randomness
-    for name, spec in (chat or {}).items():
-        if (chat or {}) and not end_ids:
-            raise UserError(f"{model_dir}: the model's generation_config has no eos_token_id, so generate() never "
-                            "ends a reply; set it to the chat template's end-of-turn token (pipeline.export and "
-                            "pipeline.transplant write it)")
-        records = [r for f in files(spec) for r in load_chat_eval(f)]
-        if getattr(tok, "chat_template", None) is None:
-            raise UserError(f"{tok_dir}: the tokenizer has no chat template (needed for --chat-eval)")
-        res = _chat_suite(model, tok, records, ",".join(map(str, files(spec))), opts, details)
+    for name, (where, records) in chat_sets.items():
+        res = _chat_suite(model, tok, records, where, opts, details)
         for k, v in res.items():
             if not name:
                 k = {"accuracy": "knowledge_accuracy", "rank": "knowledge_rank"}.get(k, k)
             metrics[_named(name, k, True)] = v
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    for name, spec in (raw or {}).items():
-        texts = [t for f in files(spec) for t in load_raw_texts(f)]
-        token_lists = [tok(t)["input_ids"][:max_len] for t in texts]
+    for name, token_lists in raw_sets.items():
+        token_lists = [ids[:max_len] for ids in token_lists]
         metrics[_named(name, "ppl_raw", False)] = perplexity(model, token_lists, max(1, batch_size // 2),
                                                              pad_id, progress)
-    for name, spec in (probes or {}).items():
-        records = [r for f in files(spec) for r in load_probe(f)]
-        mean, chance = _probe_suite(model, tok, records, ",".join(map(str, files(spec))), opts)
+    for name, (where, records) in probe_sets.items():
+        mean, chance = _probe_suite(model, tok, records, where, opts)
         metrics[_named(name, "raw_rank", False)] = mean
         metrics[_named(name, "raw_chance_rank", False)] = chance
     if details_path:
@@ -338,6 +344,23 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
             for row in details:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return metrics
+
+
+def _raw_token_lists(tok, path) -> list[list[int]]:
+    """The token ids of a --raw-eval file's texts that perplexity can score (two tokens or more:
+    the first predicts nothing). A file with none is refused rather than reported as NaN; the
+    texts left out of a file that has some are counted in a note."""
+    texts = load_raw_texts(path)
+    ids = [tok(t)["input_ids"] for t in texts]
+    kept = [i for i in ids if len(i) > 1]
+    if not kept:
+        raise UserError(f"--raw-eval {path}: none of its {len(texts)} text(s) is long enough to score (perplexity "
+                        f"needs at least 2 tokens, one to predict the next from, and each has at most 1); "
+                        f"give longer texts")
+    if len(kept) < len(ids):
+        print(f"note: --raw-eval {path}: {len(ids) - len(kept)} of its {len(ids)} texts have fewer than 2 tokens "
+              f"and are not scored", file=sys.stderr)
+    return kept
 
 
 _NAMED_FILE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.+)$")

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from data_prep.common import UserError
+from data_prep.common import UserError, check_writable
 from data_prep.reader import MIX_BLOCK, Mixture, TokenWindows, open_mixture
 
 from .. import hf
-from ..config import RunConfig, data_sources, eval_sources, report_to
+from ..config import RunConfig, data_sources, eval_sources, report_to, resolve_paths
 from ..groups import FORMAT, FROZEN, LayerGroups
 from ..names import EMBED_WEIGHT, HEAD_WEIGHT, NORM, layer_of, tied_embeddings, to_pipeline_name
+from ..rundir import RunDir
 from . import deepspeed_json
 
 # Keys that may change between a run and its resumption without changing what it computes.
@@ -119,11 +120,19 @@ class RunPlan:
         return out
 
     def record(self) -> dict:
-        """What run.json holds (rundir writes it, prefixed with the format version)."""
+        """What run.json holds (rundir writes it, prefixed with the format version).
+
+        Its paths are absolute (config.resolve_paths) and `run_dir` is where it was written, so
+        export, transplant, chat vector and a resume find the base model, tokenizer and data from
+        any folder, however the paths were spelled, and relative to the run directory when a
+        project folder is moved whole (convert/sources.py)."""
         flat = self.cfg.flat()
         flat["tokenizer"] = self.cfg.model.tokenizer or self.cfg.model.model
+        if flat.get("ds_config") != "auto":
+            flat["ds_config"] = str(self.ds_path)
         return {
-            "config": flat,
+            "config": resolve_paths(flat),
+            "run_dir": str(Path(self.cfg.schedule.out).resolve()),
             "phase": self.cfg.groups.phase,
             "groups": self.groups.to_record(),
             "base_model": self.base_model,
@@ -431,6 +440,10 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
     out = Path(cfg.schedule.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.where.get('out', 'config')}: `out` {out} exists and is not a directory")
+    # Before DeepSpeed starts: a read-only `out`, or one another training holds, would otherwise fail
+    # on rank 0 only, once every rank is up.
+    check_writable(out, f"{cfg.where.get('out', 'config')}: `out`", inside=True)
+    RunDir(out).check_free()
     model_dir = Path(cfg.model.model)
     hf_config = hf.read_config(model_dir)
     hf.check_architecture(hf_config, str(model_dir))
@@ -461,8 +474,11 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
     packing = PackingCheck(cfg, hf_config, tokenizer_dir)
     check_data(cfg, hf_config, tokenizer_dir, data, packing)
     evals, eval_note = eval_plan(cfg, data, batch.global_batch, packing)
-    return RunPlan(evals=evals, eval_note=eval_note, cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
+    plan = RunPlan(evals=evals, eval_note=eval_note, cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
                    base_model=hf.model_identity(model_dir, hf_config), weights=weights, shapes=hf.expected_tensors(hf_config),
                    groups=groups, world_size=world_size, stages=partition(groups, P), batch=batch, ds_config=ds,
                    ds_path=ds_path, dtype=deepspeed_json.training_dtype(ds), data=data,
                    chat_template=data_template(cfg, data))
+    # A resume its run.json would refuse (another `steps`, another base) fails here, not once DeepSpeed is up.
+    RunDir(out).check_resume(plan.record(), RESUMABLE)
+    return plan
