@@ -34,7 +34,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: setup lock test demo sweep bench bench-gpu data chat raw transplant eval clean help
+.PHONY: setup lock test test-fast demo sweep bench bench-gpu data chat raw transplant eval clean help
 
 help:  ## list targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | column -t -s '	'
@@ -70,6 +70,14 @@ PYTEST_ARGS ?=
 # conftest), not a pass, so it fails with a message instead of passing quietly.
 test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs included)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (PYTEST_ARGS='$(PYTEST_ARGS)')" >&2; exit 1; fi; \
+	exit $$rc
+
+# Everything that starts no other process (no DeepSpeed rank, training, mergekit or CLI run):
+# configs, data prep in-process, the loss, the merge arithmetic, bad inputs. Minutes, not a
+# quarter hour: the lane to run while editing. CI runs `make test`, which keeps every test.
+test-fast: setup  ## the tests that start no other process (a few minutes on 2 cores)
+	@$(PY) -m pytest -m "not multiproc" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (PYTEST_ARGS='$(PYTEST_ARGS)')" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -78,6 +78,7 @@ def test_crashed_part_is_a_failed_figure(monkeypatch):
     assert "dataprep: failed" in md and "**no**" in md
 
 
+@pytest.mark.multiproc
 def test_gpu_script_tiny_on_cpu(tmp_path):
     """The GPU script, end to end on CPU: model + shards built, pipeline.train run, baseline timed."""
     p = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--warmup", "1", "--steps", "2",

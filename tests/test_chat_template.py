@@ -279,6 +279,7 @@ def test_resuming_after_the_data_was_repacked_with_another_template_is_refused(t
         rd.write_run({**rec, "chat_template": {"sha256": "b" * 64}}, set())
 
 
+@pytest.mark.multiproc
 def test_the_cli_refuses_a_template_conflict_with_exit_2_and_the_flag_chooses(tmp_path):
     import subprocess
     import sys

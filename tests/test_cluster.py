@@ -102,6 +102,7 @@ def project(tmp_path_factory):
     return {"root": root, "proj": proj}
 
 
+@pytest.mark.multiproc
 def test_run_json_records_absolute_paths_and_where_it_was_written(project):
     proj = project["proj"].resolve()
     run = json.loads((proj / "runs/raw/run.json").read_text())
@@ -111,6 +112,7 @@ def test_run_json_records_absolute_paths_and_where_it_was_written(project):
     assert run["run_dir"] == str(proj / "runs/raw")
 
 
+@pytest.mark.multiproc
 def test_a_run_exports_and_transplants_from_any_folder(project, tmp_path, capsys, monkeypatch):
     """Before: `error: .../run.json: config.tokenizer: directory model does not exist`."""
     proj = project["proj"]
@@ -123,6 +125,7 @@ def test_a_run_exports_and_transplants_from_any_folder(project, tmp_path, capsys
     assert (tmp_path / "t/transplant.json").is_file() and (tmp_path / "cv/chat_vector.json").is_file()
 
 
+@pytest.mark.multiproc
 def test_a_resume_with_another_spelling_of_the_same_paths_is_the_same_run(project):
     """Before: `--out=$PWD/runs/raw` for a run started with `--out=runs/raw` was refused as
     "started with a different config (`out` 'runs/raw' -> '/.../runs/raw')"."""
@@ -138,6 +141,7 @@ def test_a_resume_with_another_spelling_of_the_same_paths_is_the_same_run(projec
     assert "DeepSpeed" not in p.stdout
 
 
+@pytest.mark.multiproc
 def test_a_project_folder_moved_whole_still_exports_transplants_and_resumes(project, tmp_path, capsys, monkeypatch):
     """Before: the base model's recorded path was gone and config.model was relative to the old
     working directory: `config.model: directory /old/proj/model, model does not exist`."""
@@ -156,6 +160,7 @@ def test_a_project_folder_moved_whole_still_exports_transplants_and_resumes(proj
         os.rename(moved, proj)
 
 
+@pytest.mark.multiproc
 def test_a_run_directory_copied_alone_finds_its_base_where_it_was(project, tmp_path, capsys, monkeypatch):
     shutil.copytree(project["proj"] / "runs/raw", tmp_path / "elsewhere/raw")
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -256,6 +261,7 @@ def _finish(p: subprocess.Popen, go: Path) -> None:
     assert p.returncode == 0, err[-3000:]
 
 
+@pytest.mark.multiproc
 def test_two_exports_of_different_steps_to_one_out(setup, tmp_path, capsys):
     """Before: both exited 0, and the folder held only the step of whichever renamed last."""
     out = tmp_path / "e"
@@ -269,6 +275,7 @@ def test_two_exports_of_different_steps_to_one_out(setup, tmp_path, capsys):
     assert json.loads((out / "export.json").read_text())["input"]["step"] == 1
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tool", ["pipeline.transplant", "pipeline.chat_vector", "pipeline.probe",
                                   "data_prep raw", "data_prep chat"])
 def test_a_second_writer_of_the_same_output_is_refused_and_the_first_completes(setup, tmp_path, capsys, tool):
@@ -289,6 +296,7 @@ def test_a_second_writer_of_the_same_output_is_refused_and_the_first_completes(s
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.multiproc
 def test_a_second_training_is_refused_before_deepspeed_starts(setup, tmp_path, capsys, monkeypatch):
     """Before: the second training started every rank and DeepSpeed (seconds to minutes) before rank 0
     met the first one's lock."""
@@ -302,6 +310,7 @@ def test_a_second_training_is_refused_before_deepspeed_starts(setup, tmp_path, c
     names(err, tmp_path / "run", "in use by another training", f"pid {os.getpid()}")
 
 
+@pytest.mark.multiproc
 def test_an_evaluation_that_ends_during_another_keeps_its_row(setup, tmp_path, capsys, monkeypatch):
     """Two evaluations adding to one results file: before, the one that ended last wrote the file
     as it had read it at its start, and the other's model was gone."""

@@ -155,6 +155,7 @@ def _manifest_wo_command(d: Path) -> dict:
     return m
 
 
+@pytest.mark.multiproc
 def test_workers_byte_identical(tmp_path, toks):
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in F.documents(600)])
     common = [tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--val-fraction", "0.1",
@@ -172,6 +173,7 @@ def test_workers_byte_identical(tmp_path, toks):
     assert _manifest_wo_command(tmp_path / "w1") == _manifest_wo_command(tmp_path / "w2")
 
 
+@pytest.mark.multiproc
 def test_kill_mid_run_leaves_nothing_finished(tmp_path, toks):
     texts = F.documents(16_000, seed=3)
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])

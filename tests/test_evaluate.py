@@ -177,6 +177,7 @@ def test_metrics_on_a_model_with_known_behaviour(demo, tmp_path):
     assert base["format_adherence"] < 0.5
 
 
+@pytest.mark.multiproc
 def test_cli_end_to_end_writes_results_and_merges(demo, tmp_path):
     root, paths, model_dir = demo
     out = tmp_path / "res" / "results.json"

@@ -164,6 +164,7 @@ def test_a_non_empty_out_dir_needs_force(tmp_path):
     assert_same(load_dir_tensors(out), run.tensors[5])
 
 
+@pytest.mark.multiproc
 def test_cli_help_and_errors(tmp_path):
     base = make_base(tmp_path / "base")
     make_run(tmp_path / "run", base, "chat")

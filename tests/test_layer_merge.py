@@ -156,6 +156,7 @@ def test_mergekit_reads_some_list_entries_off_by_a_hair(tmp_path):
     assert got[13] != values[13] and [g for i, g in enumerate(got) if i != 13] == values[:13] + values[14:]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("case", ["runs-24-layers", "hf-tied"])
 def test_blended_merge_runs_in_mergekit_offline_and_matches(case, tmp_path):
     """A transition zone (non-0/1 weights) written as mergekit.yaml and run by the real mergekit,

@@ -38,6 +38,7 @@ def run_yaml_as_written(yaml_path: Path, out: Path, cwd: Path) -> None:
     assert p.returncode == 0, f"mergekit-yaml failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_transplant_yaml_runs_in_mergekit_offline_and_matches(tmp_path, tied):
     base = make_base(tmp_path / "base", tied=tied)
@@ -56,6 +57,7 @@ def test_transplant_yaml_runs_in_mergekit_offline_and_matches(tmp_path, tied):
         assert theirs[name].dtype == t.dtype and torch.equal(theirs[name], t), name
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_chat_vector_yaml_runs_in_mergekit_offline_and_matches(tmp_path, ratio):
     from pipeline.convert.chat_vector import chat_vector

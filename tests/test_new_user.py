@@ -68,6 +68,7 @@ def _stops_like_plain_generate(model_dir: Path, prompts: Path) -> tuple[float, f
     return reported["format_adherence"], sum(plain) / len(plain)
 
 
+@pytest.mark.multiproc
 def test_exported_and_transplanted_chat_models_stop_in_plain_generate(tmp_path):
     base = _chat_base(tmp_path)
     prompts = tmp_path / "prompts.jsonl"

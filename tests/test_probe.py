@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -50,6 +51,7 @@ def test_no_step_no_suggestion():
     assert k == 3 and explained > 0.95
 
 
+@pytest.mark.multiproc
 def test_cli(tmp_path):
     base = make_base(tmp_path / "base", num_layers=6)
     chat = chat_tuned(base, tmp_path / "chat", changed_from=3)

@@ -226,6 +226,7 @@ def test_tied_embeddings(tmp_path):
     assert_nothing_written(tmp_path / "out2")
 
 
+@pytest.mark.multiproc
 def test_a_real_training_run_exports_and_transplants(tmp_path):
     """The trainer's own checkpoint (pipeline.train, 2 steps on CPU), not a hand-built one."""
     from tests.kit.train import build_setup, run_train, write_config

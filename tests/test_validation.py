@@ -101,6 +101,7 @@ def test_csv_monitor_holds_the_same_validation_losses(pair):
     assert got == [(r["step"] * G, r["val_loss"]) for r in val_rows(on)]
 
 
+@pytest.mark.multiproc
 def test_wandb_offline_keeps_its_run_in_the_run_directory(setup):
     # Offline, and where and how the run is named left to the trainer, whatever the caller's shell says.
     offline = {"WANDB_MODE": "offline", "WANDB_DIR": None, "WANDB_NAME": None, "WANDB_RUN_ID": None}
@@ -115,6 +116,7 @@ def test_wandb_offline_keeps_its_run_in_the_run_directory(setup):
     assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(got, want))
 
 
+@pytest.mark.multiproc
 def test_data_without_a_val_split_validates_the_named_sets_only(setup):
     from data_prep.__main__ import main as prep
 
@@ -169,6 +171,7 @@ def whole(setup):
     return train(setup, "whole_1p", ranks=1, eval_data={"chat": str(setup["chat"])}, **ONE_PROCESS)[0]
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("die_after,resumes_at", [(8, 6), (2, None)])
 def test_a_killed_and_resumed_run_validates_exactly_like_an_uninterrupted_one(setup, whole, die_after, resumes_at):
     """kill -9 after step 8 (checkpoint at 6), or after step 2 (no checkpoint yet: a fresh start that
