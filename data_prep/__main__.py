@@ -1,4 +1,5 @@
 """`python -m data_prep {raw,chat} ...`: parse the command line and hand over to raw.py / chat.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="Pack text into memory-mapped token shards for training: raw corpora "
-                    "(`raw`) or chat conversations with an assistant-only loss mask (`chat`).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(`raw`) or chat conversations with an assistant-only loss mask (`chat`).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="{raw,chat}")
     raw.parser(sub)
     chat.parser(sub)

@@ -11,6 +11,7 @@ The manifest records the template that rendered the shards (text, sha256, where 
 and its end-of-turn token: training records it in run.json, and export, transplant and chat
 vector ship it, so the model is served with the format it was trained on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,7 @@ def _messages(rec) -> list[dict]:
             raise BadRecord(f"message {i} is not an object")
         role = m.get(rkey)
         if role not in mapping:
-            raise BadRecord(f"message {i}: unknown {rkey} {role!r} (expected one of "
-                            f"{', '.join(mapping)})")
+            raise BadRecord(f"message {i}: unknown {rkey} {role!r} (expected one of {', '.join(mapping)})")
         content = strip_bom(message_text(m.get(ckey), f"message {i} ({role})"))
         if not content.strip():
             raise BadRecord(f"message {i} ({role}): empty content")
@@ -107,7 +107,7 @@ def _records(paths: list[Path]) -> Iterator[tuple[str, object]]:
             try:
                 records = json.loads(path.read_bytes())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{path}: invalid JSON ({e})")
+                raise UserError(f"{path}: invalid JSON ({e})") from None
             for i, rec in enumerate(records):
                 yield f"{path}: record {i}", rec
             continue
@@ -122,8 +122,7 @@ def find_files(inputs: list[str]) -> list[Path]:
         p = Path(arg)
         if not p.exists():
             raise UserError(f"input {p}: no such file or directory")
-        for f in (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
-                  if p.is_dir() else [p]):
+        for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")) if p.is_dir() else [p]:
             if f.suffix.lower() not in (".jsonl", ".json"):
                 raise UserError(f"input {f}: unknown extension {f.suffix!r} (expected .jsonl or .json)")
             files.append(f)
@@ -159,8 +158,10 @@ def _run(args, argv: list[str] | None) -> dict:
         tok.chat_template = read_template_file(path)
         flag, origin = f"--chat-template {path}", f"--chat-template {path.resolve()}"
     elif not template_text(tok):
-        raise UserError(f"--tokenizer {args.tokenizer}: has no chat template; pass "
-                        "--chat-template FILE (a Jinja template, e.g. ChatML)")
+        raise UserError(
+            f"--tokenizer {args.tokenizer}: has no chat template; pass "
+            "--chat-template FILE (a Jinja template, e.g. ChatML)"
+        )
     template = template_text(tok)
     tok.chat_template = template  # named templates: the default one renders, and is the one recorded
     identity = tokenizer_identity(args.tokenizer, tok)
@@ -175,24 +176,25 @@ def _run(args, argv: list[str] | None) -> dict:
     stats = {"documents": 0, "tokens": 0, "assistant_tokens": 0, "skipped": 0}
     per_split = {"train": 0, "val": 0}
     examples: list[str] = []
-    with OutputSet(args.output_prefix, dtype, args.shard_tokens, with_mask=True,
-                   force=args.force) as out:
+    with OutputSet(args.output_prefix, dtype, args.shard_tokens, with_mask=True, force=args.force) as out:
         bar = tqdm(desc="chat", unit=" convs", disable=None, file=sys.stderr)
         batch: list[tuple[str, list]] = []
 
         def flush():
             encs = backend.encode_batch([t for t, _ in batch], add_special_tokens=False)
             toks = [np.array(e.ids, dtype=dtype) for e in encs]
-            masks = [token_mask(np.array(e.offsets, dtype=np.int64).reshape(-1, 2), s)
-                     for e, (_, s) in zip(encs, batch)]
+            masks = [
+                token_mask(np.array(e.offsets, dtype=np.int64).reshape(-1, 2), s) for e, (_, s) in zip(encs, batch)
+            ]
             sizes = np.array([len(t) for t in toks], dtype=np.int64)
             is_val = val_mask(stats["documents"], len(batch), args.seed, args.val_fraction)
             for split, sel in (("train", ~is_val), ("val", is_val)):
                 idx = np.flatnonzero(sel)
                 per_split[split] += len(idx)
                 if len(idx):
-                    out.writers[split].add(np.concatenate([toks[i] for i in idx]), sizes[idx],
-                                           np.concatenate([masks[i] for i in idx]))
+                    out.writers[split].add(
+                        np.concatenate([toks[i] for i in idx]), sizes[idx], np.concatenate([masks[i] for i in idx])
+                    )
             stats["documents"] += len(batch)
             stats["tokens"] += int(sizes.sum())
             stats["assistant_tokens"] += int(sum(int(m.sum()) for m in masks))
@@ -218,43 +220,71 @@ def _run(args, argv: list[str] | None) -> dict:
             flush()
         bar.close()
         if stats["documents"] == 0:
-            raise UserError(f"inputs {' '.join(map(str, args.inputs))}: no usable conversations "
-                            f"({stats['skipped']} skipped)")
+            raise UserError(
+                f"inputs {' '.join(map(str, args.inputs))}: no usable conversations ({stats['skipped']} skipped)"
+            )
         check_splits(per_split, args.val_fraction, "conversations")
         eot = end_of_turn_ids(tok)  # after the records: a broken template has been reported by now
         if not eot:
-            print(f"warning: {flag}: the chat template ends an assistant turn with no special token, so a "
-                  f"model trained on it has nothing to stop at but the tokenizer's eos", file=sys.stderr)
-        body = {"kind": "chat", "dtype": dtype.name, "mask_dtype": "uint8", "vocab_size": vocab,
-                "eod_token_id": None, "append_eod": False, "tokenizer": identity,
-                "chat_template": template, "chat_template_sha256": template_sha256(template),
-                "chat_template_from": origin, "end_of_turn_ids": eot, "seed": args.seed,
-                "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens,
-                "assistant_tokens": stats["assistant_tokens"],
-                "skipped_records": stats["skipped"], "skipped_examples": examples,
-                "command": command_line(argv if argv is not None else sys.argv[2:], "chat")}
+            print(
+                f"warning: {flag}: the chat template ends an assistant turn with no special token, so a "
+                f"model trained on it has nothing to stop at but the tokenizer's eos",
+                file=sys.stderr,
+            )
+        body = {
+            "kind": "chat",
+            "dtype": dtype.name,
+            "mask_dtype": "uint8",
+            "vocab_size": vocab,
+            "eod_token_id": None,
+            "append_eod": False,
+            "tokenizer": identity,
+            "chat_template": template,
+            "chat_template_sha256": template_sha256(template),
+            "chat_template_from": origin,
+            "end_of_turn_ids": eot,
+            "seed": args.seed,
+            "val_fraction": args.val_fraction,
+            "shard_tokens": args.shard_tokens,
+            "assistant_tokens": stats["assistant_tokens"],
+            "skipped_records": stats["skipped"],
+            "skipped_examples": examples,
+            "command": command_line(argv if argv is not None else sys.argv[2:], "chat"),
+        }
         records = out.finish()
         # Still inside: the prefix is this run's until its manifest, written last, is there.
         path = write_manifest(Path(args.output_prefix), {**body, "totals": totals(records), "shards": records})
     secs = time.perf_counter() - start
-    print(f"chat: {stats['documents']:,} conversations ({stats['skipped']:,} skipped), "
-          f"{stats['tokens']:,} tokens ({stats['assistant_tokens']:,} assistant) in {secs:.1f}s "
-          f"({stats['tokens'] / max(secs, 1e-9):,.0f} tokens/s) -> {path}")
+    print(
+        f"chat: {stats['documents']:,} conversations ({stats['skipped']:,} skipped), "
+        f"{stats['tokens']:,} tokens ({stats['assistant_tokens']:,} assistant) in {secs:.1f}s "
+        f"({stats['tokens'] / max(secs, 1e-9):,.0f} tokens/s) -> {path}"
+    )
     return {**stats, "seconds": secs, "manifest": str(path)}
 
 
 def parser(sub=None) -> argparse.ArgumentParser:
-    kw = dict(description="Tokenize chat conversations (OpenAI or ShareGPT JSONL) with a chat "
-                          "template into token shards plus aligned assistant-only loss-mask shards.",
-              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = sub.add_parser("chat", help="chat JSONL -> token + loss-mask shards", **kw) if sub \
+    kw = dict(
+        description="Tokenize chat conversations (OpenAI or ShareGPT JSONL) with a chat "
+        "template into token shards plus aligned assistant-only loss-mask shards.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p = (
+        sub.add_parser("chat", help="chat JSONL -> token + loss-mask shards", **kw)
+        if sub
         else argparse.ArgumentParser(**kw)
+    )
     p.add_argument("inputs", nargs="+", help=".jsonl/.json files or directories of them")
-    p.add_argument("--chat-template", default=None,
-                   help="Jinja chat template file to use instead of the tokenizer's own; recorded in the "
-                        "manifest, and the model trained on this data ships it (export, transplant, chat vector)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed records (counted in the manifest) instead of stopping")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja chat template file to use instead of the tokenizer's own; recorded in the "
+        "manifest, and the model trained on this data ships it (export, transplant, chat vector)",
+    )
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip malformed records (counted in the manifest) instead of stopping"
+    )
     add_common_args(p)
     p.set_defaults(batch_docs=256)
     return p

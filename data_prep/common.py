@@ -5,6 +5,7 @@ temporary name next to its final place and renamed only when complete. A rename 
 one filesystem is atomic, so a run killed at any moment leaves either nothing or a
 finished output, never something that looks finished.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,6 +63,7 @@ class Diverged(UserError):
     """Training produced a non-finite loss, gradient norm or weight: one line naming the step, exit 4,
     and the last good checkpoint stays the latest. Not exit 2: the input may be fine (an unlucky
     learning rate, bad data deep in a corpus), and a scheduler can tell the two apart."""
+
     exit_code = EXIT_DIVERGED
 
 
@@ -78,8 +80,10 @@ def fail_cleanly(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(getattr(e, "exit_code", EXIT_USER))
         except KeyboardInterrupt:
-            print("interrupted (Ctrl-C): nothing half-written is left; rerun the same command to "
-                  "continue", file=sys.stderr)
+            print(
+                "interrupted (Ctrl-C): nothing half-written is left; rerun the same command to continue",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_INTERRUPTED)
 
     wrapper.__doc__ = main.__doc__
@@ -207,8 +211,10 @@ def check_writable(path: str | os.PathLike, flag: str, *, inside: bool = False) 
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot be written: no file can be created in {where} "
-                        f"({e.strerror}); choose a writable location") from None
+        raise UserError(
+            f"{flag} {path}: cannot be written: no file can be created in {where} "
+            f"({e.strerror}); choose a writable location"
+        ) from None
 
 
 def _lock_path(path: Path) -> Path:
@@ -249,8 +255,10 @@ def owned(path: str | os.PathLike, flag: str, wait_s: float = 0.0) -> Iterator[N
                 os.close(fd)
                 fd = None
                 if time.monotonic() >= deadline:
-                    raise UserError(f"{flag} {path}: another process is writing it ({holder}); wait for it to "
-                                    f"end, or choose another {flag}") from None
+                    raise UserError(
+                        f"{flag} {path}: another process is writing it ({holder}); wait for it to "
+                        f"end, or choose another {flag}"
+                    ) from None
                 time.sleep(0.1)
                 continue
             # The previous owner removes the file as it ends: if ours is no longer the one at that
@@ -263,8 +271,11 @@ def owned(path: str | os.PathLike, flag: str, wait_s: float = 0.0) -> Iterator[N
                 os.close(fd)
                 fd = None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                     f"{_command()}\n".encode())
+        os.write(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{_command()}\n".encode(),
+        )
         yield
     finally:
         if fd is not None:

@@ -7,6 +7,7 @@ known up front, so the progress bar counts instead of showing a percentage.
 When `datasets` fails on a file, we re-read that file in plain Python to find the exact line
 at fault: the error path is slow, the normal path is not.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,12 @@ TXT_GROUP = 512
 
 @dataclass
 class Source:
-    kind: str            # "text" | "json" | "parquet" | "arrow"
-    paths: list[Path]    # several only for a group of .txt files
+    kind: str  # "text" | "json" | "parquet" | "arrow"
+    paths: list[Path]  # several only for a group of .txt files
 
 
 def _is_saved_dataset(d: Path) -> bool:
-    return (d / "dataset_dict.json").is_file() or (
-        (d / "state.json").is_file() and (d / "dataset_info.json").is_file())
+    return (d / "dataset_dict.json").is_file() or ((d / "state.json").is_file() and (d / "dataset_info.json").is_file())
 
 
 def _walk(d: Path) -> Iterator[Path]:
@@ -120,17 +120,18 @@ def _open(src: Source, key: str):
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"input {path}: cannot load the saved dataset ({e})")
+            raise UserError(f"input {path}: cannot load the saved dataset ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if len(ds) != 1:
-                raise UserError(f"input {path}: a DatasetDict with splits {sorted(ds)}; "
-                                f"pass one split's directory, e.g. {path / sorted(ds)[0]}")
+                raise UserError(
+                    f"input {path}: a DatasetDict with splits {sorted(ds)}; "
+                    f"pass one split's directory, e.g. {path / sorted(ds)[0]}"
+                )
             ds = next(iter(ds.values()))
     else:
         files = [str(p) for p in src.paths]
         kwargs = {"sample_by": "document"} if src.kind == "text" else {}
-        ds = datasets.load_dataset(src.kind, data_files=files, split="train", streaming=True,
-                                   **kwargs)
+        ds = datasets.load_dataset(src.kind, data_files=files, split="train", streaming=True, **kwargs)
     cols = ds.column_names
     if cols is not None and key not in cols:
         if src.kind == "json":
@@ -160,8 +161,9 @@ def iter_text_batches(sources: list[Source], key: str, batch_docs: int) -> Itera
         except _BadValue as e:
             if src.kind == "json":
                 raise _diagnose_json(src.paths[0], key, e) from None
-            raise UserError(f"input {src.paths[0]}: row {e.row}: {key!r} is "
-                            f"{type(e.value).__name__}, not text") from None
+            raise UserError(
+                f"input {src.paths[0]}: row {e.row}: {key!r} is {type(e.value).__name__}, not text"
+            ) from None
         except Exception as e:  # noqa: BLE001 - datasets/pyarrow wrap parse errors many ways
             if src.kind == "text":
                 raise _diagnose_text(src.paths, e) from None
@@ -180,7 +182,5 @@ def input_bytes(sources: list[Source]) -> int:
     total = 0
     for s in sources:
         for p in s.paths:
-            total += p.stat().st_size if p.is_file() else sum(
-                f.stat().st_size for f in p.rglob("*") if f.is_file())
+            total += p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return total
-

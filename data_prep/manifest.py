@@ -16,6 +16,7 @@ text), `chat_template_sha256`, `chat_template_from` (the --chat-template file or
 and `end_of_turn_ids` (data_prep/template.py). Training copies it into run.json, and the
 trained model ships it (pipeline/convert/template.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,15 +58,18 @@ def write_manifest(prefix: Path, body: dict) -> Path:
 def load_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"manifest {path}: no such file (a shard set without its manifest is "
-                        "incomplete: rerun `python -m data_prep`)")
+        raise UserError(
+            f"manifest {path}: no such file (a shard set without its manifest is "
+            "incomplete: rerun `python -m data_prep`)"
+        )
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"manifest {path}: not valid JSON ({e})")
+        raise UserError(f"manifest {path}: not valid JSON ({e})") from None
     if m.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"manifest {path}: format_version {m.get('format_version')!r}, "
-                        f"this code reads {FORMAT_VERSION}")
+        raise UserError(
+            f"manifest {path}: format_version {m.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
     for key in ("dtype", "vocab_size", "shards"):
         if key not in m:
             raise UserError(f"manifest {path}: missing key {key!r}")
@@ -78,11 +82,11 @@ def check_file(path: Path, nbytes: int, sha256: str | None, verify: str) -> None
         raise UserError(f"shard {path}: missing (listed in its manifest)")
     actual = path.stat().st_size
     if actual != nbytes:
-        raise UserError(f"shard {path}: {actual} bytes, its manifest says {nbytes}: "
-                        "the file is truncated or was replaced")
+        raise UserError(
+            f"shard {path}: {actual} bytes, its manifest says {nbytes}: the file is truncated or was replaced"
+        )
     if verify == "sha256" and sha256_file(path) != sha256:
-        raise UserError(f"shard {path}: sha256 differs from its manifest: the file is corrupted "
-                        "or was replaced")
+        raise UserError(f"shard {path}: sha256 differs from its manifest: the file is corrupted or was replaced")
 
 
 def shard_paths(manifest: Path, record: dict, which: str, verify: str) -> tuple[Path, Path]:

@@ -15,6 +15,7 @@ GPT-NeoX read, so our shards can be fed to either without conversion:
 
 One sequence is one document here, so doc_idx is simply 0..n.
 """
+
 from __future__ import annotations
 
 import struct
@@ -29,8 +30,16 @@ MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # Megatron's codes. Only uint8 (masks), uint16 and int32 (tokens) are written here, but the
 # reader accepts every code so that it can open shards made by Megatron's own preprocessor.
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
-               6: np.float64, 7: np.float32, 8: np.uint16}
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
 
@@ -55,8 +64,9 @@ def index_bytes(sizes: np.ndarray, dtype: np.dtype) -> bytes:
         np.cumsum(sizes[:-1] * np.dtype(dtype).itemsize, out=pointers[1:])
     doc_idx = np.arange(n + 1, dtype=np.int64)
     header = _HEADER.pack(MAGIC, VERSION, CODE_OF[np.dtype(dtype)], n, n + 1)
-    return b"".join([header, sizes.astype("<i4").tobytes(), pointers.astype("<i8").tobytes(),
-                     doc_idx.astype("<i8").tobytes()])
+    return b"".join(
+        [header, sizes.astype("<i4").tobytes(), pointers.astype("<i8").tobytes(), doc_idx.astype("<i8").tobytes()]
+    )
 
 
 @dataclass
@@ -65,9 +75,9 @@ class Index:
 
     path: Path
     dtype: np.dtype
-    sizes: np.ndarray     # int32 [n]
+    sizes: np.ndarray  # int32 [n]
     pointers: np.ndarray  # int64 [n]
-    doc_idx: np.ndarray   # int64 [d]
+    doc_idx: np.ndarray  # int64 [d]
 
     @property
     def num_tokens(self) -> int:
@@ -90,8 +100,10 @@ def read_index(path: str | Path) -> Index:
         raise UserError(f"{path}: unknown dtype code {code}")
     expected = _HEADER.size + 4 * n + 8 * n + 8 * d
     if size != expected:
-        raise UserError(f"{path}: {size} bytes but its header ({n} sequences, {d} document "
-                        f"entries) implies {expected}: the file is truncated or corrupted")
+        raise UserError(
+            f"{path}: {size} bytes but its header ({n} sequences, {d} document "
+            f"entries) implies {expected}: the file is truncated or corrupted"
+        )
     off = _HEADER.size
     sizes = np.frombuffer(buf, dtype="<i4", count=n, offset=off)
     pointers = np.frombuffer(buf, dtype="<i8", count=n, offset=off + 4 * n)

@@ -6,6 +6,7 @@ by a seeded hash (shards.val_mask) and append it to that split's current shard (
 Documents keep their input order inside each split, which is what makes the output
 byte-identical for any --workers: threads only change how fast a batch is encoded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from .corpus import find_sources, iter_text_batches
 from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
 from .shards import OutputSet, check_prefix, val_mask
-from .tokenizer import encode_batches, load_tokenizer, to_arrays, threads, tokenizer_identity, vocab_size
+from .tokenizer import encode_batches, load_tokenizer, threads, to_arrays, tokenizer_identity, vocab_size
 
 EPILOG = """examples:
   # a folder of .txt files (one file = one document) with a SentencePiece model
@@ -38,34 +39,69 @@ data/wiki.manifest.json, written last: no manifest means the run did not finish.
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", required=True,
-                   help="HF tokenizer directory (with tokenizer.json) or SentencePiece .model file")
-    p.add_argument("--output-prefix", required=True,
-                   help="path prefix of the outputs, e.g. data/wiki (files, not a folder: data/ is refused)")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="share of documents put in the val split, chosen by a seeded hash (default 0.01)")
+    p.add_argument(
+        "--tokenizer", required=True, help="HF tokenizer directory (with tokenizer.json) or SentencePiece .model file"
+    )
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        help="path prefix of the outputs, e.g. data/wiki (files, not a folder: data/ is refused)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents put in the val split, chosen by a seeded hash (default 0.01)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="tokenizer threads; the output is byte-identical for any value (default 1)")
-    p.add_argument("--shard-tokens", type=int, default=250_000_000,
-                   help="start a new shard after this many tokens (default 250M = 500 MB of uint16)")
-    p.add_argument("--batch-docs", type=int, default=1024,
-                   help="documents encoded per batch; larger keeps threads busier, costs memory")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizer threads; the output is byte-identical for any value (default 1)",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=250_000_000,
+        help="start a new shard after this many tokens (default 250M = 500 MB of uint16)",
+    )
+    p.add_argument(
+        "--batch-docs",
+        type=int,
+        default=1024,
+        help="documents encoded per batch; larger keeps threads busier, costs memory",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output with this prefix")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+",
-                   help="files or directories: .txt (one document each), .jsonl/.json, .parquet, "
-                        "or datasets save_to_disk directories. Directories are read recursively "
-                        "in name order; every file in them must have one of these extensions")
-    p.add_argument("--text-key", default="text", help="field holding the text in .jsonl/.json/"
-                   ".parquet/datasets inputs (default: text)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="files or directories: .txt (one document each), .jsonl/.json, .parquet, "
+        "or datasets save_to_disk directories. Directories are read recursively "
+        "in name order; every file in them must have one of these extensions",
+    )
+    p.add_argument(
+        "--text-key",
+        default="text",
+        help="field holding the text in .jsonl/.json/.parquet/datasets inputs (default: text)",
+    )
     eod = p.add_mutually_exclusive_group()
-    eod.add_argument("--append-eod", dest="append_eod", action="store_true", default=True,
-                     help="append the tokenizer's EOS token to every document (default)")
-    eod.add_argument("--no-append-eod", dest="append_eod", action="store_false",
-                     help="do not append EOD: documents run into each other in training windows")
+    eod.add_argument(
+        "--append-eod",
+        dest="append_eod",
+        action="store_true",
+        default=True,
+        help="append the tokenizer's EOS token to every document (default)",
+    )
+    eod.add_argument(
+        "--no-append-eod",
+        dest="append_eod",
+        action="store_false",
+        help="do not append EOD: documents run into each other in training windows",
+    )
     add_common_args(p)
 
 
@@ -92,12 +128,17 @@ def check_splits(docs: dict[str, int], val_fraction: float, what: str) -> None:
     """A train split left empty by --val-fraction is refused; an empty val split is noted."""
     total = docs["train"] + docs["val"]
     if not docs["train"]:
-        raise UserError(f"--val-fraction {val_fraction}: all {total} {what} went to the val split (it is drawn "
-                        f"per {what[:-1]}), so the train split is empty; add {what} or lower --val-fraction "
-                        f"(0 keeps every one for training)")
+        raise UserError(
+            f"--val-fraction {val_fraction}: all {total} {what} went to the val split (it is drawn "
+            f"per {what[:-1]}), so the train split is empty; add {what} or lower --val-fraction "
+            f"(0 keeps every one for training)"
+        )
     if val_fraction > 0 and not docs["val"]:
-        print(f"note: --val-fraction {val_fraction}: none of the {total} {what} went to the val split (it is drawn "
-              f"per {what[:-1]}), so training has no val split of this data to validate on", file=sys.stderr)
+        print(
+            f"note: --val-fraction {val_fraction}: none of the {total} {what} went to the val split (it is drawn "
+            f"per {what[:-1]}), so training has no val split of this data to validate on",
+            file=sys.stderr,
+        )
 
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -167,8 +208,10 @@ def _run(args, argv: list[str] | None) -> dict:
     dtype = token_dtype(vocab)
     eod = tok.eos_token_id
     if args.append_eod and eod is None:
-        raise UserError(f"--tokenizer {args.tokenizer}: has no EOS token to use as EOD "
-                        "(set eos_token in it, or pass --no-append-eod)")
+        raise UserError(
+            f"--tokenizer {args.tokenizer}: has no EOS token to use as EOD "
+            "(set eos_token in it, or pass --no-append-eod)"
+        )
     eod_arr = np.array([eod if eod is not None else 0], dtype=dtype)
 
     from tqdm import tqdm
@@ -207,31 +250,44 @@ def _run(args, argv: list[str] | None) -> dict:
                 bar.update(len(encs))
                 bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
         if docs == 0:
-            raise UserError(f"inputs {' '.join(map(str, args.inputs))}: the corpus is empty "
-                            f"(no documents{f'; {empty[0]} blank ones skipped' if empty[0] else ''})")
+            raise UserError(
+                f"inputs {' '.join(map(str, args.inputs))}: the corpus is empty "
+                f"(no documents{f'; {empty[0]} blank ones skipped' if empty[0] else ''})"
+            )
         check_splits(per_split, args.val_fraction, "documents")
-        body = {"kind": "raw", "dtype": dtype.name, "vocab_size": vocab,
-                "eod_token_id": eod if args.append_eod else None, "append_eod": args.append_eod,
-                "tokenizer": identity, "text_key": args.text_key, "seed": args.seed,
-                "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens,
-                "blank_documents_skipped": empty[0],
-                "command": command_line(argv if argv is not None else sys.argv[2:], "raw")}
+        body = {
+            "kind": "raw",
+            "dtype": dtype.name,
+            "vocab_size": vocab,
+            "eod_token_id": eod if args.append_eod else None,
+            "append_eod": args.append_eod,
+            "tokenizer": identity,
+            "text_key": args.text_key,
+            "seed": args.seed,
+            "val_fraction": args.val_fraction,
+            "shard_tokens": args.shard_tokens,
+            "blank_documents_skipped": empty[0],
+            "command": command_line(argv if argv is not None else sys.argv[2:], "raw"),
+        }
         records = out.finish()
         # Still inside: the prefix is this run's until its manifest, written last, is there.
-        path = write_manifest(Path(args.output_prefix),
-                              {**body, "totals": totals(records), "shards": records})
+        path = write_manifest(Path(args.output_prefix), {**body, "totals": totals(records), "shards": records})
     secs = time.perf_counter() - start
     t = totals(records)
-    print(f"raw: {docs:,} documents ({t['val']['documents']:,} val, {empty[0]:,} blank skipped), {tokens:,} tokens in "
-          f"{secs:.1f}s ({tokens / max(secs, 1e-9):,.0f} tokens/s) -> {path}")
+    print(
+        f"raw: {docs:,} documents ({t['val']['documents']:,} val, {empty[0]:,} blank skipped), {tokens:,} tokens in "
+        f"{secs:.1f}s ({tokens / max(secs, 1e-9):,.0f} tokens/s) -> {path}"
+    )
     return {"documents": docs, "tokens": tokens, "seconds": secs, "manifest": str(path)}
 
 
 def parser(sub=None) -> argparse.ArgumentParser:
-    kw = dict(description="Tokenize raw text corpora into Megatron-style token shards "
-                          "(train/val, .bin + .idx) and a manifest.",
-              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kw = dict(
+        description="Tokenize raw text corpora into Megatron-style token shards "
+        "(train/val, .bin + .idx) and a manifest.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p = sub.add_parser("raw", help="raw text -> token shards", **kw) if sub else argparse.ArgumentParser(**kw)
     add_args(p)
     return p
-

@@ -10,6 +10,7 @@ where perm_e is a permutation seeded by (seed, e). So a sample is a pure functio
 (seed, g): resuming is just starting the counter at the right g, and data-parallel ranks
 take disjoint slices of the same stream without talking to each other.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,9 @@ class TokenWindows:
     (from position i-1) counts.
     """
 
-    def __init__(self, manifest_path: str | Path, split: str = "train", seq_len: int = 2048,
-                 seed: int = 0, verify: str = "size"):
+    def __init__(
+        self, manifest_path: str | Path, split: str = "train", seq_len: int = 2048, seed: int = 0, verify: str = "size"
+    ):
         if split not in SPLITS:
             raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
         if verify not in ("size", "sha256"):
@@ -76,8 +78,10 @@ class TokenWindows:
         self.num_tokens = int(self._starts[-1])
         self._n = (self.num_tokens - 1) // self.seq_len if self.num_tokens else 0
         if self._n < 1:
-            raise UserError(f"manifest {self.path}: split {self.split!r} has {self.num_tokens} "
-                            f"tokens, too few for one window of seq_len {self.seq_len} + 1")
+            raise UserError(
+                f"manifest {self.path}: split {self.split!r} has {self.num_tokens} "
+                f"tokens, too few for one window of seq_len {self.seq_len} + 1"
+            )
 
     @staticmethod
     def _check_index(idx: Path, dtype: np.dtype, record: dict) -> np.ndarray:
@@ -85,8 +89,10 @@ class TokenWindows:
         if index.dtype != dtype:
             raise UserError(f"shard {idx}: dtype {index.dtype}, its manifest says {dtype}")
         if index.num_tokens != record["tokens"] or len(index.sizes) != record["documents"]:
-            raise UserError(f"shard {idx}: {len(index.sizes)} documents / {index.num_tokens} "
-                            f"tokens, its manifest says {record['documents']} / {record['tokens']}")
+            raise UserError(
+                f"shard {idx}: {len(index.sizes)} documents / {index.num_tokens} "
+                f"tokens, its manifest says {record['documents']} / {record['tokens']}"
+            )
         return index.sizes
 
     # Memory maps must not be pickled (that would copy the corpus into each DataLoader
@@ -132,7 +138,7 @@ class TokenWindows:
             s0, s1 = int(self._starts[k]), int(self._starts[k + 1])
             take = min(hi, s1)
             if take > lo:
-                parts.append(arrays[k][lo - s0: take - s0])
+                parts.append(arrays[k][lo - s0 : take - s0])
             lo, k = take, k + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -194,13 +200,16 @@ class Mixture:
 
 def open_mixture(sources: list[tuple[str, float]], seq_len: int, seed: int, verify: str = "size") -> Mixture:
     """[(manifest, weight), ...] -> one Mixture (source i shuffled with seed + i)."""
-    windows = [TokenWindows(path, split="train", seq_len=seq_len, seed=seed + i, verify=verify)
-               for i, (path, _) in enumerate(sources)]
+    windows = [
+        TokenWindows(path, split="train", seq_len=seq_len, seed=seed + i, verify=verify)
+        for i, (path, _) in enumerate(sources)
+    ]
     return Mixture(windows, [w for _, w in sources], seed)
 
 
-def micro_batches(source, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                  start_sample: int = 0) -> Iterator[tuple]:
+def micro_batches(
+    source, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, start_sample: int = 0
+) -> Iterator[tuple]:
     """Endless (tokens [m, S+1] int64, mask [m, S+1] uint8 or None) torch tensors of one
     data-parallel rank, from a TokenWindows or a Mixture. The one batcher: training, the
     reference loop and the benchmarks all read their data through it.
@@ -212,8 +221,10 @@ def micro_batches(source, micro_batch_size: int, dp_rank: int = 0, dp_size: int 
     import torch
 
     if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size or start_sample < 0:
-        raise ValueError(f"micro_batches({micro_batch_size}, dp_rank={dp_rank}, "
-                         f"dp_size={dp_size}, start_sample={start_sample}): invalid")
+        raise ValueError(
+            f"micro_batches({micro_batch_size}, dp_rank={dp_rank}, "
+            f"dp_size={dp_size}, start_sample={start_sample}): invalid"
+        )
     m = micro_batch_size
     base = start_sample + dp_rank * m
     while True:

@@ -12,6 +12,7 @@ until every shard of every split is complete; then the shards are renamed and th
 is written (atomically) last. A run killed before that leaves only `.tmp-*` files, which the
 next run with the same prefix deletes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,10 @@ def _our_files(prefix: Path) -> re.Pattern:
     # Exactly the names this prefix produces (final or temp), so that cleaning up can never
     # touch another prefix's files (e.g. `wiki` must not match `wiki.v2.train...`).
     name = re.escape(prefix.name)
-    return re.compile(rf"^(\.tmp-)?{name}\.(train|val)\.\d{{5}}(\.mask)?\.(bin|idx)(\.(\d+))?$"
-                      rf"|^\.tmp-{name}\.manifest\.json\.(\d+)$")
+    return re.compile(
+        rf"^(\.tmp-)?{name}\.(train|val)\.\d{{5}}(\.mask)?\.(bin|idx)(\.(\d+))?$"
+        rf"|^\.tmp-{name}\.manifest\.json\.(\d+)$"
+    )
 
 
 def clean_stale(prefix: Path) -> int:
@@ -49,9 +52,11 @@ def clean_stale(prefix: Path) -> int:
             continue
         pid = int(m.group(6) or m.group(7) or os.getpid())
         if pid != os.getpid() and pid_alive(pid):
-            raise UserError(f"{p}: another run (pid {pid}) is writing --output-prefix {prefix}; "
-                            "wait for it or pick another prefix (if no such run exists, "
-                            "delete that prefix's .tmp-* files)")
+            raise UserError(
+                f"{p}: another run (pid {pid}) is writing --output-prefix {prefix}; "
+                "wait for it or pick another prefix (if no such run exists, "
+                "delete that prefix's .tmp-* files)"
+            )
         p.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -62,8 +67,7 @@ def final_files(prefix: Path) -> list[Path]:
     pattern = _our_files(prefix)
     if not prefix.parent.is_dir():
         return []
-    return sorted(p for p in prefix.parent.iterdir()
-                  if pattern.match(p.name) and not p.name.startswith(".tmp-"))
+    return sorted(p for p in prefix.parent.iterdir() if pattern.match(p.name) and not p.name.startswith(".tmp-"))
 
 
 @dataclass
@@ -107,11 +111,10 @@ class SplitWriter:
     can overshoot by one document. Call `close()` at the end, then `commit()` on the result.
     """
 
-    def __init__(self, prefix: Path, split: str, dtype: np.dtype, shard_tokens: int,
-                 with_mask: bool = False):
+    def __init__(self, prefix: Path, split: str, dtype: np.dtype, shard_tokens: int, with_mask: bool = False):
         self.prefix, self.split, self.dtype = prefix, split, np.dtype(dtype).newbyteorder("<")
         self.shard_tokens, self.with_mask = shard_tokens, with_mask
-        self.records: list[dict] = []   # one per finished shard, for the manifest
+        self.records: list[dict] = []  # one per finished shard, for the manifest
         self.pending: list[tuple[Path, Path]] = []  # (tmp, final) to rename at commit
         self._open = None
 
@@ -136,9 +139,14 @@ class SplitWriter:
             idx_tmp, idx_sha = _write_tmp(idx_final, index_bytes(sizes, dtype))
             self.pending += [(f.tmp, f.final), (idx_tmp, idx_final)]
             key = "tokens_file" if kind == "bin" else "mask_file"
-            rec[key] = {"bin": f.final.name, "bin_bytes": f.nbytes, "bin_sha256": f.hash.hexdigest(),
-                        "idx": idx_final.name, "idx_bytes": idx_tmp.stat().st_size,
-                        "idx_sha256": idx_sha}
+            rec[key] = {
+                "bin": f.final.name,
+                "bin_bytes": f.nbytes,
+                "bin_sha256": f.hash.hexdigest(),
+                "idx": idx_final.name,
+                "idx_bytes": idx_tmp.stat().st_size,
+                "idx_sha256": idx_sha,
+            }
         self.records.append(rec)
 
     def add(self, tokens: np.ndarray, sizes: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -220,15 +228,16 @@ def val_mask(first: int, n: int, seed: int, fraction: float) -> np.ndarray:
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < fraction
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
 
 
 def check_prefix(text: str) -> Path:
     """--output-prefix names files (data/wiki -> data/wiki.train.00000.bin), not a folder."""
     prefix = Path(text)
     if prefix.name in ("", ".", "..") or prefix.is_dir() or str(text).endswith(("/", os.sep)):
-        raise UserError(f"--output-prefix {text}: names files, not a directory "
-                        "(e.g. data/wiki gives data/wiki.train.00000.bin ...)")
+        raise UserError(
+            f"--output-prefix {text}: names files, not a directory (e.g. data/wiki gives data/wiki.train.00000.bin ...)"
+        )
     return prefix
 
 
@@ -241,8 +250,9 @@ class OutputSet:
     at once, naming this one's pid, instead of mixing its shards with this one's.
     """
 
-    def __init__(self, prefix: str | Path, dtype: np.dtype, shard_tokens: int,
-                 with_mask: bool = False, force: bool = False):
+    def __init__(
+        self, prefix: str | Path, dtype: np.dtype, shard_tokens: int, with_mask: bool = False, force: bool = False
+    ):
         prefix = check_prefix(str(prefix))
         if shard_tokens <= 0:
             raise UserError(f"--shard-tokens {shard_tokens}: must be positive")
@@ -250,8 +260,7 @@ class OutputSet:
 
         def refuse_existing():
             if manifest.exists() and not force:
-                raise UserError(f"--output-prefix {prefix}: {manifest} already exists "
-                                "(pass --force to replace it)")
+                raise UserError(f"--output-prefix {prefix}: {manifest} already exists (pass --force to replace it)")
 
         refuse_existing()
         # Owning the prefix creates its folder; a refused or failed run removes what it created.
@@ -264,8 +273,7 @@ class OutputSet:
             self._owner.__exit__(None, None, None)
             raise
         self.prefix = prefix
-        self.writers = {s: SplitWriter(prefix, s, dtype, shard_tokens, with_mask)
-                        for s in ("train", "val")}
+        self.writers = {s: SplitWriter(prefix, s, dtype, shard_tokens, with_mask) for s in ("train", "val")}
 
     def __enter__(self) -> "OutputSet":
         return self

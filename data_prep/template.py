@@ -30,6 +30,7 @@ the turn. Today's templates bend this rule in known ways, and these are handled:
 Anything else (a template that rewrites earlier turns) is a BadRecord naming the message index,
 which data_prep reports with the record's file and line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,8 +85,11 @@ def manifest_template(manifest: dict) -> dict | None:
         text = text.get("default")
     if not text:
         return None
-    return {"text": text, "sha256": manifest.get("chat_template_sha256") or template_sha256(text),
-            "from": manifest.get("chat_template_from") or "the packing tokenizer's own template"}
+    return {
+        "text": text,
+        "sha256": manifest.get("chat_template_sha256") or template_sha256(text),
+        "from": manifest.get("chat_template_from") or "the packing tokenizer's own template",
+    }
 
 
 class Renderer:
@@ -101,9 +105,9 @@ class Renderer:
         try:
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         except jinja2.TemplateSyntaxError as e:
-            raise UserError(f"{self.flag}: template syntax error at line {e.lineno}: {e.message}")
+            raise UserError(f"{self.flag}: template syntax error at line {e.lineno}: {e.message}") from None
         except Exception as e:  # noqa: BLE001 - templates raise their own errors for bad input
-            raise BadRecord(f"the chat template refused it ({type(e).__name__}: {e})")
+            raise BadRecord(f"the chat template refused it ({type(e).__name__}: {e})") from None
 
     def __call__(self, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         full = self.render(msgs, gen=False)
@@ -111,9 +115,11 @@ class Renderer:
 
     def _span(self, full: str, msgs: list[dict], i: int) -> tuple[int, int]:
         def cannot(why: str) -> BadRecord:
-            return BadRecord(f"message {i} (assistant): the chat template ({self.flag}) {why}, so the turn's "
-                             f"tokens cannot be located; a template that rewrites earlier turns cannot be "
-                             f"trained on turn by turn")
+            return BadRecord(
+                f"message {i} (assistant): the chat template ({self.flag}) {why}, so the turn's "
+                f"tokens cannot be located; a template that rewrites earlier turns cannot be "
+                f"trained on turn by turn"
+            )
 
         prompt = self.render(msgs[:i], gen=True) if i else self._empty_prompt()
         history = self.render(msgs[:i], gen=False) if i else ""
@@ -134,7 +140,7 @@ class Renderer:
         k_full = full.find(content, a) if content else -1
         if k_upto < 0 or k_full < 0:
             raise cannot("does not write this turn's content where the generation prompt ends")
-        tail = upto[k_upto + len(content):].rstrip()
+        tail = upto[k_upto + len(content) :].rstrip()
         end = k_full + len(content)
         if not full.startswith(tail, end):
             raise cannot(f"ends this turn with {tail!r} when it is the last one, and otherwise inside the whole")
@@ -163,7 +169,7 @@ def end_of_turn_ids(tok) -> list[int]:
     if k < 0:
         return []
     special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
-    for t in tok(full[k + len("pong"):b], add_special_tokens=False)["input_ids"]:
+    for t in tok(full[k + len("pong") : b], add_special_tokens=False)["input_ids"]:
         if t in special:
             return [t]
     return []

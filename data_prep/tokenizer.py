@@ -4,6 +4,7 @@ Both kinds end up as a transformers *fast* tokenizer: a `.model` file is convert
 (the same conversion `from_pretrained` does for Llama-style repos that ship only
 `tokenizer.model`), so the rest of the code has one code path: the Rust tokenizer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,19 @@ from .common import UserError, sha256_file
 # Files that define a tokenizer and its chat template: what data_prep hashes into a manifest and
 # what export and transplant copy, byte for byte, into a model directory. A model directory also
 # holds weights (GBs); hashing those would make every data-prep run slow for nothing.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
-                   "merges.txt", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer"):
@@ -37,16 +48,14 @@ def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer"):
     transformers.logging.set_verbosity_error()
     if path.is_file():
         if path.suffix != ".model":
-            raise UserError(f"{flag} {path}: expected an HF tokenizer directory or a "
-                            "SentencePiece .model file")
+            raise UserError(f"{flag} {path}: expected an HF tokenizer directory or a SentencePiece .model file")
         return _from_sentencepiece(path, flag)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - transformers raises many types; all mean "bad dir"
-        raise UserError(f"{flag} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})")
+        raise UserError(f"{flag} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
     if not getattr(tok, "is_fast", False):
-        raise UserError(f"{flag} {path}: only fast (Rust) tokenizers are supported; "
-                        "save it with a tokenizer.json")
+        raise UserError(f"{flag} {path}: only fast (Rust) tokenizers are supported; save it with a tokenizer.json")
     return tok
 
 
@@ -58,7 +67,7 @@ def _from_sentencepiece(path: Path, flag: str):
 
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{flag} {path}: not a SentencePiece model ({e})")
+        raise UserError(f"{flag} {path}: not a SentencePiece model ({e})") from None
     # from_pretrained wants a directory holding `tokenizer.model`; build the fast tokenizer from
     # a private copy, then check it against sentencepiece itself so a lossy conversion is an
     # error here rather than silently different tokens in the shards.
@@ -67,8 +76,10 @@ def _from_sentencepiece(path: Path, flag: str):
         tok = TokenizersBackend.from_pretrained(d)
     probe = "Hello world, this is a probe:\n  tabs\tand ünïcödé 123."
     if tok(probe, add_special_tokens=False)["input_ids"] != sp.encode(probe):
-        raise UserError(f"{flag} {path}: converting this SentencePiece model to a fast tokenizer "
-                        "changes its tokens; save it as an HF tokenizer directory instead")
+        raise UserError(
+            f"{flag} {path}: converting this SentencePiece model to a fast tokenizer "
+            "changes its tokens; save it as an HF tokenizer directory instead"
+        )
     tok.name_or_path = str(path)
     return tok
 
@@ -87,9 +98,15 @@ def tokenizer_identity(path: str | os.PathLike, tok=None) -> dict:
         files = {n: sha256_file(path / n) for n in TOKENIZER_FILES if (path / n).is_file()}
     combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode())
     tok = tok if tok is not None else load_tokenizer(path)
-    return {"name": path.name, "path": str(path), "sha256": combined.hexdigest(), "files": files,
-            "vocab_size": vocab_size(tok), "eos_token_id": tok.eos_token_id,
-            "encoding_sha256": encoding_sha256(tok)}
+    return {
+        "name": path.name,
+        "path": str(path),
+        "sha256": combined.hexdigest(),
+        "files": files,
+        "vocab_size": vocab_size(tok),
+        "eos_token_id": tok.eos_token_id,
+        "encoding_sha256": encoding_sha256(tok),
+    }
 
 
 def encoding_sha256(tok) -> str:

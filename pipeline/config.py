@@ -5,6 +5,7 @@ which is the one place keys are documented (`python -m pipeline.train --help` pr
 README points there). The YAML is flat (`lr: 3e-4`, not `optim: {lr: ...}`) because leaf names are
 unique across sections; a key that names no field is a typo and is rejected with its line number.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,40 +39,56 @@ class ModelSection:
     model: str = doc("Hugging Face model directory to start from (Llama, Mistral or Qwen2 architecture).")
     tokenizer: str | None = doc(
         "Tokenizer directory or SentencePiece .model the data was packed with; defaults to `model`. "
-        "Recorded in the run so export and transplant ship the right tokenizer.", None)
+        "Recorded in the run so export and transplant ship the right tokenizer.",
+        None,
+    )
 
 
 @dataclass(kw_only=True)
 class GroupSection:
-    phase: str = doc("What to train: `chat` (format group on chat shards, loss on assistant tokens), "
-                     "`raw` (raw group on raw shards) or `full` (everything: base pretraining and the naive baseline).")
+    phase: str = doc(
+        "What to train: `chat` (format group on chat shards, loss on assistant tokens), "
+        "`raw` (raw group on raw shards) or `full` (everything: base pretraining and the naive baseline)."
+    )
     raw_start: Union[int, float] = doc(
         "First layer of the raw group: a layer index, or a fraction of the layer count (0.25 -> layer L/4). "
-        "Layers below it and the embeddings stay frozen.", 0.25)
+        "Layers below it and the embeddings stay frozen.",
+        0.25,
+    )
     format_start: Union[int, float] = doc(
         "First layer of the format group (index or fraction). The format group, the final norm and the "
-        "LM head are what A-Chat trains and what the transplant takes from A-Chat.", 0.75)
+        "LM head are what A-Chat trains and what the transplant takes from A-Chat.",
+        0.75,
+    )
     raw_trains_format: bool = doc(
-        "Ablation: during `raw`, train the format group too (the method keeps it frozen).", False)
+        "Ablation: during `raw`, train the format group too (the method keeps it frozen).", False
+    )
     anchor_weight: float = doc(
         "Representation anchoring during `raw`: adds weight x MSE between the hidden state entering the "
         "format group and the base model's, so A-Chat's format group still fits after the transplant. "
-        "Costs a second (frozen, forward-only) pass through the raw group. 0 turns it off.", 0.0)
+        "Costs a second (frozen, forward-only) pass through the raw group. 0 turns it off.",
+        0.0,
+    )
 
 
 @dataclass(kw_only=True)
 class DataSection:
     data: Any = doc(
         "A data-prep manifest (`P.manifest.json`), or a weighted list `[{path: M1, weight: 2}, {path: M2, weight: 1}]` "
-        "whose samples are interleaved deterministically in proportion to the weights.")
+        "whose samples are interleaved deterministically in proportion to the weights."
+    )
     verify_data: str = doc(
         "How the shards are checked against their manifest when training opens them: `sha256` (every byte, "
-        "catches corruption; costs one read of the corpus per start) or `size` (file sizes only).", "sha256")
+        "catches corruption; costs one read of the corpus per start) or `size` (file sizes only).",
+        "sha256",
+    )
     seq_len: int = doc("Tokens per training sequence. Fixed: pipeline stages exchange shapes once.", 256)
     micro_batch_size: int = doc("Sequences per rank per forward/backward.", 4)
     global_batch_size: int = doc(
         "Sequences per optimizer step across the whole job. Gradient accumulation is derived: "
-        "global / (micro x data-parallel size), so a config trains the same way on 1 or 64 ranks.", 16)
+        "global / (micro x data-parallel size), so a config trains the same way on 1 or 64 ranks.",
+        16,
+    )
 
 
 @dataclass(kw_only=True)
@@ -81,18 +98,25 @@ class OptimSection:
     warmup_steps: Union[int, float] = doc(
         "Linear warmup before the cosine decay: a number of steps, or a fraction of `steps` (0.05: the first 5%, "
         "rounded up, so at least one step). A fraction keeps a shortened run (--steps=20) from ending inside its "
-        "warm-up.", 0)
+        "warm-up.",
+        0,
+    )
     weight_decay: float = doc("AdamW decoupled weight decay, applied to trained parameters only.", 0.0)
     grad_clip: float = doc("Clip the global gradient norm to this (0 disables).", 1.0)
 
 
 @dataclass(kw_only=True)
 class ScheduleSection:
-    steps: int = doc("Optimizer steps to train. The cosine schedule spans exactly these, so a resume with "
-                     "another value is refused (it would change the learning rate of every later step).", 100)
+    steps: int = doc(
+        "Optimizer steps to train. The cosine schedule spans exactly these, so a resume with "
+        "another value is refused (it would change the learning rate of every later step).",
+        100,
+    )
     seed: int = doc("Seed for the data order and anything random. Same seed, same run.", 0)
-    out: str = doc("Run directory: config, layer groups, metrics, loss plot and checkpoints go here. "
-                   "Rerunning the same command resumes from its latest complete checkpoint.")
+    out: str = doc(
+        "Run directory: config, layer groups, metrics, loss plot and checkpoints go here. "
+        "Rerunning the same command resumes from its latest complete checkpoint."
+    )
     save_every: int = doc("Save a checkpoint every N steps (the last step is always saved).", 50)
     keep_last: int = doc("Keep only the newest N complete checkpoints (0 keeps all).", 2)
     log_every: int = doc("Write a metrics.jsonl line every N steps.", 1)
@@ -103,18 +127,26 @@ class ParallelSection:
     pipeline_stages: int = doc(
         "Pipeline stages P. With P >= 2 the raw/format boundary is always a stage boundary, so the two groups "
         "never share a stage or its optimizer state. The world size must be a multiple of P; "
-        "the rest is data parallelism (ZeRO-1).", 1)
+        "the rest is data parallelism (ZeRO-1).",
+        1,
+    )
     ds_config: str = doc(
         "DeepSpeed JSON to merge the run into; `auto` picks ds_configs/cpu_fp32_zero1.json without a GPU "
-        "and ds_configs/gpu_bf16_zero1.json with one.", "auto")
+        "and ds_configs/gpu_bf16_zero1.json with one.",
+        "auto",
+    )
     activation_checkpoint_interval: int = doc(
-        "Recompute activations every N layers in backward (0: off). Trades ~30% more compute for memory.", 0)
+        "Recompute activations every N layers in backward (0: off). Trades ~30% more compute for memory.", 0
+    )
     compile_layers: bool = doc(
         "torch.compile each decoder layer (in place: names and checkpoints are unchanged). On a GPU it fuses "
         "the unfused norm/rotary/SiLU/cast kernels that take ~47% of a step (bench/results/gpu_profile_mb4.md); "
-        "costs a minute or two of compilation at the first step. Off on CPU, where it gains little.", False)
+        "costs a minute or two of compilation at the first step. Off on CPU, where it gains little.",
+        False,
+    )
     dist_timeout_s: int = doc(
-        "Collective timeout in seconds: a dead rank makes the others fail after this instead of hanging.", 120)
+        "Collective timeout in seconds: a dead rank makes the others fail after this instead of hanging.", 120
+    )
 
 
 @dataclass(kw_only=True)
@@ -124,15 +156,19 @@ class EvalSection:
         "mean loss (same loss and masks as training) goes to metrics.jsonl, the progress bar, loss.png and "
         "the monitors. Runs through the engine's forward-only path: the training curve and weights are "
         "unchanged. The run's own set is the val split of `data`; with no val split only `eval_data` is used.",
-        0)
+        0,
+    )
     eval_batches: int = doc(
         "Batches of `global_batch_size` sequences per set per validation, always the same sequences. A set "
         "with fewer windows uses fewer batches (the layer map says so); one smaller than one batch is an error.",
-        4)
+        4,
+    )
     eval_data: Any = doc(
         "More sets to validate on, by name: `{forget: base.manifest.json}` (its val split) or "
         "`{forget: {path: base.manifest.json, split: train}}`. Logged as `val_loss_NAME`; the run's own val "
-        "split is `val_loss`.", None)
+        "split is `val_loss`.",
+        None,
+    )
 
 
 @dataclass(kw_only=True)
@@ -142,13 +178,21 @@ class MonitorSection:
         "of `tensorboard` (RUN/tensorboard/), `wandb` (the run is named after `out`; offline with "
         "WANDB_MODE=offline; team and group from WANDB_ENTITY and WANDB_RUN_GROUP) and `csv` (RUN/csv/). "
         "Their x axis is samples seen. metrics.jsonl is written either way. Needs "
-        "`pip install 'layer-aware[monitor]'`.", None)
+        "`pip install 'layer-aware[monitor]'`.",
+        None,
+    )
     wandb_project: str = doc("The W&B project of `report_to: [wandb]`.", "layer-aware")
 
 
 SECTIONS = {
-    "model": ModelSection, "groups": GroupSection, "data": DataSection, "optim": OptimSection,
-    "schedule": ScheduleSection, "parallel": ParallelSection, "eval": EvalSection, "monitor": MonitorSection,
+    "model": ModelSection,
+    "groups": GroupSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "schedule": ScheduleSection,
+    "parallel": ParallelSection,
+    "eval": EvalSection,
+    "monitor": MonitorSection,
 }
 
 
@@ -266,8 +310,10 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
     if node is not None:
         for k, _ in node.value:
             if k.value in lines:  # YAML itself lets the last one win, silently
-                raise UserError(f"{path}:{k.start_mark.line + 1}: `{k.value}` is given twice "
-                                f"(first at line {lines[k.value]}); keep one")
+                raise UserError(
+                    f"{path}:{k.start_mark.line + 1}: `{k.value}` is given twice "
+                    f"(first at line {lines[k.value]}); keep one"
+                )
             lines[k.value] = k.start_mark.line + 1
     return data, lines
 
@@ -338,8 +384,15 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
             bad(key, f"must be a finite number, got {v}")
     if g.phase not in PHASES:
         bad("phase", f"must be one of {', '.join(PHASES)}, got {g.phase!r}")
-    for k in ("seq_len", "micro_batch_size", "global_batch_size", "pipeline_stages", "log_every", "steps",
-              "save_every"):
+    for k in (
+        "seq_len",
+        "micro_batch_size",
+        "global_batch_size",
+        "pipeline_stages",
+        "log_every",
+        "steps",
+        "save_every",
+    ):
         if getattr(getattr(cfg, LEAVES[k][0]), k) < 1:
             bad(k, "must be >= 1")
     if not o.lr > 0:
@@ -364,7 +417,10 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
     if cfg.parallel.dist_timeout_s < 1:
         bad("dist_timeout_s", f"must be >= 1 (seconds a collective may wait), got {cfg.parallel.dist_timeout_s}")
     if d.global_batch_size % d.micro_batch_size:
-        bad("global_batch_size", f"({d.global_batch_size}) must be a multiple of micro_batch_size ({d.micro_batch_size})")
+        bad(
+            "global_batch_size",
+            f"({d.global_batch_size}) must be a multiple of micro_batch_size ({d.micro_batch_size})",
+        )
     data_sources(cfg.data.data, where.get("data", "config"))
     if cfg.eval.eval_every < 0:
         bad("eval_every", "must be >= 0 (0 turns validation off)")
@@ -376,6 +432,7 @@ def validate(cfg: RunConfig, where: dict[str, str] | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Paths in a recorded config
+
 
 def map_paths(flat: dict, fn) -> dict:
     """A copy of a flat config with every path in it passed through `fn`: `model`, `tokenizer`,
@@ -407,6 +464,7 @@ def resolve_paths(flat: dict) -> dict:
     same files from any folder, and two spellings of one path (`runs/x`, `$PWD/runs/x`,
     `./runs/x/`) record the same thing. A `ds_config` named after a file of the repository's
     ds_configs/ resolves there, as training reads it."""
+
     def one(p: str) -> str:
         path = Path(p)
         if not path.is_absolute() and not path.exists() and (REPO_ROOT / "ds_configs" / p).is_file():
@@ -445,18 +503,22 @@ def eval_sources(value, where: str = "config") -> dict[str, tuple[str, str]]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not value:
-        raise UserError(f"{where}: `eval_data` must map names to manifests, e.g. `{{forget: base.manifest.json}}`, "
-                        f"got {value!r}")
+        raise UserError(
+            f"{where}: `eval_data` must map names to manifests, e.g. `{{forget: base.manifest.json}}`, got {value!r}"
+        )
     out = {}
     for name, item in value.items():
         if not (isinstance(name, str) and name.replace("_", "").isalnum() and name.isascii()):
-            raise UserError(f"{where}: `eval_data` name {name!r} must be letters, digits and `_` "
-                            f"(it becomes the metric `val_loss_NAME`)")
+            raise UserError(
+                f"{where}: `eval_data` name {name!r} must be letters, digits and `_` "
+                f"(it becomes the metric `val_loss_NAME`)"
+            )
         if isinstance(item, str):
             item = {"path": item}
         if not (isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "split"}):
-            raise UserError(f"{where}: `eval_data.{name}` must be a manifest path or {{path: MANIFEST, split: val}}, "
-                            f"got {item!r}")
+            raise UserError(
+                f"{where}: `eval_data.{name}` must be a manifest path or {{path: MANIFEST, split: val}}, got {item!r}"
+            )
         split = item.get("split", "val")
         if split not in SPLITS:
             raise UserError(f"{where}: `eval_data.{name}.split` must be `train` or `val`, got {split!r}")
@@ -471,8 +533,7 @@ def data_sources(data, where: str = "config") -> list[tuple[str, float]]:
     if isinstance(data, list) and data:
         out = []
         for i, item in enumerate(data):
-            if not (isinstance(item, dict) and isinstance(item.get("path"), str)
-                    and set(item) <= {"path", "weight"}):
+            if not (isinstance(item, dict) and isinstance(item.get("path"), str) and set(item) <= {"path", "weight"}):
                 raise UserError(f"{where}: `data[{i}]` must be {{path: MANIFEST, weight: W}}, got {item!r}")
             w = item.get("weight", 1.0)
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:

@@ -2,6 +2,7 @@
 
 Thin entry point; the metrics and their exact definitions live in pipeline/evaluation/metrics.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate",
         description="Evaluate an HF causal LM directory on chat prompts (format adherence, exact-match "
-                    "accuracy, rank of the true answer among candidates), raw completion probes and "
-                    "raw-text perplexity. Greedy decoding; candidates are scored by log-prob, not sampled.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "accuracy, rank of the true answer among candidates), raw completion probes and "
+        "raw-text perplexity. Greedy decoding; candidates are scored by log-prob, not sampled.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="HF model directory (config.json + weights)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--chat-eval", action="append", metavar="[NAME=]FILE", help="chat prompts (repeatable)")
@@ -56,11 +59,19 @@ def parse_args(argv=None):
     p.add_argument("--out", help="results .json to create or update (entry --name); writes .md and .png beside it")
     p.add_argument("--name", help="model name in the results (default: the model directory's name)")
     p.add_argument("--details", help="write every prompt's reply, verdict and rank to this .jsonl")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="reply length limit; a reply without end-of-turn by then fails format (default 32)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="reply length limit; a reply without end-of-turn by then fails format (default 32)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
-    p.add_argument("--score-batch-size", type=int, default=256,
-                   help="(prompt, candidate) pairs per scoring forward pass; lower it for big models (default 256)")
+    p.add_argument(
+        "--score-batch-size",
+        type=int,
+        default=256,
+        help="(prompt, candidate) pairs per scoring forward pass; lower it for big models (default 256)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not (args.chat_eval or args.raw_eval or args.probe):
@@ -74,14 +85,16 @@ def parse_args(argv=None):
 @fail_cleanly
 def main(argv=None):
     args = parse_args(argv)
-    from .evaluation.runner import evaluate_model, parse_named
     from .evaluation.report import load_results, markdown_table, write_report
+    from .evaluation.runner import evaluate_model, parse_named
 
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: no such directory")
     if (Path(args.model) / "run.json").is_file():
-        raise UserError(f"--model {args.model}: this is a training run directory, not a model; export it first: "
-                        f"python -m pipeline.export {args.model} --out {args.model.rstrip('/')}-hf")
+        raise UserError(
+            f"--model {args.model}: this is a training run directory, not a model; export it first: "
+            f"python -m pipeline.export {args.model} --out {args.model.rstrip('/')}-hf"
+        )
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix != ".json":
         raise UserError(f"--out {args.out}: must name a .json file")
@@ -94,10 +107,17 @@ def main(argv=None):
     if out:
         load_results(out)  # fail on a bad results file before the work
     metrics = evaluate_model(
-        args.model, chat=parse_named(args.chat_eval, "--chat-eval"),
-        raw=parse_named(args.raw_eval, "--raw-eval"), probes=parse_named(args.probe, "--probe"),
-        tokenizer_dir=args.tokenizer, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        score_batch_size=args.score_batch_size, details_path=args.details, progress=not args.no_progress)
+        args.model,
+        chat=parse_named(args.chat_eval, "--chat-eval"),
+        raw=parse_named(args.raw_eval, "--raw-eval"),
+        probes=parse_named(args.probe, "--probe"),
+        tokenizer_dir=args.tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        score_batch_size=args.score_batch_size,
+        details_path=args.details,
+        progress=not args.no_progress,
+    )
     name = args.name or Path(args.model).resolve().name
     if out:
         # The results file is shared: several evaluations add their model to it, perhaps at the same

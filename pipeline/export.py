@@ -1,4 +1,5 @@
 """`python -m pipeline.export`: the command line of pipeline/convert/export.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ memory: about one shard (--max-shard-size) plus one layer, whatever the model si
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.export", description=convert_export.__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.export",
+        description=convert_export.__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="run directory written by `python -m pipeline.train`")
     p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest complete one)")
     add_output_flags(p, made="export", auto_dtype="the base model's")
@@ -32,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     record = export_run(args.run, args.out, args.step, args.max_shard_size, args.force, args.dtype)
-    print(f"exported {args.run} step {record['input']['step']} -> {args.out} "
-          f"({len(record['tensors'])} tensors in {len(record['files'])} file(s))")
+    print(
+        f"exported {args.run} step {record['input']['step']} -> {args.out} "
+        f"({len(record['tensors'])} tensors in {len(record['files'])} file(s))"
+    )
 
 
 if __name__ == "__main__":

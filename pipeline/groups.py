@@ -17,6 +17,7 @@ frozen group with the embeddings, so A-Chat cannot train it and a transplant tak
 the embeddings. The cost: a tied model's chat format must live in the format layers and the
 final norm alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,16 @@ class LayerGroups:
 
     # --------------------------------------------------------------- building and checking
     @classmethod
-    def resolve(cls, raw_start, format_start, num_layers: int, tied: bool, phase: str = "chat",
-                raw_trains_format: bool = False, where: dict | None = None) -> "LayerGroups":
+    def resolve(
+        cls,
+        raw_start,
+        format_start,
+        num_layers: int,
+        tied: bool,
+        phase: str = "chat",
+        raw_trains_format: bool = False,
+        where: dict | None = None,
+    ) -> "LayerGroups":
         """Resolve both boundaries (index or fraction) against the model and check them.
 
         `where` maps `raw_start` / `format_start` / `phase` to where the value came from
@@ -67,13 +76,17 @@ class LayerGroups:
                 raise UserError(f"{w(key)}: `{key}` must be >= 0, got {value}")
         r, f = resolve_index(raw_start, num_layers), resolve_index(format_start, num_layers)
         if f > num_layers - 1:
-            raise UserError(f"{w('format_start')}: `format_start` ({format_start} -> layer {f}) must be < the layer "
-                            f"count ({num_layers}): the format group needs at least one layer")
+            raise UserError(
+                f"{w('format_start')}: `format_start` ({format_start} -> layer {f}) must be < the layer "
+                f"count ({num_layers}): the format group needs at least one layer"
+            )
         if f < 1:
             raise UserError(f"{w('format_start')}: `format_start` ({format_start} -> layer {f}) must be >= 1")
         if r >= f:
-            raise UserError(f"{w('raw_start')}: `raw_start` ({raw_start} -> layer {r}) must be < `format_start` "
-                            f"({format_start} -> layer {f}): the raw group would be empty")
+            raise UserError(
+                f"{w('raw_start')}: `raw_start` ({raw_start} -> layer {r}) must be < `format_start` "
+                f"({format_start} -> layer {f}): the raw group would be empty"
+            )
         trained = PHASE_TRAINS[phase]
         if phase == "raw" and raw_trains_format:
             trained = (RAW, FORMAT)
@@ -113,17 +126,27 @@ class LayerGroups:
 
     # --------------------------------------------------------------- run.json
     def to_record(self) -> dict:
-        return {"num_layers": self.num_layers, "raw_start": self.raw_start, "format_start": self.format_start,
-                "trained_groups": list(self.trained), "embeddings_trained": self.embeddings_trained,
-                "tied_embeddings": self.tied}
+        return {
+            "num_layers": self.num_layers,
+            "raw_start": self.raw_start,
+            "format_start": self.format_start,
+            "trained_groups": list(self.trained),
+            "embeddings_trained": self.embeddings_trained,
+            "tied_embeddings": self.tied,
+        }
 
     @classmethod
     def from_record(cls, rec: dict, where: str) -> "LayerGroups":
         """Read back what `to_record` wrote; `where` names the file for errors."""
         try:
             trained = tuple(rec["trained_groups"])
-            g = cls(int(rec["num_layers"]), int(rec["raw_start"]), int(rec["format_start"]),
-                    bool(rec["tied_embeddings"]), trained)
+            g = cls(
+                int(rec["num_layers"]),
+                int(rec["raw_start"]),
+                int(rec["format_start"]),
+                bool(rec["tied_embeddings"]),
+                trained,
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: `groups` is incomplete or malformed ({type(e).__name__}: {e})") from None
         if not (0 <= g.raw_start < g.format_start < g.num_layers) or not set(trained) <= set(GROUPS):
@@ -133,5 +156,7 @@ class LayerGroups:
         return g
 
     def describe(self) -> str:
-        return (f"frozen [0, {self.raw_start}) + embeddings, raw [{self.raw_start}, {self.format_start}), "
-                f"format [{self.format_start}, {self.num_layers}) + norm + head; trains {', '.join(self.trained)}")
+        return (
+            f"frozen [0, {self.raw_start}) + embeddings, raw [{self.raw_start}, {self.format_start}), "
+            f"format [{self.format_start}, {self.num_layers}) + norm + head; trains {', '.join(self.trained)}"
+        )

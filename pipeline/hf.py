@@ -6,6 +6,7 @@ tensors, export and transplant stream one layer at a time, evaluation loads whol
 demo's base, the tests' tiny models and the benchmarks' models are all written by
 `save_random_model`, so they are loaded by exactly the code that loads a user's checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,6 +91,7 @@ def model_identity(model_dir: str | Path, cfg: dict | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Weights, tensor by tensor
 
+
 def weight_map(model_dir: str | Path, flag: str = "--model") -> dict[str, str]:
     """Tensor name -> safetensors file, from the index when there is one (no file is opened)."""
     model_dir = Path(model_dir)
@@ -102,8 +104,11 @@ def weight_map(model_dir: str | Path, flag: str = "--model") -> dict[str, str]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         other = sorted(p.name for p in model_dir.glob("*.bin")) or sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = (f" (found {', '.join(other[:3])}: re-save the model with save_pretrained(safe_serialization=True))"
-                if other else " (a config.json without weights: copy the model's *.safetensors files here)")
+        hint = (
+            f" (found {', '.join(other[:3])}: re-save the model with save_pretrained(safe_serialization=True))"
+            if other
+            else " (a config.json without weights: copy the model's *.safetensors files here)"
+        )
         raise UserError(f"{flag} {model_dir}: no *.safetensors weights{hint}")
     from safetensors import safe_open
 
@@ -114,9 +119,20 @@ def weight_map(model_dir: str | Path, flag: str = "--model") -> dict[str, str]:
     return out
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def read_tensors(model_dir: str | Path, files: dict[str, str], names, dtype=None) -> dict:
@@ -188,8 +204,17 @@ def eos_ids(value) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # A fresh model
 
-def save_random_model(config, out_dir, tokenizer_dir=None, seed: int = 0, dtype=None,
-                      generation_config: dict | None = None, force: bool = False, device: str = "cpu") -> Path:
+
+def save_random_model(
+    config,
+    out_dir,
+    tokenizer_dir=None,
+    seed: int = 0,
+    dtype=None,
+    generation_config: dict | None = None,
+    force: bool = False,
+    device: str = "cpu",
+) -> Path:
     """Write a seeded random-init causal LM of `config` (a transformers config object) to out_dir
     as an ordinary HF directory: weights, config, generation config, and the tokenizer's files
     when tokenizer_dir is given. The one model factory of the project: the demo's base, the test

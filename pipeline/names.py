@@ -14,15 +14,16 @@ Keys inside pipeline layer i and their HF names:
     anchor           -> (none) a 1-element trainable scalar that lets a stage with nothing
                         to train join backward; it multiplies by zero and is never exported.
 """
+
 from __future__ import annotations
 
 import re
 
 ANCHOR = "anchor"
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-EMBED = "model.embed_tokens."      # prefix of the embedding matrix
-NORM = "model.norm."               # prefix of the final norm
-HEAD = "lm_head."                  # prefix of the LM head
+EMBED = "model.embed_tokens."  # prefix of the embedding matrix
+NORM = "model.norm."  # prefix of the final norm
+HEAD = "lm_head."  # prefix of the LM head
 EMBED_WEIGHT = f"{EMBED}weight"
 HEAD_WEIGHT = f"{HEAD}weight"
 
@@ -69,9 +70,9 @@ def to_pipeline_name(hf_name: str, num_layers: int) -> tuple[int, str]:
     if m:
         return int(m.group(1)), f"decoder.{m.group(2)}"
     if hf_name.startswith(EMBED):
-        return 0, hf_name[len("model."):]
+        return 0, hf_name[len("model.") :]
     if hf_name.startswith(NORM):
-        return num_layers - 1, hf_name[len("model."):]
+        return num_layers - 1, hf_name[len("model.") :]
     if hf_name.startswith(HEAD):
         return num_layers - 1, hf_name
     raise KeyError(f"unexpected HF parameter name {hf_name!r}")

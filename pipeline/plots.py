@@ -1,5 +1,6 @@
 """The one way a PNG is made: matplotlib without a display (training nodes have none), the figure
 laid out, rendered to bytes and closed, so no caller leaks figures or writes half a file."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """`python -m pipeline.probe`: the command line of pipeline/evaluation/layer_probe.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,20 @@ writes OUT/probe.json, probe.md (the table and the suggestion) and probe.png (th
 
 @fail_cleanly
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.probe", description=layer_probe.__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.probe",
+        description=layer_probe.__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--base", required=True, metavar="DIR", help="the base model (HF directory or run directory)")
     p.add_argument("--chat", required=True, metavar="DIR", help="its chat model (HF directory or run directory)")
-    p.add_argument("--prompts", metavar="FILE",
-                   help="chat prompts (.jsonl, the --chat-eval format of pipeline.evaluate) for the hidden-state "
-                        "similarity; needs two HF directories")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="chat prompts (.jsonl, the --chat-eval format of pipeline.evaluate) for the hidden-state "
+        "similarity; needs two HF directories",
+    )
     p.add_argument("--max-prompts", type=int, default=16, help="prompts used at most (default 16)")
     p.add_argument("--out", required=True, help="folder for probe.json, probe.md, probe.png")
     a = p.parse_args(argv)

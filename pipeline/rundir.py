@@ -20,6 +20,7 @@ saving, so a save killed half-way leaves a tag without one. **The latest step is
 complete one**: `latest` is written after the record, so a kill between the two leaves it stale,
 and a rule that trusted it could make resume and export pick different steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,9 @@ class RunDir:
         """Every step whose checkpoint has its record.json, ascending."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.checkpoints.iterdir()
-                      if (m := _TAG.match(p.name)) and (p / RECORD).is_file())
+        return sorted(
+            int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _TAG.match(p.name)) and (p / RECORD).is_file()
+        )
 
     def latest_step(self) -> int | None:
         """The one rule for "the latest checkpoint": the highest complete step."""
@@ -79,8 +81,10 @@ class RunDir:
         if step is None:
             return steps[-1]
         if step not in steps:
-            raise UserError(f"{flag} {step}: {self.path} has no complete checkpoint at step {step} "
-                            f"(available: {', '.join(map(str, steps))})")
+            raise UserError(
+                f"{flag} {step}: {self.path} has no complete checkpoint at step {step} "
+                f"(available: {', '.join(map(str, steps))})"
+            )
         return step
 
     def read_record(self, step: int) -> dict:
@@ -107,8 +111,10 @@ class RunDir:
             raise UserError(f"{path}: missing (listed in {record_path})")
         got = sha256_file(path)
         if got != want:
-            raise UserError(f"{path}: sha256 {got[:12]}... disagrees with {record_path} ({want[:12]}...): "
-                            f"the file is corrupt or was changed after the checkpoint was written")
+            raise UserError(
+                f"{path}: sha256 {got[:12]}... disagrees with {record_path} ({want[:12]}...): "
+                f"the file is corrupt or was changed after the checkpoint was written"
+            )
         return path
 
     def verify(self, step: int) -> dict:
@@ -138,15 +144,18 @@ class RunDir:
     # --------------------------------------------------------------- run.json
     def read_run(self) -> dict:
         if not self.run_json.is_file():
-            raise UserError(f"{self.path}: not a run directory (no run.json; runs are written by "
-                            f"`python -m pipeline.train`)")
+            raise UserError(
+                f"{self.path}: not a run directory (no run.json; runs are written by `python -m pipeline.train`)"
+            )
         try:
             run = json.loads(self.run_json.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{self.run_json}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(run, dict) or run.get("format_version") != RUN_FORMAT_VERSION:
-            raise UserError(f"{self.run_json}: format_version {run.get('format_version') if isinstance(run, dict) else None!r} "
-                            f"is not supported (expected {RUN_FORMAT_VERSION})")
+            raise UserError(
+                f"{self.run_json}: format_version {run.get('format_version') if isinstance(run, dict) else None!r} "
+                f"is not supported (expected {RUN_FORMAT_VERSION})"
+            )
         return run
 
     def check_resume(self, record: dict, may_change: set[str]) -> None:
@@ -170,18 +179,24 @@ class RunDir:
             changed = [k for k in changed if ro.get(k) != rn.get(k)]
         if changed:
             detail = ", ".join(f"`{k}` {o.get(k)!r} -> {n.get(k)!r}" for k in changed)
-            raise UserError(f"{self.run_json}: this run directory was started with a different config "
-                            f"({detail}); use a new `out`, or restore them to resume")
+            raise UserError(
+                f"{self.run_json}: this run directory was started with a different config "
+                f"({detail}); use a new `out`, or restore them to resume"
+            )
         if (old.get("base_model") or {}).get("fingerprint") != (record.get("base_model") or {}).get("fingerprint"):
-            raise UserError(f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
-                            f"this run started (base_model.fingerprint); use a new `out`")
+            raise UserError(
+                f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
+                f"this run started (base_model.fingerprint); use a new `out`"
+            )
         # The same manifest path repacked with another template: the checkpoints learned the old
         # format, the rest of the run would learn the new one, and the model could ship only one.
         sha = lambda r: (r.get("chat_template") or {}).get("sha256")  # noqa: E731
         if "chat_template" in old and sha(old) != sha(record):
-            raise UserError(f"{self.run_json}: the chat data's template has changed since this run started "
-                            f"(chat_template.sha256 {str(sha(old))[:12]} -> {str(sha(record))[:12]}); use a new "
-                            f"`out`, or restore the data it started with")
+            raise UserError(
+                f"{self.run_json}: the chat data's template has changed since this run started "
+                f"(chat_template.sha256 {str(sha(old))[:12]} -> {str(sha(record))[:12]}); use a new "
+                f"`out`, or restore the data it started with"
+            )
 
     def write_run(self, record: dict, may_change: set[str]) -> None:
         """Write run.json, after `check_resume`."""
@@ -190,8 +205,10 @@ class RunDir:
 
     # --------------------------------------------------------------- ownership
     def _in_use(self, holder: str) -> UserError:
-        return UserError(f"`out` {self.path}: in use by another training ({holder}); wait for it to end, "
-                         f"or give this run its own `out`")
+        return UserError(
+            f"`out` {self.path}: in use by another training ({holder}); wait for it to end, "
+            f"or give this run its own `out`"
+        )
 
     def check_free(self) -> None:
         """At preflight, before DeepSpeed starts: refuse at once a directory another training holds
@@ -226,8 +243,9 @@ class RunDir:
             os.close(fd)
             raise self._in_use(holder) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
+        )
         try:
             yield self
         finally:

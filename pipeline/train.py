@@ -5,6 +5,7 @@ decides the data-parallel size, and the config decides the rest. Each rank first
 plan (pipeline/training/plan.py: every check, before DeepSpeed starts), then the engine, then
 trains (pipeline/training/loop.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,19 @@ config keys (YAML `key: value`, or --key=value on the command line, which wins):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.train", description=__doc__.splitlines()[0],
-        epilog=EPILOG + describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m pipeline.train",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="run config YAML (see configs/ for examples)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--verbose", action="store_true",
-                   help="print DeepSpeed's start-up lines (its seed, topology and op-build messages) as they come; "
-                        "by default rank 0 prints one line that sums them up")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print DeepSpeed's start-up lines (its seed, topology and op-build messages) as they come; "
+        "by default rank 0 prints one line that sums them up",
+    )
     return p.parse_known_args(argv)
 
 
@@ -107,10 +114,17 @@ class StartUpLines:
 
         lines = [line for line in self.text.getvalue().splitlines() if line.strip()]
         ours = [line for line in lines if line.startswith("[dist]")]
-        print("\n".join(ours + [
-            f"DeepSpeed {deepspeed.__version__}: {eng.plan.num_stages} pipeline stage(s) x {eng.plan.batch.dp_size} "
-            f"data-parallel rank(s) ({len(lines) - len(ours)} start-up line(s) of rank 0 held back; --verbose shows "
-            f"them)"]), flush=True)
+        print(
+            "\n".join(
+                ours
+                + [
+                    f"DeepSpeed {deepspeed.__version__}: {eng.plan.num_stages} pipeline stage(s) x "
+                    f"{eng.plan.batch.dp_size} data-parallel rank(s) ({len(lines) - len(ours)} start-up line(s) of "
+                    f"rank 0 held back; --verbose shows them)"
+                ]
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

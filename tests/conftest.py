@@ -1,4 +1,5 @@
 """Test-wide environment: CPU DeepSpeed, a cached JIT op, quiet tokenizers, no hub."""
+
 import os
 import sys
 from pathlib import Path

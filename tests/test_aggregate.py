@@ -1,6 +1,7 @@
 """Seeds aggregated by hand: the means, the 95% intervals, the paired differences and the verdict
 that reads them are checked against numbers worked out here, including the cases where the
 verdict must say it cannot tell."""
+
 import math
 
 import pytest
@@ -12,16 +13,26 @@ CHANCE = 10.0
 
 
 def row(fmt, rank, heldout=9.0, acc=0.0):
-    return {"format_adherence": fmt, "knowledge_rank": rank, "heldout_known_rank": heldout,
-            "knowledge_accuracy": acc, "chance_rank": CHANCE, "raw_rank_new": 5.0}
+    return {
+        "format_adherence": fmt,
+        "knowledge_rank": rank,
+        "heldout_known_rank": heldout,
+        "knowledge_accuracy": acc,
+        "chance_rank": CHANCE,
+        "raw_rank_new": 5.0,
+    }
 
 
 def seed(recipe_rank, cv_rank, transplant_rank=6.0, control=4.0, recipe_fmt=1.0, recipe_heldout=6.0):
     """A-Chat at rank 10 and the upper bound at 2: a rank r has share (10 - r) / 8. A-Chat's
     held-out lift is 10 - control; the recipe keeps (10 - recipe_heldout) of it."""
-    return {"a_chat": row(1.0, 10.0, heldout=control), "qa_upper": row(1.0, 2.0, acc=0.95),
-            "transplant": row(1.0, transplant_rank), "chat_vector": row(1.0, cv_rank),
-            "recipe_x": row(recipe_fmt, recipe_rank, heldout=recipe_heldout)}
+    return {
+        "a_chat": row(1.0, 10.0, heldout=control),
+        "qa_upper": row(1.0, 2.0, acc=0.95),
+        "transplant": row(1.0, transplant_rank),
+        "chat_vector": row(1.0, cv_rank),
+        "recipe_x": row(recipe_fmt, recipe_rank, heldout=recipe_heldout),
+    }
 
 
 def test_interval_is_the_t_interval():
@@ -37,11 +48,14 @@ def test_interval_is_the_t_interval():
     assert A.against(one, 0.5) == "cannot tell"
 
 
-@pytest.mark.parametrize("values, bar, reads", [
-    ([0.98, 0.985, 0.99], 0.95, "yes"),      # wholly above (lower end 0.973)
-    ([0.50, 0.52, 0.54], 0.95, "no"),        # wholly below
-    ([0.90, 1.00, 0.95], 0.95, "cannot tell"),  # straddles
-])
+@pytest.mark.parametrize(
+    "values, bar, reads",
+    [
+        ([0.98, 0.985, 0.99], 0.95, "yes"),  # wholly above (lower end 0.973)
+        ([0.50, 0.52, 0.54], 0.95, "no"),  # wholly below
+        ([0.90, 1.00, 0.95], 0.95, "cannot tell"),  # straddles
+    ],
+)
 def test_a_claim_holds_only_where_its_interval_clears_the_bar(values, bar, reads):
     assert A.against(A.interval(values), bar) == reads
 

@@ -5,6 +5,7 @@ Every case calls an entry point's `main([...])` in this process (data_prep, pipe
 pipeline.transplant, pipeline.export, pipeline.dist), so the suite takes seconds: pipeline.train
 runs its checks (`preflight`) before it starts any rank, so none of these needs DeepSpeed to run.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,18 @@ def w(tmp_path_factory):
     big = make_hf_tokenizer(root / "bigtok", vocab_size=600)
     prep(["raw", str(root / "raw.jsonl"), "--tokenizer", str(big), "--output-prefix", str(root / "big/raw")])
     s["big"] = root / "big/raw.manifest.json"
-    prep(["raw", str(root / "raw.jsonl"), "--tokenizer", str(s["model"]), "--output-prefix", str(root / "noval/raw"),
-          "--val-fraction", "0"])
+    prep(
+        [
+            "raw",
+            str(root / "raw.jsonl"),
+            "--tokenizer",
+            str(s["model"]),
+            "--output-prefix",
+            str(root / "noval/raw"),
+            "--val-fraction",
+            "0",
+        ]
+    )
     s["noval"] = root / "noval/raw.manifest.json"
     s["bare_tok"] = make_hf_tokenizer(root / "baretok", chat_template=None)
     base = make_base(root / "base")
@@ -38,8 +49,7 @@ def w(tmp_path_factory):
     s["chat_run"] = make_run(root / "a-chat", base, "chat", format_start=2).path
     # Same shapes, other weights: a different base model (run.json base_model fingerprint differs).
     s["other_base_raw"] = make_run(root / "b-raw", make_base(root / "base-b", seed=7), "raw", format_start=2).path
-    s["deeper_chat"] = make_run(root / "c-chat", make_base(root / "base-6", num_layers=6), "chat",
-                                format_start=2).path
+    s["deeper_chat"] = make_run(root / "c-chat", make_base(root / "base-6", num_layers=6), "chat", format_start=2).path
     return s
 
 
@@ -70,6 +80,7 @@ def nothing_in(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # data_prep: corpora, conversations, tokenizers
+
 
 def prep_raw(capsys, tmp_path, files, tokenizer):
     out = tmp_path / "out"
@@ -104,21 +115,28 @@ def test_empty_corpus(w, tmp_path, capsys):
 
 
 def test_chat_record_without_assistant_turn(w, tmp_path, capsys):
-    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                         {"role": "assistant", "content": "hello"}]},
-                                           {"messages": [{"role": "user", "content": "anyone?"}]}])
+    f = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "anyone?"}]},
+        ],
+    )
     names(prep_chat(capsys, tmp_path, [f], w["model"]), "c.jsonl:2", "assistant")
 
 
 def test_unknown_role(w, tmp_path, capsys):
-    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "wizard", "content": "hi"},
-                                                         {"role": "assistant", "content": "x"}]}])
+    f = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+    )
     names(prep_chat(capsys, tmp_path, [f], w["model"]), "c.jsonl:1", "wizard")
 
 
 def test_tokenizer_without_chat_template(w, tmp_path, capsys):
-    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                         {"role": "assistant", "content": "x"}]}])
+    f = write_jsonl(
+        tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}]
+    )
     names(prep_chat(capsys, tmp_path, [f], w["bare_tok"]), "--tokenizer", str(w["bare_tok"]), "chat template")
 
 
@@ -135,6 +153,7 @@ def test_data_prep_output_exists(w, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # pipeline.train: config, model, layout, data (all refused before any rank starts)
+
 
 def train_err(capsys, w, tmp_path, phase="raw", extra_argv=(), **overrides) -> str:
     out = tmp_path / "run"
@@ -194,8 +213,9 @@ def test_zero_stage_2_with_a_pipeline(w, tmp_path, capsys):
 
 
 def test_seq_len_above_model_maximum(w, tmp_path, capsys):
-    names(train_err(capsys, w, tmp_path, seq_len=512), "`seq_len`", "max_position_embeddings",
-          f"{w['model']}/config.json")
+    names(
+        train_err(capsys, w, tmp_path, seq_len=512), "`seq_len`", "max_position_embeddings", f"{w['model']}/config.json"
+    )
 
 
 def test_data_from_a_larger_tokenizer(w, tmp_path, capsys):
@@ -228,6 +248,7 @@ def test_hostfile_that_does_not_parse(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # transplant and export
+
 
 def test_transplant_of_models_with_different_shapes(w, tmp_path, capsys):
     out = tmp_path / "t"
@@ -278,9 +299,12 @@ def test_the_suite_has_at_least_20_distinct_cases():
 # ---------------------------------------------------------------------------------------------
 # What a new user hits (each was a traceback, or a silent success, before)
 
+
 def test_data_prep_output_prefix_naming_a_folder(w, tmp_path, capsys):
     f = write_jsonl(tmp_path / "c.jsonl", [{"text": "some words here"}] * 5)
-    err = call(capsys, "data_prep.__main__", ["raw", f, "--tokenizer", w["model"], "--output-prefix", f"{tmp_path}/out/"])
+    err = call(
+        capsys, "data_prep.__main__", ["raw", f, "--tokenizer", w["model"], "--output-prefix", f"{tmp_path}/out/"]
+    )
     names(err, "--output-prefix", "not a directory")
     nothing_in(tmp_path / "out")
     assert not list(tmp_path.glob("out.*"))  # nothing written next to the folder either
@@ -288,22 +312,40 @@ def test_data_prep_output_prefix_naming_a_folder(w, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["raw", "chat"])
 def test_data_prep_same_input_twice(w, tmp_path, capsys, kind):
-    rec = {"text": "words"} if kind == "raw" else {"messages": [{"role": "user", "content": "hi"},
-                                                                 {"role": "assistant", "content": "hello"}]}
+    rec = (
+        {"text": "words"}
+        if kind == "raw"
+        else {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
     d = tmp_path / "in"
     f = write_jsonl(d / "a.jsonl", [rec] * 5)
-    err = call(capsys, "data_prep.__main__", [kind, f, d, "--tokenizer", w["model"], "--output-prefix", tmp_path / "out/d"])
+    err = call(
+        capsys, "data_prep.__main__", [kind, f, d, "--tokenizer", w["model"], "--output-prefix", tmp_path / "out/d"]
+    )
     names(err, "a.jsonl", "given twice")
     nothing_in(tmp_path / "out")
 
 
 def test_data_prep_broken_chat_template_leaves_no_folder(w, tmp_path, capsys):
-    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                         {"role": "assistant", "content": "x"}]}])
+    f = write_jsonl(
+        tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}]
+    )
     tpl = tmp_path / "broken.jinja"
     tpl.write_text("{% for m in messages %}{{ m['content'] }")
-    err = call(capsys, "data_prep.__main__", ["chat", f, "--tokenizer", w["model"], "--chat-template", tpl,
-                                              "--output-prefix", tmp_path / "out" / "deeper" / "c"])
+    err = call(
+        capsys,
+        "data_prep.__main__",
+        [
+            "chat",
+            f,
+            "--tokenizer",
+            w["model"],
+            "--chat-template",
+            tpl,
+            "--output-prefix",
+            tmp_path / "out" / "deeper" / "c",
+        ],
+    )
     names(err, "broken.jinja", "syntax")
     nothing_in(tmp_path / "out")
 
@@ -316,11 +358,22 @@ def test_a_key_given_twice_in_the_run_config(w, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flag,key", [("--lr=-1", "lr"), ("--steps=0", "steps"), ("--min_lr=5", "min_lr"),
-                                      ("--lr=inf", "lr"), ("--lr=nan", "lr"), ("--weight_decay=nan", "weight_decay"),
-                                      ("--grad_clip=inf", "grad_clip"), ("--min_lr=-inf", "min_lr"),
-                                      # tracebacks before: NumPy's seed, a collective that times out at once
-                                      ("--seed=-1", "seed"), ("--dist_timeout_s=0", "dist_timeout_s")])
+@pytest.mark.parametrize(
+    "flag,key",
+    [
+        ("--lr=-1", "lr"),
+        ("--steps=0", "steps"),
+        ("--min_lr=5", "min_lr"),
+        ("--lr=inf", "lr"),
+        ("--lr=nan", "lr"),
+        ("--weight_decay=nan", "weight_decay"),
+        ("--grad_clip=inf", "grad_clip"),
+        ("--min_lr=-inf", "min_lr"),
+        # tracebacks before: NumPy's seed, a collective that times out at once
+        ("--seed=-1", "seed"),
+        ("--dist_timeout_s=0", "dist_timeout_s"),
+    ],
+)
 def test_out_of_range_flags(w, tmp_path, capsys, flag, key):
     names(train_err(capsys, w, tmp_path, extra_argv=[flag]), f"--{key}", f"`{key}`")
 
@@ -364,15 +417,25 @@ def test_data_packed_with_another_tokenizer_of_the_same_size(w, tmp_path, capsys
 
 
 def test_chat_manifest_for_phase_raw(w, tmp_path, capsys):
-    names(train_err(capsys, w, tmp_path, phase="raw", data=str(w["chat"])), "`data`", str(w["chat"]),
-          "phase `raw`", "data_prep raw")
+    names(
+        train_err(capsys, w, tmp_path, phase="raw", data=str(w["chat"])),
+        "`data`",
+        str(w["chat"]),
+        "phase `raw`",
+        "data_prep raw",
+    )
 
 
 def test_pipeline_stages_on_one_process_says_both_ways_out(w, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     err = train_err(capsys, w, tmp_path, pipeline_stages=2)
-    names(err, line_of(tmp_path / "cfg.yaml", "pipeline_stages"), "1 process", "--pipeline_stages=1",
-          "deepspeed --num_gpus 2")
+    names(
+        err,
+        line_of(tmp_path / "cfg.yaml", "pipeline_stages"),
+        "1 process",
+        "--pipeline_stages=1",
+        "deepspeed --num_gpus 2",
+    )
 
 
 def test_evaluate_on_a_run_directory_says_export_it_first(w, tmp_path, capsys):
@@ -389,12 +452,14 @@ def test_evaluate_count_flags_below_one(w, tmp_path, capsys, flag):
 
 def test_eval_candidates_listed_twice(w, tmp_path, capsys):
     f = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "where?", "answer": "a", "candidates": ["a", "b", "b"]}])
-    names(call(capsys, "pipeline.evaluate", ["--model", w["base"], "--chat-eval", f]), "q.jsonl:1", "'b'",
-          "listed twice")
+    names(
+        call(capsys, "pipeline.evaluate", ["--model", w["base"], "--chat-eval", f]), "q.jsonl:1", "'b'", "listed twice"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation and monitors: refused at preflight, like the rest of the run config
+
 
 def test_a_val_split_too_small_for_one_eval_batch_names_the_manifest(w, tmp_path, capsys):
     # The tiny setup's val split holds a few dozen windows of 16 tokens: fewer than one batch of 256.
@@ -403,8 +468,16 @@ def test_a_val_split_too_small_for_one_eval_batch_names_the_manifest(w, tmp_path
 
 
 def test_an_eval_set_too_small_names_its_key_and_manifest(w, tmp_path, capsys):
-    err = train_err(capsys, w, tmp_path, eval_every=2, micro_batch_size=2, global_batch_size=256,
-                    eval_data={"forget": {"path": str(w["chat"]), "split": "val"}}, data=str(w["noval"]))
+    err = train_err(
+        capsys,
+        w,
+        tmp_path,
+        eval_every=2,
+        micro_batch_size=2,
+        global_batch_size=256,
+        eval_data={"forget": {"path": str(w["chat"]), "split": "val"}},
+        data=str(w["noval"]),
+    )
     names(err, "`eval_data`.forget", str(w["chat"]), "global_batch_size 256")
 
 
@@ -413,9 +486,14 @@ def test_an_eval_set_from_another_tokenizer(w, tmp_path, capsys):
     names(err, "`eval_data`.other", str(w["big"]), "vocabulary of")
 
 
-@pytest.mark.parametrize("value,hint", [({"forget": 3}, "`eval_data.forget` must be a manifest path"),
-                                        ({"for-get": "x.json"}, "letters, digits and `_`"),
-                                        ({"forget": {"path": "x.json", "split": "test"}}, "`train` or `val`")])
+@pytest.mark.parametrize(
+    "value,hint",
+    [
+        ({"forget": 3}, "`eval_data.forget` must be a manifest path"),
+        ({"for-get": "x.json"}, "letters, digits and `_`"),
+        ({"forget": {"path": "x.json", "split": "test"}}, "`train` or `val`"),
+    ],
+)
 def test_a_malformed_eval_data_names_the_line(w, tmp_path, capsys, value, hint):
     err = train_err(capsys, w, tmp_path, eval_data=value)
     names(err, line_of(tmp_path / "cfg.yaml", "eval_data"), hint)

@@ -1,6 +1,7 @@
 """One chat template from data_prep to the shipped model: the template that rendered the chat shards is
 the one export, transplant (with --chat or --donor) and chat vector ship, and its end-of-turn token
 stops plain `generate()`. Templates that disagree are resolved by the documented rule or refused."""
+
 from __future__ import annotations
 
 import hashlib
@@ -100,18 +101,22 @@ def test_plain_generate_stops_at_the_end_of_the_assistant_turn(shipped, trained,
     # Rendered with the data's template itself, so this checks the stop, not the shipped template.
     prompt = tok.apply_chat_template(conv[:1], chat_template=CHATML, add_generation_prompt=True)["input_ids"]
     full = tok.apply_chat_template(conv, chat_template=CHATML)["input_ids"]
-    assert full[:len(prompt)] == prompt
-    script = full[len(prompt):]  # the reply, <|im_end|>, then the next turns
+    assert full[: len(prompt)] == prompt
+    script = full[len(prompt) :]  # the reply, <|im_end|>, then the next turns
     end = script.index(im_end)
     assert len(script) > end + 5
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # with out/generation_config.json
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(script),
-                             logits_processor=LogitsProcessorList([Script(len(prompt), script)]),
-                             pad_token_id=tok.pad_token_id)
-    new = gen[0, len(prompt):].tolist()
-    assert new == script[:end + 1], f"{name}: generate() ran past <|im_end|>: {tok.decode(new)!r}"
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=len(script),
+            logits_processor=LogitsProcessorList([Script(len(prompt), script)]),
+            pad_token_id=tok.pad_token_id,
+        )
+    new = gen[0, len(prompt) :].tolist()
+    assert new == script[: end + 1], f"{name}: generate() ran past <|im_end|>: {tok.decode(new)!r}"
     assert tok.decode(new) == conv[1]["content"] + "<|im_end|>"
     eos = GenerationConfig.from_pretrained(str(out)).eos_token_id  # read by transformers, not the product
     eos = eos if isinstance(eos, list) else [eos]
@@ -128,10 +133,24 @@ def test_the_manifest_records_the_template_and_its_end_of_turn_token(trained):
 def test_a_template_without_an_end_of_turn_token_is_warned_about(trained, tmp_path, capsys):
     from data_prep.__main__ import main as data_prep_main
 
-    (tmp_path / "plain.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                                          "{% if add_generation_prompt %}assistant:{% endif %}")
-    data_prep_main(["chat", str(trained["conversations"]), "--tokenizer", str(trained["tokenizer"]), "--chat-template",
-                    str(tmp_path / "plain.jinja"), "--output-prefix", str(tmp_path / "chat"), "--val-fraction", "0"])
+    (tmp_path / "plain.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    data_prep_main(
+        [
+            "chat",
+            str(trained["conversations"]),
+            "--tokenizer",
+            str(trained["tokenizer"]),
+            "--chat-template",
+            str(tmp_path / "plain.jinja"),
+            "--output-prefix",
+            str(tmp_path / "chat"),
+            "--val-fraction",
+            "0",
+        ]
+    )
     assert "ends an assistant turn with no special token" in capsys.readouterr().err
     assert json.loads((tmp_path / "chat.manifest.json").read_text())["end_of_turn_ids"] == []
 
@@ -140,8 +159,10 @@ def test_a_template_without_an_end_of_turn_token_is_warned_about(trained, tmp_pa
 # Conflicts. The kit's word-level tokenizer: CHAT_TEMPLATE ends a turn with </s> (its eos), OTHER
 # ends an assistant turn with <|user|> (id 3), so the shipped stop token shows which one shipped.
 
-OTHER = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% if m['role'] == 'assistant' %}<|user|> "
-         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+OTHER = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% if m['role'] == 'assistant' %}<|user|> "
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 USER_ID = 3
 
 
@@ -206,8 +227,15 @@ def test_a_merge_of_models_trained_with_different_templates_is_refused_unless_ch
         fmt = make_tokenizer(make_base(tmp_path / "instruct", seed=3), chat_template=True)
         fmt_file, side = fmt, "donor"
     else:
-        fmt = make_run(tmp_path / "a-chat", base, "chat", raw_start=1, format_start=2, tokenizer=tok_dir,
-                       chat_template=CHAT_TEMPLATE).path
+        fmt = make_run(
+            tmp_path / "a-chat",
+            base,
+            "chat",
+            raw_start=1,
+            format_start=2,
+            tokenizer=tok_dir,
+            chat_template=CHAT_TEMPLATE,
+        ).path
         fmt_file, side = fmt / "run.json", "chat"
     with pytest.raises(UserError) as e:
         _merge(tool, tmp_path, raw.path, fmt, base, tmp_path / "out")
@@ -234,8 +262,9 @@ def test_an_exported_model_remembers_its_trained_template_in_later_merges(tmp_pa
     tok_dir = make_tokenizer(tmp_path / "chat-tok", chat_template=True)
     raw = make_run(tmp_path / "a-raw", base, "raw", raw_start=1, format_start=2, chat_template=OTHER)
     export_run(raw.path, tmp_path / "raw-hf")
-    chat = make_run(tmp_path / "a-chat", base, "chat", raw_start=1, format_start=2, tokenizer=tok_dir,
-                    chat_template=CHAT_TEMPLATE)
+    chat = make_run(
+        tmp_path / "a-chat", base, "chat", raw_start=1, format_start=2, tokenizer=tok_dir, chat_template=CHAT_TEMPLATE
+    )
     with pytest.raises(UserError, match=r"--raw .*raw-hf was trained with another chat template .*raw-hf/export\.json"):
         transplant(tmp_path / "raw-hf", chat.path, tmp_path / "out")
     # A base model's tokenizer template (no record of training on it) never conflicts.
@@ -251,17 +280,39 @@ def test_chat_data_rendered_with_two_templates_is_refused_before_training(traine
     from pipeline.training.plan import build_plan
 
     (tmp_path / "other.jinja").write_text(CHATML.replace("'\\n' }}{% endfor %}", "'\\n\\n' }}{% endfor %}"))
-    data_prep_main(["chat", str(trained["conversations"]), "--tokenizer", str(trained["model"]), "--chat-template",
-                    str(tmp_path / "other.jinja"), "--output-prefix", str(tmp_path / "other"), "--val-fraction", "0"])
+    data_prep_main(
+        [
+            "chat",
+            str(trained["conversations"]),
+            "--tokenizer",
+            str(trained["model"]),
+            "--chat-template",
+            str(tmp_path / "other.jinja"),
+            "--output-prefix",
+            str(tmp_path / "other"),
+            "--val-fraction",
+            "0",
+        ]
+    )
     other = tmp_path / "other.manifest.json"
-    cfg = write_config(tmp_path / "c.yaml", trained, "chat", tmp_path / "run",
-                       data=[{"path": str(trained["chat"]), "weight": 1}, {"path": str(other), "weight": 1}])
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        trained,
+        "chat",
+        tmp_path / "run",
+        data=[{"path": str(trained["chat"]), "weight": 1}, {"path": str(other), "weight": 1}],
+    )
     with pytest.raises(UserError, match="were rendered with different chat templates") as e:
         build_plan(load_config(cfg), world_size=1, use_gpu=False)
     assert str(trained["chat"]) in str(e.value) and str(other) in str(e.value)
     # The same template twice is one format: fine, and recorded once.
-    cfg = write_config(tmp_path / "d.yaml", trained, "chat", tmp_path / "run",
-                       data=[{"path": str(trained["chat"]), "weight": 1}, {"path": str(trained["chat"]), "weight": 2}])
+    cfg = write_config(
+        tmp_path / "d.yaml",
+        trained,
+        "chat",
+        tmp_path / "run",
+        data=[{"path": str(trained["chat"]), "weight": 1}, {"path": str(trained["chat"]), "weight": 2}],
+    )
     plan = build_plan(load_config(cfg), world_size=1, use_gpu=False)
     assert plan.record()["chat_template"]["sha256"] == sha(CHATML)
     assert "chat template: the one chat.manifest.json was rendered with" in plan.layer_map()
@@ -289,10 +340,20 @@ def test_the_cli_refuses_a_template_conflict_with_exit_2_and_the_flag_chooses(tm
     base = make_base(tmp_path / "base")
     tok_dir = make_tokenizer(tmp_path / "chat-tok", chat_template=True)
     raw = make_run(tmp_path / "a-raw", base, "raw", raw_start=1, format_start=2, chat_template=OTHER)
-    chat = make_run(tmp_path / "a-chat", base, "chat", raw_start=1, format_start=2, tokenizer=tok_dir,
-                    chat_template=CHAT_TEMPLATE)
-    cmd = [sys.executable, "-m", "pipeline.transplant", "--raw", str(raw.path), "--chat", str(chat.path),
-           "--out", str(tmp_path / "out")]
+    chat = make_run(
+        tmp_path / "a-chat", base, "chat", raw_start=1, format_start=2, tokenizer=tok_dir, chat_template=CHAT_TEMPLATE
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.transplant",
+        "--raw",
+        str(raw.path),
+        "--chat",
+        str(chat.path),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     run = lambda *extra: subprocess.run(cmd + list(extra), cwd=REPO, env=env(), capture_output=True, text=True)  # noqa: E731
     p = run()
     assert p.returncode == 2 and p.stderr.startswith("error: --raw ") and "Traceback" not in p.stderr

@@ -1,4 +1,5 @@
 """pipeline.chat_vector: θ_raw + ratio × (θ_chat − θ_base), streamed, with provenance."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,11 @@ def test_overlapping_changes_follow_the_formula(world, tmp_path):
 def test_refusals_write_nothing(world, tmp_path):
     raw, chat, base = world["raw"].path, world["chat"].path, world["base"]
     deep = make_base(tmp_path / "deep", num_layers=6)
-    other = make_base(tmp_path / "other", seed=7, tied=world["base"].joinpath("config.json").read_text().count(
-        '"tie_word_embeddings": true') > 0)
+    other = make_base(
+        tmp_path / "other",
+        seed=7,
+        tied=world["base"].joinpath("config.json").read_text().count('"tie_word_embeddings": true') > 0,
+    )
     cases = [
         (dict(chat=deep), r"--raw and --chat are different models: config.json num_hidden_layers"),
         (dict(base=other), r"--raw .* was trained from .*not from --base"),

@@ -7,6 +7,7 @@ entry points. Each case exited 0 with a wrong result, or failed with a traceback
 - small results that were silently wrong: a negative --max-prompts, a NaN perplexity, a
   byte-order mark trained as a token, an empty train split.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def ok(capsys, entry: str, argv: list) -> str:
     try:
         importlib.import_module(entry).main([str(a) for a in argv])
     except SystemExit as e:
-        raise AssertionError(f"{entry} {' '.join(map(str, argv))}: exit {e.code}\n{capsys.readouterr().err}")
+        raise AssertionError(f"{entry} {' '.join(map(str, argv))}: exit {e.code}\n{capsys.readouterr().err}") from None
     return capsys.readouterr().out
 
 
@@ -76,13 +77,30 @@ def setup(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # 1. A run directory works from any folder, however its paths were spelled, and moved
 
-CONFIG = {"raw_start": 1, "format_start": 3, "seq_len": 16, "micro_batch_size": 2, "global_batch_size": 4,
-          "steps": 2, "lr": 3e-3, "warmup_steps": 1, "save_every": 1, "keep_last": 0, "seed": 1}
+CONFIG = {
+    "raw_start": 1,
+    "format_start": 3,
+    "seq_len": 16,
+    "micro_batch_size": 2,
+    "global_batch_size": 4,
+    "steps": 2,
+    "lr": 3e-3,
+    "warmup_steps": 1,
+    "save_every": 1,
+    "keep_last": 0,
+    "seed": 1,
+}
 
 
 def _train(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=ft.env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *args],
+        cwd=cwd,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +110,26 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     proj = ft.build_setup(root / "proj")["root"]
     (proj / "phase.yaml").write_text(yaml.safe_dump(CONFIG))
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", "phase.yaml", f"--phase={phase}",
-                               "--model=model", f"--data=data/{phase}.manifest.json", f"--out=runs/{phase}"],
-                              cwd=proj, env=ft.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for phase in ("raw", "chat")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.train",
+                "phase.yaml",
+                f"--phase={phase}",
+                "--model=model",
+                f"--data=data/{phase}.manifest.json",
+                f"--out=runs/{phase}",
+            ],
+            cwd=proj,
+            env=ft.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for phase in ("raw", "chat")
+    ]
     for p in procs:
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-3000:]
@@ -119,8 +153,11 @@ def test_a_run_exports_and_transplants_from_any_folder(project, tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     ok(capsys, "pipeline.export", [proj / "runs/chat", "--out", "exported"])
     ok(capsys, "pipeline.transplant", ["--raw", proj / "runs/raw", "--chat", proj / "runs/chat", "--out", "t"])
-    ok(capsys, "pipeline.chat_vector", ["--raw", proj / "runs/raw", "--chat", proj / "runs/chat",
-                                        "--base", proj / "model", "--out", "cv"])
+    ok(
+        capsys,
+        "pipeline.chat_vector",
+        ["--raw", proj / "runs/raw", "--chat", proj / "runs/chat", "--base", proj / "model", "--out", "cv"],
+    )
     assert json.loads((tmp_path / "exported/export.json").read_text())["input"]["step"] == 2
     assert (tmp_path / "t/transplant.json").is_file() and (tmp_path / "cv/chat_vector.json").is_file()
 
@@ -130,13 +167,26 @@ def test_a_resume_with_another_spelling_of_the_same_paths_is_the_same_run(projec
     """Before: `--out=$PWD/runs/raw` for a run started with `--out=runs/raw` was refused as
     "started with a different config (`out` 'runs/raw' -> '/.../runs/raw')"."""
     proj = project["proj"]
-    p = _train(proj, "phase.yaml", "--phase=raw", "--model=./model/", "--data=data/../data/raw.manifest.json",
-               f"--out={proj.resolve()}/runs/raw")
+    p = _train(
+        proj,
+        "phase.yaml",
+        "--phase=raw",
+        "--model=./model/",
+        "--data=data/../data/raw.manifest.json",
+        f"--out={proj.resolve()}/runs/raw",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming from" in p.stdout
     # and a change that does matter is still refused, now before DeepSpeed starts
-    p = _train(proj, "phase.yaml", "--phase=raw", "--model=model", "--data=data/raw.manifest.json",
-               "--out=runs/raw", "--steps=3")
+    p = _train(
+        proj,
+        "phase.yaml",
+        "--phase=raw",
+        "--model=model",
+        "--data=data/raw.manifest.json",
+        "--out=runs/raw",
+        "--steps=3",
+    )
     assert p.returncode == 2 and "`steps` 2 -> 3" in p.stderr, p.stderr[-3000:]
     assert "DeepSpeed" not in p.stdout
 
@@ -153,8 +203,9 @@ def test_a_project_folder_moved_whole_still_exports_transplants_and_resumes(proj
         ok(capsys, "pipeline.transplant", ["--raw", moved / "runs/raw", "--chat", moved / "runs/chat", "--out", "t"])
         rec = json.loads((tmp_path / "e/export.json").read_text())
         assert rec["input"]["base_model"]["path"] == str(proj.resolve() / "model")  # as recorded
-        p = _train(moved, "phase.yaml", "--phase=chat", "--model=model", "--data=data/chat.manifest.json",
-                   "--out=runs/chat")
+        p = _train(
+            moved, "phase.yaml", "--phase=chat", "--model=model", "--data=data/chat.manifest.json", "--out=runs/chat"
+        )
         assert p.returncode == 0 and "resuming from" in p.stdout, p.stderr[-3000:]
     finally:
         os.rename(moved, proj)
@@ -171,9 +222,11 @@ def test_a_run_directory_copied_alone_finds_its_base_where_it_was(project, tmp_p
 # ---------------------------------------------------------------------------------------------
 # 2. Every tool checks that it can write its output before it starts work
 
+
 def _boom(what):
     def f(*a, **kw):
         raise AssertionError(f"{what}: the work started although the command should have been refused first")
+
     return f
 
 
@@ -185,8 +238,17 @@ def _unwritable(tmp_path: Path) -> Path:
     return blocker / "sub"
 
 
-TOOLS = ["data_prep raw", "data_prep chat", "pipeline.train", "pipeline.export", "pipeline.transplant",
-         "pipeline.chat_vector", "pipeline.evaluate --out", "pipeline.evaluate --details", "pipeline.probe"]
+TOOLS = [
+    "data_prep raw",
+    "data_prep chat",
+    "pipeline.train",
+    "pipeline.export",
+    "pipeline.transplant",
+    "pipeline.chat_vector",
+    "pipeline.evaluate --out",
+    "pipeline.evaluate --details",
+    "pipeline.probe",
+]
 
 
 def _argv(tool: str, s: dict, where: Path, tmp_path: Path) -> tuple[str, list, Path]:
@@ -194,17 +256,28 @@ def _argv(tool: str, s: dict, where: Path, tmp_path: Path) -> tuple[str, list, P
     if tool.startswith("data_prep"):
         kind = tool.split()[1]
         data = s["root"] / ("raw.jsonl" if kind == "raw" else "chat.jsonl")
-        return "data_prep.__main__", [kind, data, "--tokenizer", s["model"], "--output-prefix", where / "d"], where / "d"
+        return (
+            "data_prep.__main__",
+            [kind, data, "--tokenizer", s["model"], "--output-prefix", where / "d"],
+            where / "d",
+        )
     if tool == "pipeline.train":
         cfg = ft.write_config(tmp_path / "cfg.yaml", s, "raw", where / "run")
         return "pipeline.train", [cfg], where / "run"
     if tool == "pipeline.export":
         return "pipeline.export", [s["raw_run"], "--out", where / "e"], where / "e"
     if tool == "pipeline.transplant":
-        return "pipeline.transplant", ["--raw", s["raw_run"], "--chat", s["chat_run"], "--out", where / "t"], where / "t"
+        return (
+            "pipeline.transplant",
+            ["--raw", s["raw_run"], "--chat", s["chat_run"], "--out", where / "t"],
+            where / "t",
+        )
     if tool == "pipeline.chat_vector":
-        return "pipeline.chat_vector", ["--raw", s["raw_run"], "--chat", s["chat_run"], "--base", s["base"],
-                                        "--out", where / "cv"], where / "cv"
+        return (
+            "pipeline.chat_vector",
+            ["--raw", s["raw_run"], "--chat", s["chat_run"], "--base", s["base"], "--out", where / "cv"],
+            where / "cv",
+        )
     if tool.startswith("pipeline.evaluate"):
         flag = tool.split()[1]
         out = where / ("results.json" if flag == "--out" else "details.jsonl")
@@ -240,13 +313,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(setup, tmp_
 # ---------------------------------------------------------------------------------------------
 # 3. Every tool owns what it writes while it writes
 
+
 def _paused(tmp_path: Path, target: str, entry: str, argv: list) -> tuple[subprocess.Popen, Path]:
     """Start the real `entry` with `target` made to wait: returns once it is inside, and the file
     whose creation lets it go on."""
     ready, go = tmp_path / "ready", tmp_path / "go"
-    p = subprocess.Popen([sys.executable, str(HELPERS / "paused_writer.py"), str(ready), str(go), target, entry,
-                          *map(str, argv)], cwd=ft.REPO, env=ft.env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(HELPERS / "paused_writer.py"), str(ready), str(go), target, entry, *map(str, argv)],
+        cwd=ft.REPO,
+        env=ft.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     end = time.monotonic() + 120
     while not ready.exists():
         assert p.poll() is None, p.communicate()[1][-3000:]
@@ -265,8 +344,12 @@ def _finish(p: subprocess.Popen, go: Path) -> None:
 def test_two_exports_of_different_steps_to_one_out(setup, tmp_path, capsys):
     """Before: both exited 0, and the folder held only the step of whichever renamed last."""
     out = tmp_path / "e"
-    first, go = _paused(tmp_path, "pipeline.convert.output:stream_layers", "pipeline.export",
-                        [setup["raw_run"], "--step", 1, "--out", out])
+    first, go = _paused(
+        tmp_path,
+        "pipeline.convert.output:stream_layers",
+        "pipeline.export",
+        [setup["raw_run"], "--step", 1, "--out", out],
+    )
     try:
         err = call(capsys, "pipeline.export", [setup["raw_run"], "--step", 2, "--out", out])
         names(err, out, f"pid {first.pid}", "another process is writing it")
@@ -276,22 +359,28 @@ def test_two_exports_of_different_steps_to_one_out(setup, tmp_path, capsys):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("tool", ["pipeline.transplant", "pipeline.chat_vector", "pipeline.probe",
-                                  "data_prep raw", "data_prep chat"])
+@pytest.mark.parametrize(
+    "tool", ["pipeline.transplant", "pipeline.chat_vector", "pipeline.probe", "data_prep raw", "data_prep chat"]
+)
 def test_a_second_writer_of_the_same_output_is_refused_and_the_first_completes(setup, tmp_path, capsys, tool):
     """Before: the second ran to the end beside the first (exit 0 for both), the two writing the
     same folder or shard prefix."""
-    target = {"pipeline.probe": "pipeline.evaluation.layer_probe:weight_change",
-              "data_prep raw": "data_prep.raw:encode_batches",
-              "data_prep chat": "data_prep.chat:val_mask"}.get(tool, "pipeline.convert.output:stream_layers")
+    target = {
+        "pipeline.probe": "pipeline.evaluation.layer_probe:weight_change",
+        "data_prep raw": "data_prep.raw:encode_batches",
+        "data_prep chat": "data_prep.chat:val_mask",
+    }.get(tool, "pipeline.convert.output:stream_layers")
     entry, argv, out = _argv(tool, setup, tmp_path / "out", tmp_path)
     first, go = _paused(tmp_path, target, entry, argv)
     try:
         names(call(capsys, entry, argv), out, f"pid {first.pid}", "another process is writing it")
     finally:
         _finish(first, go)
-    done = {"pipeline.probe": out / "probe.json", "pipeline.transplant": out / "transplant.json",
-            "pipeline.chat_vector": out / "chat_vector.json"}.get(tool, out.with_name("d.manifest.json"))
+    done = {
+        "pipeline.probe": out / "probe.json",
+        "pipeline.transplant": out / "transplant.json",
+        "pipeline.chat_vector": out / "chat_vector.json",
+    }.get(tool, out.with_name("d.manifest.json"))
     assert done.is_file()
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
 
@@ -321,13 +410,19 @@ def test_an_evaluation_that_ends_during_another_keeps_its_row(setup, tmp_path, c
 
     def while_b_runs(*a, **kw):
         monkeypatch.setattr(runner, "evaluate_model", real)
-        ok(capsys, "pipeline.evaluate", ["--model", setup["model"], "--name", "a", "--raw-eval", setup["texts"],
-                                          "--out", results, "--no-progress"])
+        ok(
+            capsys,
+            "pipeline.evaluate",
+            ["--model", setup["model"], "--name", "a", "--raw-eval", setup["texts"], "--out", results, "--no-progress"],
+        )
         return real(*a, **kw)
 
     monkeypatch.setattr(runner, "evaluate_model", while_b_runs)
-    ok(capsys, "pipeline.evaluate", ["--model", setup["model"], "--name", "b", "--raw-eval", setup["texts"],
-                                      "--out", results, "--no-progress"])
+    ok(
+        capsys,
+        "pipeline.evaluate",
+        ["--model", setup["model"], "--name", "b", "--raw-eval", setup["texts"], "--out", results, "--no-progress"],
+    )
     assert sorted(json.loads(results.read_text())["models"]) == ["a", "b"]
     assert "| a |" in results.with_suffix(".md").read_text()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -336,11 +431,26 @@ def test_an_evaluation_that_ends_during_another_keeps_its_row(setup, tmp_path, c
 # ---------------------------------------------------------------------------------------------
 # 4. Small results that were silently wrong
 
+
 @pytest.mark.parametrize("n", ["-3", "0"])
 def test_probe_max_prompts_below_one_is_refused(setup, tmp_path, capsys, n):
     """Before: -3 used all prompts but the last 3 (exit 0), 0 was a traceback."""
-    err = call(capsys, "pipeline.probe", ["--base", setup["model"], "--chat", setup["model"], "--prompts",
-                                          setup["prompts"], "--max-prompts", n, "--out", tmp_path / "p"])
+    err = call(
+        capsys,
+        "pipeline.probe",
+        [
+            "--base",
+            setup["model"],
+            "--chat",
+            setup["model"],
+            "--prompts",
+            setup["prompts"],
+            "--max-prompts",
+            n,
+            "--out",
+            tmp_path / "p",
+        ],
+    )
     names(err, f"--max-prompts {n}", ">= 1")
     assert not (tmp_path / "p").exists()
 
@@ -348,8 +458,9 @@ def test_probe_max_prompts_below_one_is_refused(setup, tmp_path, capsys, n):
 def test_raw_eval_texts_too_short_to_score_are_refused_not_nan(setup, tmp_path, capsys):
     """Before: `"ppl_raw": NaN`, exit 0."""
     short = write_jsonl(tmp_path / "short.jsonl", [{"text": "a"}, {"text": ""}])  # one token, none
-    err = call(capsys, "pipeline.evaluate", ["--model", setup["model"], "--raw-eval", short,
-                                             "--out", tmp_path / "r.json"])
+    err = call(
+        capsys, "pipeline.evaluate", ["--model", setup["model"], "--raw-eval", short, "--out", tmp_path / "r.json"]
+    )
     names(err, "--raw-eval", short, "2 tokens")
     assert not (tmp_path / "r.json").exists()
 
@@ -369,8 +480,18 @@ def test_a_byte_order_mark_is_not_trained_as_a_token(setup, tmp_path):
     (tmp_path / "bom/a.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
     (tmp_path / "plain/a.txt").write_bytes(text.encode())
     for name in ("bom", "plain"):
-        prep(["raw", str(tmp_path / name / "a.txt"), "--tokenizer", str(setup["model"]), "--val-fraction", "0",
-              "--output-prefix", str(tmp_path / "out" / name)])
+        prep(
+            [
+                "raw",
+                str(tmp_path / name / "a.txt"),
+                "--tokenizer",
+                str(setup["model"]),
+                "--val-fraction",
+                "0",
+                "--output-prefix",
+                str(tmp_path / "out" / name),
+            ]
+        )
     assert _tokens(tmp_path / "out/bom") == _tokens(tmp_path / "out/plain")
 
 
@@ -382,22 +503,49 @@ def test_a_chat_json_array_with_a_byte_order_mark_is_read(setup, tmp_path):
     (tmp_path / "c.json").write_bytes(b"\xef\xbb\xbf[\n" + json.dumps(conv).encode() + b"\n]\n")
     (tmp_path / "p.jsonl").write_text(json.dumps(conv) + "\n")
     for name in ("c.json", "p.jsonl"):
-        prep(["chat", str(tmp_path / name), "--tokenizer", str(setup["model"]), "--val-fraction", "0",
-              "--output-prefix", str(tmp_path / "out" / name)])
+        prep(
+            [
+                "chat",
+                str(tmp_path / name),
+                "--tokenizer",
+                str(setup["model"]),
+                "--val-fraction",
+                "0",
+                "--output-prefix",
+                str(tmp_path / "out" / name),
+            ]
+        )
     assert _tokens(tmp_path / "out/c.json") == _tokens(tmp_path / "out/p.jsonl")
 
 
 @pytest.mark.parametrize("kind", ["raw", "chat"])
 def test_an_empty_train_split_is_refused(setup, tmp_path, capsys, kind):
     """Before: exit 0 with every document in the val split and a train split of nothing."""
-    rec = {"text": "words"} if kind == "raw" else {"messages": [{"role": "user", "content": "hi"},
-                                                                 {"role": "assistant", "content": "hello"}]}
+    rec = (
+        {"text": "words"}
+        if kind == "raw"
+        else {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
     f = write_jsonl(tmp_path / "c.jsonl", [rec])
     # --val-fraction 0.99: the one document lands in val for (almost) every seed; find one
     from data_prep.shards import val_mask
 
     seed = next(s for s in range(100) if val_mask(0, 1, s, 0.99)[0])
-    err = call(capsys, "data_prep.__main__", [kind, f, "--tokenizer", setup["model"], "--val-fraction", 0.99,
-                                              "--seed", seed, "--output-prefix", tmp_path / "out/d"])
+    err = call(
+        capsys,
+        "data_prep.__main__",
+        [
+            kind,
+            f,
+            "--tokenizer",
+            setup["model"],
+            "--val-fraction",
+            0.99,
+            "--seed",
+            seed,
+            "--output-prefix",
+            tmp_path / "out/d",
+        ],
+    )
     names(err, "--val-fraction 0.99", "train split is empty")
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
 """The run config: every shipped config parses; typos and bad values are named precisely."""
+
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,12 @@ def test_there_are_shipped_configs():
 # 16 layers here), configs/demo/*.yaml for the demo's base.
 DEMO_LAYERS = __import__("pipeline.demo.run", fromlist=["SIZES"]).SIZES["full"]["model"]["layers"]
 # Configs that must agree on the boundary: the transplant merges their runs.
-PAIRS = [("configs/chat.yaml", "configs/raw.yaml"), ("configs/demo/chat.yaml", "configs/demo/raw.yaml"),
-         ("configs/demo/chat.yaml", "configs/demo/reattach.yaml"), ("configs/demo/chat.yaml", "configs/demo/sequential.yaml")]
+PAIRS = [
+    ("configs/chat.yaml", "configs/raw.yaml"),
+    ("configs/demo/chat.yaml", "configs/demo/raw.yaml"),
+    ("configs/demo/chat.yaml", "configs/demo/reattach.yaml"),
+    ("configs/demo/chat.yaml", "configs/demo/sequential.yaml"),
+]
 
 
 def target_layers(path: Path) -> int:
@@ -32,17 +37,19 @@ def target_layers(path: Path) -> int:
 def shapes(tmp_path_factory):
     """Tiny models of every targeted depth, sharing one tokenizer, with raw and chat shards long
     enough for the shipped seq_len (2048)."""
-    from data_prep.__main__ import main as prep
     from transformers import AutoTokenizer
 
+    from data_prep.__main__ import main as prep
     from tests.kit.models import tiny_llama
     from tests.kit.tokenizers import conversations, documents, make_hf_tokenizer, write_jsonl
 
     root = tmp_path_factory.mktemp("shapes")
     tok = make_hf_tokenizer(root / "tok", vocab_size=300)
     vocab = len(AutoTokenizer.from_pretrained(str(tok)))
-    models = {L: tiny_llama(root / f"model{L}", vocab, layers=L, max_position=4096, tokenizer_dir=tok)
-              for L in {16, DEMO_LAYERS}}
+    models = {
+        L: tiny_llama(root / f"model{L}", vocab, layers=L, max_position=4096, tokenizer_dir=tok)
+        for L in {16, DEMO_LAYERS}
+    }
     raw = write_jsonl(root / "raw.jsonl", [{"text": d} for d in documents(800, seed=3)])
     chat = write_jsonl(root / "chat.jsonl", conversations(500, seed=4))
     prep(["raw", str(raw), "--tokenizer", str(tok), "--output-prefix", str(root / "raw"), "--val-fraction", "0"])
@@ -56,9 +63,11 @@ def plan_of(path: Path, shapes):
 
     shipped = load_config(path)
     phase = shipped.groups.phase
-    overrides = {"model": str(shapes["models"][target_layers(path)]),
-                 "data": str(shapes["chat" if phase == "chat" else "raw"]),
-                 "out": str(shapes["root"] / "runs" / path.stem)}
+    overrides = {
+        "model": str(shapes["models"][target_layers(path)]),
+        "data": str(shapes["chat" if phase == "chat" else "raw"]),
+        "out": str(shapes["root"] / "runs" / path.stem),
+    }
     if shipped.eval.eval_data:  # the same set names, on data that exists here
         overrides["eval_data"] = {n: {"path": str(shapes["raw"]), "split": "train"} for n in shipped.eval.eval_data}
     cfg = load_config(path, overrides)
@@ -142,26 +151,51 @@ def test_every_key_is_documented():
     text = describe_keys()
     for key, (_, f) in LEAVES.items():
         assert f.metadata["doc"].strip() and f"  {key} (" in text
-    for key in ("model", "data", "phase", "raw_start", "format_start", "raw_trains_format", "pipeline_stages",
-                "seq_len", "micro_batch_size", "global_batch_size", "steps", "lr", "seed", "out", "save_every",
-                "keep_last"):
+    for key in (
+        "model",
+        "data",
+        "phase",
+        "raw_start",
+        "format_start",
+        "raw_trains_format",
+        "pipeline_stages",
+        "seq_len",
+        "micro_batch_size",
+        "global_batch_size",
+        "steps",
+        "lr",
+        "seed",
+        "out",
+        "save_every",
+        "keep_last",
+    ):
         assert key in LEAVES
 
 
-@pytest.mark.parametrize("fragment,key,owner", [
-    ('"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}', "optimizer.params.lr", "lr"),
-    ('"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}', "optimizer.params.weight_decay", "weight_decay"),
-    ('"gradient_clipping": 0.5', "gradient_clipping", "grad_clip"),
-    ('"train_batch_size": 8', "train_batch_size", "global_batch_size"),
-    ('"train_micro_batch_size_per_gpu": 2', "train_micro_batch_size_per_gpu", "micro_batch_size"),
-    ('"gradient_accumulation_steps": 2', "gradient_accumulation_steps", "global_batch_size"),
-    ('"scheduler": {"type": "WarmupLR"}', "scheduler", "warmup_steps"),
-    ('"pipeline": {"activation_checkpoint_interval": 1}', "pipeline.activation_checkpoint_interval",
-     "activation_checkpoint_interval"),
-    ('"tensorboard": {"enabled": true}', "tensorboard", "report_to"),
-    ('"wandb": {"enabled": true, "project": "p"}', "wandb", "wandb_project"),
-    ('"csv_monitor": {"enabled": true}', "csv_monitor", "report_to"),
-])
+@pytest.mark.parametrize(
+    "fragment,key,owner",
+    [
+        ('"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}', "optimizer.params.lr", "lr"),
+        (
+            '"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}',
+            "optimizer.params.weight_decay",
+            "weight_decay",
+        ),
+        ('"gradient_clipping": 0.5', "gradient_clipping", "grad_clip"),
+        ('"train_batch_size": 8', "train_batch_size", "global_batch_size"),
+        ('"train_micro_batch_size_per_gpu": 2', "train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ('"gradient_accumulation_steps": 2', "gradient_accumulation_steps", "global_batch_size"),
+        ('"scheduler": {"type": "WarmupLR"}', "scheduler", "warmup_steps"),
+        (
+            '"pipeline": {"activation_checkpoint_interval": 1}',
+            "pipeline.activation_checkpoint_interval",
+            "activation_checkpoint_interval",
+        ),
+        ('"tensorboard": {"enabled": true}', "tensorboard", "report_to"),
+        ('"wandb": {"enabled": true, "project": "p"}', "wandb", "wandb_project"),
+        ('"csv_monitor": {"enabled": true}', "csv_monitor", "report_to"),
+    ],
+)
 def test_ds_json_refuses_every_key_the_run_config_owns(tmp_path, fragment, key, owner):
     ds = tmp_path / "ds.json"
     ds.write_text("{" + fragment + "}")
@@ -172,14 +206,19 @@ def test_ds_json_refuses_every_key_the_run_config_owns(tmp_path, fragment, key, 
 
 def test_ds_json_keeps_what_it_owns(tmp_path):
     ds = tmp_path / "ds.json"
-    ds.write_text('{"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.9], "eps": 1e-6}}, '
-                  '"zero_optimization": {"stage": 1}, "bf16": {"enabled": true}}')
+    ds.write_text(
+        '{"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.9], "eps": 1e-6}}, '
+        '"zero_optimization": {"stage": 1}, "bf16": {"enabled": true}}'
+    )
     cfg = load_config(_write(tmp_path, f"ds_config: {ds}\nlr: 0.25\n"))
     raw, _ = deepspeed_json.load(cfg, use_gpu=False)
     merged = deepspeed_json.merged(raw, cfg, 16, 4, 2, dp_size=1)
     assert merged["optimizer"]["params"] == {"betas": [0.8, 0.9], "eps": 1e-6, "lr": 0.25, "weight_decay": 0.0}
-    assert (merged["train_batch_size"], merged["train_micro_batch_size_per_gpu"], merged["gradient_accumulation_steps"]) \
-        == (16, 4, 2)
+    assert (
+        merged["train_batch_size"],
+        merged["train_micro_batch_size_per_gpu"],
+        merged["gradient_accumulation_steps"],
+    ) == (16, 4, 2)
     assert merged["bf16"] == {"enabled": True} and merged["zero_optimization"]["stage"] == 1
 
 
@@ -189,9 +228,18 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("extra,key", [("lr: -1\n", "lr"), ("lr: 0\n", "lr"), ("steps: 0\n", "steps"),
-                                       ("min_lr: 0.5\nlr: 0.1\n", "min_lr"), ("weight_decay: -0.1\n", "weight_decay"),
-                                       ("grad_clip: -1\n", "grad_clip"), ("warmup_steps: -2\n", "warmup_steps")])
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        ("lr: -1\n", "lr"),
+        ("lr: 0\n", "lr"),
+        ("steps: 0\n", "steps"),
+        ("min_lr: 0.5\nlr: 0.1\n", "min_lr"),
+        ("weight_decay: -0.1\n", "weight_decay"),
+        ("grad_clip: -1\n", "grad_clip"),
+        ("warmup_steps: -2\n", "warmup_steps"),
+    ],
+)
 def test_out_of_range_values_name_the_key(tmp_path, extra, key):
     with pytest.raises(UserError, match=rf"run\.yaml:\d+: `{key}`"):
         load_config(_write(tmp_path, extra))
@@ -207,8 +255,16 @@ def test_demo_recipe_files_and_run_configs_load(path):
         assert found and all(r.raw.keys() <= recipes.RAW_KEYS for r in found)
         if path.name == "sweep.yaml":
             names = {r.name for r in found}
-            assert {"replay_0.25", "replay_0.5", "replay_1", "fs5", "fs7", "raw_trains_format", "anchor",
-                    "reattach"} <= names and worlds
+            assert {
+                "replay_0.25",
+                "replay_0.5",
+                "replay_1",
+                "fs5",
+                "fs7",
+                "raw_trains_format",
+                "anchor",
+                "reattach",
+            } <= names and worlds
     else:
         assert load_config(path).groups.phase in ("chat", "raw", "full")
 

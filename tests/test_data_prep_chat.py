@@ -1,4 +1,5 @@
 """`python -m data_prep chat`: loss masks token by token, templates, bad records."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.kit import tokenizers as F
 from data_prep.__main__ import main
 from data_prep.tokenizer import load_tokenizer
+from tests.kit import tokenizers as F
 from tests.kit.tokenizers import read_shard
 
 
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    return {"hf": F.make_hf_tokenizer(d / "hf"),
-            "bare": F.make_hf_tokenizer(d / "bare", chat_template=None)}
+    return {"hf": F.make_hf_tokenizer(d / "hf"), "bare": F.make_hf_tokenizer(d / "bare", chat_template=None)}
 
 
 def run_cli(*argv) -> None:
@@ -73,8 +73,18 @@ def test_mask_marks_exactly_assistant_tokens(tmp_path, toks, sharegpt):
     records = F.conversations(40, seed=4, sharegpt=sharegpt)
     F.write_jsonl(tmp_path / "c.jsonl", records)
     out = tmp_path / "chat"
-    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix", out,
-            "--val-fraction", "0.2", "--shard-tokens", "800")
+    run_cli(
+        "chat",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        toks["hf"],
+        "--output-prefix",
+        out,
+        "--val-fraction",
+        "0.2",
+        "--shard-tokens",
+        "800",
+    )
     convs = [r["messages"] for r in F.conversations(40, seed=4)]  # the OpenAI form of the same
     tok = load_tokenizer(toks["hf"])
     check_masks(tmp_path / "chat.manifest.json", convs, tok, chatml, "<|im_end|>")
@@ -85,9 +95,11 @@ def test_mask_marks_exactly_assistant_tokens(tmp_path, toks, sharegpt):
     assert m["assistant_tokens"] == total_mask
 
 
-TEMPLATE = ("{% for m in messages %}{% if m.role == 'assistant' %}### Assistant:\n"
-            "{{ m.content }}{{ eos_token }}\n{% else %}### {{ m.role|capitalize }}:\n{{ m.content }}\n"
-            "{% endif %}{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}### Assistant:\n"
+    "{{ m.content }}{{ eos_token }}\n{% else %}### {{ m.role|capitalize }}:\n{{ m.content }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
 
 
 def plain(msgs: list[dict]) -> str:
@@ -105,18 +117,26 @@ def test_chat_template_file(tmp_path, toks):
     records = F.conversations(15, seed=6)
     F.write_jsonl(tmp_path / "c.jsonl", records)
     # The tokenizer without a template of its own: --chat-template supplies it.
-    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["bare"], "--chat-template",
-            tmp_path / "t.jinja", "--output-prefix", tmp_path / "chat", "--val-fraction", "0")
+    run_cli(
+        "chat",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        toks["bare"],
+        "--chat-template",
+        tmp_path / "t.jinja",
+        "--output-prefix",
+        tmp_path / "chat",
+        "--val-fraction",
+        "0",
+    )
     tok = load_tokenizer(toks["bare"])
-    check_masks(tmp_path / "chat.manifest.json", [r["messages"] for r in records], tok, plain,
-                "<|endoftext|>")
+    check_masks(tmp_path / "chat.manifest.json", [r["messages"] for r in records], tok, plain, "<|endoftext|>")
 
 
 def test_no_template_is_a_clear_error(tmp_path, toks, capsys):
     F.write_jsonl(tmp_path / "c.jsonl", F.conversations(2))
     with pytest.raises(SystemExit):
-        run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["bare"], "--output-prefix",
-                tmp_path / "o" / "chat")
+        run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["bare"], "--output-prefix", tmp_path / "o" / "chat")
     err = capsys.readouterr().err
     assert str(toks["bare"]) in err and "--chat-template" in err
     assert not (tmp_path / "o").exists()
@@ -124,11 +144,12 @@ def test_no_template_is_a_clear_error(tmp_path, toks, capsys):
 
 BAD = [
     ('{"messages": [{"role": "user", "content": "hi"}', "invalid JSON"),
-    ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
-     "unknown role 'wizard'"),
+    (
+        '{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}',
+        "unknown role 'wizard'",
+    ),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]}',
-     "empty content"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]}', "empty content"),
 ]
 
 
@@ -137,8 +158,7 @@ def test_bad_record_names_file_and_line(tmp_path, toks, capsys, line, why):
     good = json.dumps(F.conversations(1)[0])
     (tmp_path / "c.jsonl").write_text(f"{good}\n\n{line}\n{good}\n")
     with pytest.raises(SystemExit) as e:
-        run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix",
-                tmp_path / "o" / "chat")
+        run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix", tmp_path / "o" / "chat")
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "c.jsonl:3: " in err and why in err and "--skip-bad" in err
@@ -149,20 +169,35 @@ def test_skip_bad_counts_in_manifest(tmp_path, toks):
     goods = F.conversations(5, seed=8)
     lines = [json.dumps(g) for g in goods[:3]] + [b for b, _ in BAD] + [json.dumps(g) for g in goods[3:]]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix",
-            tmp_path / "chat", "--skip-bad", "--val-fraction", "0")
+    run_cli(
+        "chat",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        toks["hf"],
+        "--output-prefix",
+        tmp_path / "chat",
+        "--skip-bad",
+        "--val-fraction",
+        "0",
+    )
     m = json.loads((tmp_path / "chat.manifest.json").read_text())
     assert m["skipped_records"] == 4 and m["totals"]["train"]["documents"] == 5
     assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in m["skipped_examples"]] == ["4", "5", "6", "7"]
-    check_masks(tmp_path / "chat.manifest.json", [g["messages"] for g in goods],
-                load_tokenizer(toks["hf"]), chatml, "<|im_end|>")
+    check_masks(
+        tmp_path / "chat.manifest.json",
+        [g["messages"] for g in goods],
+        load_tokenizer(toks["hf"]),
+        chatml,
+        "<|im_end|>",
+    )
 
 
 GENERATION_CHATML = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
     "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
     "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_mask_agrees_with_generation_markers(tmp_path, toks):
@@ -170,14 +205,25 @@ def test_mask_agrees_with_generation_markers(tmp_path, toks):
     (tmp_path / "t.jinja").write_text(GENERATION_CHATML)
     records = F.conversations(25, seed=13)
     F.write_jsonl(tmp_path / "c.jsonl", records)
-    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", toks["bare"], "--chat-template",
-            tmp_path / "t.jinja", "--output-prefix", tmp_path / "chat", "--val-fraction", "0")
+    run_cli(
+        "chat",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        toks["bare"],
+        "--chat-template",
+        tmp_path / "t.jinja",
+        "--output-prefix",
+        tmp_path / "chat",
+        "--val-fraction",
+        "0",
+    )
     tok = load_tokenizer(toks["bare"])
     tok.chat_template = GENERATION_CHATML
     got = stored(tmp_path / "chat.manifest.json")
     for rec, (tokens, mask) in zip(records, got):
-        ref = tok.apply_chat_template(rec["messages"], tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
+        ref = tok.apply_chat_template(
+            rec["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert list(tokens) == list(ref["input_ids"])
         assert list(mask) == list(ref["assistant_masks"])
     assert len(got) == len(records)
@@ -186,17 +232,29 @@ def test_mask_agrees_with_generation_markers(tmp_path, toks):
 def test_content_as_a_list_of_text_parts(tmp_path, toks):
     """The OpenAI format allows content as parts; the text parts are one message's text."""
     plain = [{"role": "user", "content": "Where is Oslo?\nIn the north?"}, {"role": "assistant", "content": "Norway."}]
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Where is Oslo?"},
-                                          {"type": "text", "text": "In the north?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "Norway."}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Where is Oslo?"}, {"type": "text", "text": "In the north?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Norway."}]},
+    ]
     for name, msgs in (("plain", plain), ("parts", parts)):
         f = F.write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": msgs}] * 3)
         run_cli("chat", f, "--tokenizer", toks["hf"], "--output-prefix", tmp_path / name, "--val-fraction", "0")
     a, b = stored(tmp_path / "plain.manifest.json"), stored(tmp_path / "parts.manifest.json")
     assert len(a) == len(b) == 3 and all((x[0] == y[0]).all() and (x[1] == y[1]).all() for x, y in zip(a, b))
-    img = F.write_jsonl(tmp_path / "img.jsonl", [{"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
-        {"role": "assistant", "content": "a cat"}]}])
+    img = F.write_jsonl(
+        tmp_path / "img.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                    {"role": "assistant", "content": "a cat"},
+                ]
+            }
+        ],
+    )
     with pytest.raises(SystemExit):
         run_cli("chat", img, "--tokenizer", toks["hf"], "--output-prefix", tmp_path / "img")
 
@@ -212,13 +270,30 @@ def test_a_qwen3_template_trains_each_turn_as_it_renders(tmp_path):
     whole. Each turn is still located and trains `content<|im_end|>`: for the last one the think
     block is part of the generation prompt, as at inference."""
     tok_dir = F.make_hf_tokenizer(tmp_path / "qwen3", chat_template=F.QWEN3)
-    convs = [[{"role": "user", "content": "one"}, {"role": "assistant", "content": "red"},
-              {"role": "user", "content": "two"}, {"role": "assistant", "content": "green river"}],
-             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "three"},
-              {"role": "assistant", "content": "blue"}]]
+    convs = [
+        [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "green river"},
+        ],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "three"},
+            {"role": "assistant", "content": "blue"},
+        ],
+    ]
     F.write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])
-    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", tok_dir, "--output-prefix", tmp_path / "out/chat",
-            "--val-fraction", "0")
+    run_cli(
+        "chat",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        tok_dir,
+        "--output-prefix",
+        tmp_path / "out/chat",
+        "--val-fraction",
+        "0",
+    )
     tok = load_tokenizer(tok_dir)
     got = sorted(_masked_turns(tmp_path / "out/chat.manifest.json", tok))
     assert got == sorted([["red<|im_end|>", "green river<|im_end|>"], ["blue<|im_end|>"]])
@@ -231,13 +306,28 @@ def test_a_llama3_template_with_a_dated_system_message(tmp_path):
     shards hold the packing day's date, and each turn trains its trimmed `content<|eot_id|>`."""
     import datetime
 
-    tok_dir = F.make_hf_tokenizer(tmp_path / "llama", chat_template=F.LLAMA3, extra_specials=F.LLAMA3_SPECIALS,
-                                  bos_token="<|begin_of_text|>")
-    convs = [[{"role": "user", "content": "one"}, {"role": "assistant", "content": " red "},
-              {"role": "user", "content": "two"}, {"role": "assistant", "content": "green"}]] * 3
+    tok_dir = F.make_hf_tokenizer(
+        tmp_path / "llama", chat_template=F.LLAMA3, extra_specials=F.LLAMA3_SPECIALS, bos_token="<|begin_of_text|>"
+    )
+    convs = [
+        [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": " red "},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "green"},
+        ]
+    ] * 3
     F.write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])
-    run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", tok_dir, "--output-prefix", tmp_path / "out/chat",
-            "--val-fraction", "0")
+    run_cli(
+        "chat",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        tok_dir,
+        "--output-prefix",
+        tmp_path / "out/chat",
+        "--val-fraction",
+        "0",
+    )
     tok = load_tokenizer(tok_dir)
     assert _masked_turns(tmp_path / "out/chat.manifest.json", tok) == [["red<|eot_id|>", "green<|eot_id|>"]] * 3
     texts = {tok.decode(t) for t, _ in stored(tmp_path / "out/chat.manifest.json")}
@@ -248,14 +338,24 @@ def test_a_llama3_template_with_a_dated_system_message(tmp_path):
 
 def test_a_template_that_rewrites_history_names_the_record_and_the_message(tmp_path, capsys):
     # Renders only the last two messages: earlier turns vanish from the whole conversation.
-    last_two = ("{% for m in messages[-2:] %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    last_two = (
+        "{% for m in messages[-2:] %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     (tmp_path / "t.jinja").write_text(last_two)
     ok = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     F.write_jsonl(tmp_path / "c.jsonl", [{"messages": ok}, {"messages": ok + ok}])
     with pytest.raises(SystemExit) as e:
-        run_cli("chat", tmp_path / "c.jsonl", "--tokenizer", F.make_hf_tokenizer(tmp_path / "tok"),
-                "--chat-template", tmp_path / "t.jinja", "--output-prefix", tmp_path / "out/chat")
+        run_cli(
+            "chat",
+            tmp_path / "c.jsonl",
+            "--tokenizer",
+            F.make_hf_tokenizer(tmp_path / "tok"),
+            "--chat-template",
+            tmp_path / "t.jinja",
+            "--output-prefix",
+            tmp_path / "out/chat",
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert f"{tmp_path / 'c.jsonl'}:2:" in err and "message 3 (assistant)" in err and "t.jinja" in err, err

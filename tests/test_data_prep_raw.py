@@ -1,4 +1,5 @@
 """`python -m data_prep raw`: round trip, MMIDIDX bytes, dtype, determinism, crash safety, errors."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.kit import tokenizers as F
 from data_prep.__main__ import main
 from data_prep.mmidx import token_dtype
 from data_prep.tokenizer import load_tokenizer, tokenizer_identity
+from tests.kit import tokenizers as F
 from tests.kit.tokenizers import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +54,10 @@ def make_corpus(root: Path, n: int = 120, seed: int = 0) -> tuple[list[str], lis
     import pyarrow.parquet as pq
 
     texts = F.documents(n, seed=seed)
-    parts = [texts[: n // 4], texts[n // 4: n // 2], texts[n // 2: 3 * n // 4], texts[3 * n // 4:]]
+    parts = [texts[: n // 4], texts[n // 4 : n // 2], texts[n // 2 : 3 * n // 4], texts[3 * n // 4 :]]
     F.write_jsonl(root / "a.jsonl", [{"id": i, "body": t} for i, t in enumerate(parts[0])])
     pq.write_table(pa.table({"body": parts[1]}), root / "b.parquet")
-    datasets.Dataset.from_dict({"body": parts[2], "n": list(range(len(parts[2])))}).save_to_disk(
-        str(root / "c_saved"))
+    datasets.Dataset.from_dict({"body": parts[2], "n": list(range(len(parts[2])))}).save_to_disk(str(root / "c_saved"))
     (root / "d_txt").mkdir()
     for i, t in enumerate(parts[3]):
         (root / "d_txt" / f"{i:03d}.txt").write_text(t)
@@ -69,8 +69,20 @@ def test_round_trip_every_format(tmp_path, toks, kind):
     texts, inputs = make_corpus(tmp_path)
     # A .txt file is a whole document whatever its key; the others are read under --text-key.
     out = tmp_path / "out" / "corpus"
-    run_cli("raw", *inputs, "--text-key", "body", "--tokenizer", toks[kind],
-            "--output-prefix", out, "--val-fraction", "0.2", "--shard-tokens", "1500")
+    run_cli(
+        "raw",
+        *inputs,
+        "--text-key",
+        "body",
+        "--tokenizer",
+        toks[kind],
+        "--output-prefix",
+        out,
+        "--val-fraction",
+        "0.2",
+        "--shard-tokens",
+        "1500",
+    )
     manifest = out.with_name("corpus.manifest.json")
     m = json.loads(manifest.read_text())
     tok = load_tokenizer(toks[kind])
@@ -97,6 +109,7 @@ def test_round_trip_every_format(tmp_path, toks, kind):
         f = r["tokens_file"]
         assert "/" not in f["bin"] and (manifest.parent / f["bin"]).stat().st_size == f["bin_bytes"]
         import hashlib
+
         assert hashlib.sha256((manifest.parent / f["idx"]).read_bytes()).hexdigest() == f["idx_sha256"]
     assert "--shard-tokens 1500" in m["command"] and m["command"].startswith("python -m data_prep raw")
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
@@ -105,8 +118,17 @@ def test_round_trip_every_format(tmp_path, toks, kind):
 def test_no_append_eod(tmp_path, toks):
     texts = F.documents(10)
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
-    run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix",
-            tmp_path / "o", "--val-fraction", "0", "--no-append-eod")
+    run_cli(
+        "raw",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        toks["hf"],
+        "--output-prefix",
+        tmp_path / "o",
+        "--val-fraction",
+        "0",
+        "--no-append-eod",
+    )
     tok = load_tokenizer(toks["hf"])
     got = [list(d) for d in split_docs(tmp_path / "o.manifest.json", "train")]
     assert got == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -121,11 +143,20 @@ def test_dtype_choice_and_int32_header(tmp_path):
     vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "big")
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path / "big"
+    )
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": "w69999 w3 w65535"}, {"text": "w70"}])
-    run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "big", "--output-prefix",
-            tmp_path / "o", "--val-fraction", "0")
+    run_cli(
+        "raw",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        tmp_path / "big",
+        "--output-prefix",
+        tmp_path / "o",
+        "--val-fraction",
+        "0",
+    )
     idx = (tmp_path / "o.train.00000.idx").read_bytes()
     assert idx[:9] == b"MMIDIDX\x00\x00"
     assert struct.unpack_from("<QBQQ", idx, 9) == (1, 4, 2, 3)  # version, int32 code, n, n+1
@@ -136,8 +167,9 @@ def test_dtype_choice_and_int32_header(tmp_path):
 
 def test_uint16_header_bytes(tmp_path, toks):
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in F.documents(3)])
-    run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix",
-            tmp_path / "o", "--val-fraction", "0")
+    run_cli(
+        "raw", tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--output-prefix", tmp_path / "o", "--val-fraction", "0"
+    )
     idx = (tmp_path / "o.train.00000.idx").read_bytes()
     assert idx[:9] == b"MMIDIDX\x00\x00" and idx[9:17] == (1).to_bytes(8, "little")
     assert idx[17] == 8  # Megatron's code for uint16
@@ -158,14 +190,39 @@ def _manifest_wo_command(d: Path) -> dict:
 @pytest.mark.multiproc
 def test_workers_byte_identical(tmp_path, toks):
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in F.documents(600)])
-    common = [tmp_path / "c.jsonl", "--tokenizer", toks["hf"], "--val-fraction", "0.1",
-              "--shard-tokens", "5000", "--batch-docs", "37"]
+    common = [
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        toks["hf"],
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "5000",
+        "--batch-docs",
+        "37",
+    ]
     run_cli("raw", *common, "--output-prefix", tmp_path / "w1" / "d", "--workers", "1")
     # --workers 2 in a fresh process: the tokenizer's thread pool is sized there, for real.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([sys.executable, "-m", "data_prep", "raw", *map(str, common),
-                        "--output-prefix", str(tmp_path / "w2" / "d"), "--workers", "2",
-                        "--batch-docs", "600"], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "raw",
+            *map(str, common),
+            "--output-prefix",
+            str(tmp_path / "w2" / "d"),
+            "--workers",
+            "2",
+            "--batch-docs",
+            "600",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout.strip().splitlines()[-1]
     a, b = _outputs(tmp_path / "w1"), _outputs(tmp_path / "w2")
@@ -177,12 +234,26 @@ def test_workers_byte_identical(tmp_path, toks):
 def test_kill_mid_run_leaves_nothing_finished(tmp_path, toks):
     texts = F.documents(16_000, seed=3)
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
-    args = ["raw", str(tmp_path / "c.jsonl"), "--tokenizer", str(toks["sp"]),
-            "--shard-tokens", "20000", "--batch-docs", "64", "--val-fraction", "0.1"]
+    args = [
+        "raw",
+        str(tmp_path / "c.jsonl"),
+        "--tokenizer",
+        str(toks["sp"]),
+        "--shard-tokens",
+        "20000",
+        "--batch-docs",
+        "64",
+        "--val-fraction",
+        "0.1",
+    ]
     out = tmp_path / "killed"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--output-prefix",
-                             str(out / "d")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *args, "--output-prefix", str(out / "d")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # Wait until it is writing (temp shards exist), then kill it at a random moment.
     deadline = time.time() + 120
     while not any(out.iterdir()) and proc.poll() is None and time.time() < deadline:
@@ -238,15 +309,18 @@ def _unknown_ext(root: Path) -> list:
     return [root / "data.csv"]
 
 
-@pytest.mark.parametrize("make, expect", [
-    (_bad_utf8, ["bad.txt", "UTF-8"]),
-    (_bad_json, ["bad.jsonl:3", "invalid JSON"]),
-    (_missing_key, ["bad.jsonl:2", "'text'", "--text-key"]),
-    (_missing_key_everywhere, ["bad.parquet", "'text'", "--text-key"]),
-    (_empty, ["empty"]),
-    (_unknown_ext, ["data.csv", "unknown extension"]),
-    (lambda root: [root / "nope.jsonl"], ["nope.jsonl", "no such file"]),
-])
+@pytest.mark.parametrize(
+    "make, expect",
+    [
+        (_bad_utf8, ["bad.txt", "UTF-8"]),
+        (_bad_json, ["bad.jsonl:3", "invalid JSON"]),
+        (_missing_key, ["bad.jsonl:2", "'text'", "--text-key"]),
+        (_missing_key_everywhere, ["bad.parquet", "'text'", "--text-key"]),
+        (_empty, ["empty"]),
+        (_unknown_ext, ["data.csv", "unknown extension"]),
+        (lambda root: [root / "nope.jsonl"], ["nope.jsonl", "no such file"]),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, toks, capsys, make, expect):
     (tmp_path / "in").mkdir()
     inputs = make(tmp_path / "in")
@@ -261,16 +335,18 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, toks, capsys, m
     assert not out.exists()  # not even an empty folder
 
 
-@pytest.mark.parametrize("flags, expect", [
-    (["--val-fraction", "1.5"], "--val-fraction"),
-    (["--workers", "0"], "--workers"),
-    (["--shard-tokens", "0"], "--shard-tokens"),
-])
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--workers", "0"], "--workers"),
+        (["--shard-tokens", "0"], "--shard-tokens"),
+    ],
+)
 def test_bad_flags(tmp_path, toks, capsys, flags, expect):
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
     with pytest.raises(SystemExit):
-        run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", toks["sp"], "--output-prefix",
-                tmp_path / "o" / "d", *flags)
+        run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", toks["sp"], "--output-prefix", tmp_path / "o" / "d", *flags)
     assert expect in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -299,8 +375,7 @@ def test_sentencepiece_model_matches_sentencepiece(toks):
 
 
 def test_help_teaches():
-    r = subprocess.run([sys.executable, "-m", "data_prep", "raw", "--help"], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "data_prep", "raw", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "examples:" in r.stdout and "--output-prefix" in r.stdout
 
 
@@ -313,8 +388,16 @@ def test_saved_truncation_does_not_cut_documents(tmp_path, toks):
     assert load_tokenizer(tmp_path / "trunc").backend_tokenizer.truncation is not None
     texts = F.documents(6, seed=4)
     F.write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
-    run_cli("raw", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "trunc", "--output-prefix",
-            tmp_path / "o", "--val-fraction", "0")
+    run_cli(
+        "raw",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        tmp_path / "trunc",
+        "--output-prefix",
+        tmp_path / "o",
+        "--val-fraction",
+        "0",
+    )
     tok = load_tokenizer(toks["hf"])
     got = [list(d) for d in split_docs(tmp_path / "o.manifest.json", "train")]
     assert got == [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]

@@ -1,4 +1,5 @@
 """data_prep.reader.TokenWindows: windows, shuffle determinism, rank sharding, resume, checks."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.kit import tokenizers as F
 from data_prep.__main__ import main
 from data_prep.common import UserError
 from data_prep.mmidx import read_index
 from data_prep.reader import TokenWindows, micro_batches
+from tests.kit import tokenizers as F
 
 S = 16
 
@@ -26,10 +27,34 @@ def data(tmp_path_factory):
     tok = F.make_hf_tokenizer(d / "tok")
     F.write_jsonl(d / "c.jsonl", [{"text": t} for t in F.documents(150, seed=11)])
     F.write_jsonl(d / "chat.jsonl", F.conversations(30, seed=12))
-    main(["raw", str(d / "c.jsonl"), "--tokenizer", str(tok), "--output-prefix", str(d / "raw"),
-          "--shard-tokens", "700", "--val-fraction", "0.1"])
-    main(["chat", str(d / "chat.jsonl"), "--tokenizer", str(tok), "--output-prefix",
-          str(d / "chat"), "--shard-tokens", "600", "--val-fraction", "0"])
+    main(
+        [
+            "raw",
+            str(d / "c.jsonl"),
+            "--tokenizer",
+            str(tok),
+            "--output-prefix",
+            str(d / "raw"),
+            "--shard-tokens",
+            "700",
+            "--val-fraction",
+            "0.1",
+        ]
+    )
+    main(
+        [
+            "chat",
+            str(d / "chat.jsonl"),
+            "--tokenizer",
+            str(tok),
+            "--output-prefix",
+            str(d / "chat"),
+            "--shard-tokens",
+            "600",
+            "--val-fraction",
+            "0",
+        ]
+    )
     return d
 
 
@@ -55,7 +80,7 @@ def test_windows_cover_the_stream_once_per_epoch(data):
     for g in range(len(ds)):
         tokens, mask = ds.sample(g)
         assert tokens.dtype == np.int64 and tokens.shape == (S + 1,) and mask is None
-        start = next(i for i in range(0, len(full) - S, S) if (full[i: i + S + 1] == tokens).all())
+        start = next(i for i in range(0, len(full) - S, S) if (full[i : i + S + 1] == tokens).all())
         seen.append(start // S)
     assert sorted(seen) == list(range(len(ds))), "an epoch must visit every window once"
     assert seen != sorted(seen), "windows must be shuffled"
@@ -100,8 +125,11 @@ def test_chat_masks_travel_with_tokens(data):
     for g in range(len(ds)):
         tokens, mask = ds.sample(g)
         assert mask.dtype == np.uint8 and mask.shape == (S + 1,)
-        i = next(i for i in range(0, len(toks) - S, S) if (toks[i: i + S + 1] == tokens).all()
-                 and (masks[i: i + S + 1] == mask).all())
+        i = next(
+            i
+            for i in range(0, len(toks) - S, S)
+            if (toks[i : i + S + 1] == tokens).all() and (masks[i : i + S + 1] == mask).all()
+        )
         assert i % S == 0
     t, mk = next(micro_batches(ds, 2))
     assert mk.dtype == torch.uint8 and mk.shape == t.shape
@@ -141,8 +169,12 @@ def test_damaged_index_is_a_clear_error(data, tmp_path):
     idx = tmp_path / json.loads(man.read_text())["shards"][0]["tokens_file"]["idx"]
     good = idx.read_bytes()
     assert read_index(idx).num_tokens > 0
-    for bad, why in [(b"NOTMAGIC!" + good[9:], "magic"), (good[:9] + b"\x02" + good[10:], "version"),
-                     (good[:-8], "truncated"), (good[:20], "truncated")]:
+    for bad, why in [
+        (b"NOTMAGIC!" + good[9:], "magic"),
+        (good[:9] + b"\x02" + good[10:], "version"),
+        (good[:-8], "truncated"),
+        (good[:20], "truncated"),
+    ]:
         idx.write_bytes(bad)
         with pytest.raises(UserError, match=why):
             read_index(idx)

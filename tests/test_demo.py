@@ -1,6 +1,7 @@
 """The main job end to end (tiny size): every step runs through the real entry points, the report
 holds every model and metric, its numbers are what a user's own `pipeline.evaluate` command gives,
 and the transplant is built from the runs the demo says."""
+
 import json
 import re
 import subprocess
@@ -12,15 +13,40 @@ from pipeline.groups import FORMAT, LayerGroups
 from pipeline.training.metrics_log import read_metrics
 from tests.kit import train as ft
 
-MODELS = {"base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "donor",
-          "instruct_vector", "recipe_rtf_chat_vector"}
-METRICS = {"format_adherence", "knowledge_accuracy", "knowledge_rank", "heldout_known_rank", "raw_rank_new",
-           "ppl_raw_new", "ppl_raw_known", "chance_rank"}
+MODELS = {
+    "base",
+    "a_chat",
+    "a_raw",
+    "transplant",
+    "naive",
+    "qa_upper",
+    "chat_vector",
+    "sequential",
+    "donor",
+    "instruct_vector",
+    "recipe_rtf_chat_vector",
+}
+METRICS = {
+    "format_adherence",
+    "knowledge_accuracy",
+    "knowledge_rank",
+    "heldout_known_rank",
+    "raw_rank_new",
+    "ppl_raw_new",
+    "ppl_raw_known",
+    "chance_rank",
+}
 
 
 def _demo(out, *extra, timeout=900):
-    return subprocess.run([sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--threads", "1",
-                           *extra], cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--threads", "1", *extra],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +56,12 @@ def tiny_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "demo"
     p = _demo(out)
     assert p.returncode == 0, p.stderr[-4000:]
-    return {"out": out, "results": json.loads((out / "results.json").read_text())["models"],
-            "md": (out / "results.md").read_text(), "runs": {r.name for r in (out / "runs").iterdir()}}
+    return {
+        "out": out,
+        "results": json.loads((out / "results.json").read_text())["models"],
+        "md": (out / "results.md").read_text(),
+        "runs": {r.name for r in (out / "runs").iterdir()},
+    }
 
 
 @pytest.mark.multiproc
@@ -43,13 +73,39 @@ def test_tiny_demo_end_to_end(tiny_demo):
     # The demo's row for the transplant is what the documented evaluate command measures on it.
     w = out / "world"
     mine = out / "check.json"
-    e = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(out / "models" / "transplant"),
-                        "--name", "transplant", "--no-progress", "--max-new-tokens", "6",
-                        "--chat-eval", str(w / "chat_eval_format.jsonl"), "--chat-eval", str(w / "chat_eval_new.jsonl"),
-                        "--chat-eval", f"heldout_known={w / 'chat_eval_heldout.jsonl'}",
-                        "--raw-eval", f"new={w / 'raw_eval_new.jsonl'}", "--raw-eval", f"known={w / 'raw_eval_known.jsonl'}",
-                        "--probe", f"new={w / 'probe_new.jsonl'}", "--out", str(mine)],
-                       cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
+    e = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "--model",
+            str(out / "models" / "transplant"),
+            "--name",
+            "transplant",
+            "--no-progress",
+            "--max-new-tokens",
+            "6",
+            "--chat-eval",
+            str(w / "chat_eval_format.jsonl"),
+            "--chat-eval",
+            str(w / "chat_eval_new.jsonl"),
+            "--chat-eval",
+            f"heldout_known={w / 'chat_eval_heldout.jsonl'}",
+            "--raw-eval",
+            f"new={w / 'raw_eval_new.jsonl'}",
+            "--raw-eval",
+            f"known={w / 'raw_eval_known.jsonl'}",
+            "--probe",
+            f"new={w / 'probe_new.jsonl'}",
+            "--out",
+            str(mine),
+        ],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert e.returncode == 0, e.stderr[-3000:]
     assert json.loads(mine.read_text())["models"]["transplant"] == pytest.approx(results["transplant"], rel=1e-9)
 
@@ -69,7 +125,7 @@ def test_tiny_demo_end_to_end(tiny_demo):
     # the model as loaded to their last step; the report plots and tabulates both.
     for run in ("a_raw", "naive"):
         rows = [r for r in read_metrics(out / "runs" / run / "metrics.jsonl") if "eval_time_s" in r]
-        assert [r["step"] for r in rows][::len(rows) - 1] == [0, 3], (run, rows)
+        assert [r["step"] for r in rows][:: len(rows) - 1] == [0, 3], (run, rows)
         assert all({"val_loss_new_heldout", "val_loss_base_corpus"} <= set(r) for r in rows)
     assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| naive (every layer) | the base's pretraining corpus (forgetting) |" in md
@@ -96,8 +152,10 @@ def test_seeds_run_in_their_own_folders_and_aggregate(tiny_demo, tmp_path):
     assert every["seeds"] == [0] and every["tuned_on"] == [0] and agg["held_out"]["seeds"] == []
     # A tiny world may fail the control: then the seed is listed as failed, not averaged.
     r = tiny_demo["results"]
-    answers = (r["a_chat"]["heldout_known_rank"] <= 0.5 * r["a_chat"]["chance_rank"]
-               and r["qa_upper"]["knowledge_accuracy"] >= 0.8)
+    answers = (
+        r["a_chat"]["heldout_known_rank"] <= 0.5 * r["a_chat"]["chance_rank"]
+        and r["qa_upper"]["knowledge_accuracy"] >= 0.8
+    )
     assert (every["answering"], every["failed"]) == (([0], []) if answers else ([], [0]))
     if answers:  # one seed: the means are that seed's own figures, with no interval
         a, q, t = (r[n]["knowledge_rank"] for n in ("a_chat", "qa_upper", "transplant"))
@@ -114,8 +172,14 @@ def test_a_folder_made_with_another_seed_is_refused_not_reused(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "demo.json").write_text(json.dumps({"seed": 0, "size": "tiny", "world": {}, "base_steps": None}))
-    p = subprocess.run([sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--seed", "1"],
-                       cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.demo", "--size", "tiny", "--out", str(out), "--seed", "1"],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     assert "seed 0 -> 1" in p.stderr and "DEMO_OUT" in p.stderr
     assert sorted(x.name for x in out.iterdir()) == ["demo.json"]  # nothing was started
@@ -127,8 +191,10 @@ def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tiny_demo, tm
     verdict, and a rerun trains nothing."""
     out = tiny_demo["out"]
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("recipes:\n  - name: replay_half\n    replay: 0.5\n  - name: reattach\n    reattach_steps: 2\n"
-                     "worlds:\n  - name: syllables\n    world: {names: syllables}\n")
+    sweep.write_text(
+        "recipes:\n  - name: replay_half\n    replay: 0.5\n  - name: reattach\n    reattach_steps: 2\n"
+        "worlds:\n  - name: syllables\n    world: {names: syllables}\n"
+    )
     p = _demo(out, "--sweep", str(sweep))
     assert p.returncode == 0, p.stderr[-3000:]
     new_runs = {r.name for r in (out / "runs").iterdir()} - tiny_demo["runs"]

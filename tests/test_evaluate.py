@@ -1,5 +1,6 @@
 """The evaluation harness: metric definitions on crafted inputs, candidate scoring against a plain
 forward pass, a model trained to a known behaviour, the CLI end to end, and the report files."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,25 @@ import pytest
 import torch
 
 from data_prep.common import UserError
-from pipeline.evaluation import metrics as M
-from pipeline.evaluation import runner as R
 from pipeline.demo.tokenizer import build_tokenizer
 from pipeline.demo.world import build_world
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation import runner as R
 from pipeline.evaluation.report import write_report
 from tests.kit.models import demo_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_known=12, n_new=6, bios_per_person=2, qa_fraction=0.5, n_generic=30, n_format_eval=8)
-METRICS = ("format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank", "heldout_known_rank",
-           "raw_rank_new", "ppl_raw_new", "ppl_raw_known")
+METRICS = (
+    "format_adherence",
+    "knowledge_accuracy",
+    "knowledge_rank",
+    "chance_rank",
+    "heldout_known_rank",
+    "raw_rank_new",
+    "ppl_raw_new",
+    "ppl_raw_known",
+)
 
 
 # ---------------------------------------------------------------- metric functions
@@ -62,8 +71,12 @@ def test_rank_counts_ties_half_so_equal_scores_give_chance():
 
 def test_chat_eval_reading(tmp_path):
     f = tmp_path / "c.jsonl"
-    f.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-                 + "\n\n" + json.dumps({"prompt": "p"}) + "\n")
+    f.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+        + "\n\n"
+        + json.dumps({"prompt": "p"})
+        + "\n"
+    )
     recs = M.load_chat_eval(f)
     assert recs[0]["messages"] == [{"role": "user", "content": "q"}] and recs[0]["answer"] == "a"
     assert recs[1]["messages"] == [{"role": "user", "content": "p"}] and "answer" not in recs[1]
@@ -118,8 +131,9 @@ def test_batched_generation_equals_one_by_one(demo):
     prompts = [R._chat_ids(tok, r["messages"], "t")[1] for r in M.load_chat_eval(paths["chat_eval_format"])]
     assert len(set(map(len, prompts))) > 1  # left padding is exercised
     end = {tok.eos_token_id}
-    assert R.generate(model, prompts, 6, end, tok.pad_token_id, 5, False) == \
-        R.generate(model, prompts, 6, end, tok.pad_token_id, 1, False)
+    assert R.generate(model, prompts, 6, end, tok.pad_token_id, 5, False) == R.generate(
+        model, prompts, 6, end, tok.pad_token_id, 1, False
+    )
 
 
 def _train_to_answer(model_dir, out_dir, prompts, reply="Oslo", steps=80):
@@ -130,8 +144,14 @@ def _train_to_answer(model_dir, out_dir, prompts, reply="Oslo", steps=80):
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_causal_lm(model_dir)
-    batch = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
-                                     return_dict=True, return_assistant_tokens_mask=True) for p in prompts]
+    batch = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        for p in prompts
+    ]
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), tok.pad_token_id)
     labels = torch.full((len(batch), width), -100)
@@ -159,8 +179,9 @@ def test_metrics_on_a_model_with_known_behaviour(demo, tmp_path):
     train_prompts = [r["messages"][0]["content"] for r in M.load_chat_eval(paths["chat"])]
     trained = _train_to_answer(model_dir, tmp_path / "oslo", train_prompts[:48])
     cities = ["Oslo", "Lima", "Perth", "Cairo"]
-    recs = [{"prompt": f"Where did person {i} grow up?", "answer": cities[i % 4], "candidates": cities}
-            for i in range(8)]
+    recs = [
+        {"prompt": f"Where did person {i} grow up?", "answer": cities[i % 4], "candidates": cities} for i in range(8)
+    ]
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps(r) + "\n" for r in recs))
     m = R.evaluate_model(trained, chat={"": [paths["chat_eval_format"], qfile]}, progress=False)
@@ -181,17 +202,47 @@ def test_metrics_on_a_model_with_known_behaviour(demo, tmp_path):
 def test_cli_end_to_end_writes_results_and_merges(demo, tmp_path):
     root, paths, model_dir = demo
     out = tmp_path / "res" / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "MPLBACKEND": "Agg"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+    }
 
     def run(*extra):
         return subprocess.run(
-            [sys.executable, "-m", "pipeline.evaluate", "--model", str(model_dir), "--no-progress",
-             "--chat-eval", paths["chat_eval_format"], "--chat-eval", paths["chat_eval_new"],
-             "--chat-eval", f"heldout_known={paths['chat_eval_heldout']}",
-             "--raw-eval", f"new={paths['raw_eval_new']}", "--raw-eval", f"known={paths['raw_eval_known']}",
-             "--probe", f"new={paths['probe_new']}", "--max-new-tokens", "8", "--out", str(out), *extra],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "pipeline.evaluate",
+                "--model",
+                str(model_dir),
+                "--no-progress",
+                "--chat-eval",
+                paths["chat_eval_format"],
+                "--chat-eval",
+                paths["chat_eval_new"],
+                "--chat-eval",
+                f"heldout_known={paths['chat_eval_heldout']}",
+                "--raw-eval",
+                f"new={paths['raw_eval_new']}",
+                "--raw-eval",
+                f"known={paths['raw_eval_known']}",
+                "--probe",
+                f"new={paths['probe_new']}",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     r = run("--name", "first")
     assert r.returncode == 0, r.stderr
@@ -199,10 +250,14 @@ def test_cli_end_to_end_writes_results_and_merges(demo, tmp_path):
     assert set(METRICS) <= set(res)
     assert res["chance_rank"] == pytest.approx((5 * 10.5 + 12.5) / 6)  # 5 pools of 20 values, dates 24
     # The command line computes exactly what the library does with the same files and limits.
-    want = R.evaluate_model(model_dir, chat={"": [paths["chat_eval_format"], paths["chat_eval_new"]],
-                                             "heldout_known": paths["chat_eval_heldout"]},
-                            raw={"new": paths["raw_eval_new"], "known": paths["raw_eval_known"]},
-                            probes={"new": paths["probe_new"]}, max_new_tokens=8, progress=False)
+    want = R.evaluate_model(
+        model_dir,
+        chat={"": [paths["chat_eval_format"], paths["chat_eval_new"]], "heldout_known": paths["chat_eval_heldout"]},
+        raw={"new": paths["raw_eval_new"], "known": paths["raw_eval_known"]},
+        probes={"new": paths["probe_new"]},
+        max_new_tokens=8,
+        progress=False,
+    )
     assert res == pytest.approx(want, rel=1e-9)
     assert run("--name", "second").returncode == 0
     assert set(json.loads(out.read_text())["models"]) == {"first", "second"}
@@ -210,9 +265,22 @@ def test_cli_end_to_end_writes_results_and_merges(demo, tmp_path):
     assert "| first |" in md and "| second |" in md and "heldout_known_rank" in md
     assert (out.parent / "results.png").read_bytes()[:4] == b"\x89PNG"
 
-    bad = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(model_dir),
-                          "--chat-eval", str(tmp_path / "missing.jsonl")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "--model",
+            str(model_dir),
+            "--chat-eval",
+            str(tmp_path / "missing.jsonl"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "error: --chat-eval" in bad.stderr and "missing.jsonl" in bad.stderr
 
 
@@ -223,18 +291,25 @@ def test_any_hf_chat_model_with_a_chatml_byte_level_tokenizer(tmp_path):
     tok = make_hf_tokenizer(tmp_path / "tok")
     model = demo_llama(tok, tmp_path / "m", layers=2, hidden=32, heads=4, kv_heads=2)
     chat = tmp_path / "c.jsonl"
-    chat.write_text("".join(json.dumps({"prompt": f"where is the {w} river", "answer": w,
-                                        "candidates": ["north", "south", "east", "west"]}) + "\n"
-                            for w in ("north", "south", "east")))
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"where is the {w} river", "answer": w, "candidates": ["north", "south", "east", "west"]}
+            )
+            + "\n"
+            for w in ("north", "south", "east")
+        )
+    )
     raw = tmp_path / "r.txt"
     raw.write_text("The quick brown fox.\n\nThe lazy dog jumps over the river.\n")
     m = R.evaluate_model(model, chat={"": chat}, raw={"": raw}, max_new_tokens=4, progress=False)
     assert m["chance_rank"] == 2.5
     # Independent oracles: offset-located candidate log-probs from full forward passes, and plain
     # generate() with the model's own generation config for the format.
+    from transformers import AutoTokenizer
+
     from pipeline.hf import load_causal_lm
     from tests.kit.oracles import chat_candidate_rank, plain_generate_format
-    from transformers import AutoTokenizer
 
     hf_model, hf_tok = load_causal_lm(model).eval(), AutoTokenizer.from_pretrained(str(model))
     recs = M.load_chat_eval(chat)
@@ -245,15 +320,21 @@ def test_any_hf_chat_model_with_a_chatml_byte_level_tokenizer(tmp_path):
     texts = ["The quick brown fox.", "The lazy dog jumps over the river."]
     ids = [hf_tok(t)["input_ids"] for t in texts]
     with torch.no_grad():
-        nll = sum(-torch.log_softmax(hf_model(torch.tensor([x])).logits[0].float(), -1)[:-1]
-                  .gather(1, torch.tensor(x[1:])[:, None]).sum().item() for x in ids)
+        nll = sum(
+            -torch.log_softmax(hf_model(torch.tensor([x])).logits[0].float(), -1)[:-1]
+            .gather(1, torch.tensor(x[1:])[:, None])
+            .sum()
+            .item()
+            for x in ids
+        )
     assert m["ppl_raw"] == pytest.approx(__import__("math").exp(nll / sum(len(x) - 1 for x in ids)), rel=1e-4)
 
 
 def test_report_files(tmp_path):
-    models = {"a_chat": {"format_adherence": 0.9, "knowledge_rank": 9.0, "chance_rank": 10.5},
-              "transplant": {"format_adherence": 0.6, "knowledge_rank": 4.0, "chance_rank": 10.5,
-                             "extra_metric": 3.0}}
+    models = {
+        "a_chat": {"format_adherence": 0.9, "knowledge_rank": 9.0, "chance_rank": 10.5},
+        "transplant": {"format_adherence": 0.6, "knowledge_rank": 4.0, "chance_rank": 10.5, "extra_metric": 3.0},
+    }
     table = write_report({"models": models}, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == {"models": models}
     lines = (tmp_path / "results.md").read_text().splitlines()

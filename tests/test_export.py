@@ -1,4 +1,5 @@
 """pipeline.export: a pipeline checkpoint -> a standard Hugging Face directory."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.common import UserError
-from tests.kit.runs import base_tensors, make_base, make_run, make_tokenizer
-from tests.kit.oracles import greedy_chat, load_dir_tensors, reference_model
-from pipeline.convert.shards import tensor_bytes
 from pipeline.convert.export import export_run
+from pipeline.convert.shards import tensor_bytes
+from tests.kit.oracles import greedy_chat, load_dir_tensors, reference_model
+from tests.kit.runs import base_tensors, make_base, make_run, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,11 +173,17 @@ def test_cli_help_and_errors(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.export"]
     h = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=env, cwd=REPO)
     assert h.returncode == 0 and "--max-shard-size" in h.stdout and "examples:" in h.stdout
-    bad = subprocess.run(cmd + [str(tmp_path / "run"), "--step", "99", "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, env=env, cwd=REPO)
+    bad = subprocess.run(
+        cmd + [str(tmp_path / "run"), "--step", "99", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: --step 99") and "Traceback" not in bad.stderr
     assert_nothing_written(tmp_path / "o")
-    ok = subprocess.run(cmd + [str(tmp_path / "run"), "--out", str(tmp_path / "o")],
-                        capture_output=True, text=True, env=env, cwd=REPO)
+    ok = subprocess.run(
+        cmd + [str(tmp_path / "run"), "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=REPO
+    )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "o/model.safetensors").is_file()

@@ -4,6 +4,7 @@ embeddings) and Mistral (a sliding window shorter than the sequence). For each: 
 through pipeline.train, each matching the HF model's own loss (so masks, biases and rope are the
 family's), then transplant, donor transplant and chat vector, each loading and answering in
 transformers."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,7 +21,8 @@ from pipeline.convert.transplant import donor_transplant, transplant
 from pipeline.groups import FORMAT, LayerGroups
 from pipeline.training.metrics_log import read_metrics
 from pipeline.training.plan import build_plan
-from tests.kit import families, train as ft
+from tests.kit import families
+from tests.kit import train as ft
 from tests.kit.oracles import checkpoint_tensors, load_dir_tensors
 from tests.kit.reference import train_reference
 from tests.kit.runs import base_tensors
@@ -36,17 +38,42 @@ def fam(request, tmp_path_factory):
     write_jsonl(root / "raw.jsonl", [{"text": t} for t in documents(150, seed=3)])
     write_jsonl(root / "chat.jsonl", conversations(120, seed=4, system=False))
     for kind in ("raw", "chat"):
-        prep([kind, str(root / f"{kind}.jsonl"), "--tokenizer", str(d["chat_tok"]), "--output-prefix",
-              str(root / "data" / kind), "--val-fraction", "0"])
+        prep(
+            [
+                kind,
+                str(root / f"{kind}.jsonl"),
+                "--tokenizer",
+                str(d["chat_tok"]),
+                "--output-prefix",
+                str(root / "data" / kind),
+                "--val-fraction",
+                "0",
+            ]
+        )
     cfgs = {}
     for phase in ("chat", "raw"):
         setup = {"model": d["base"], "raw": root / "data/raw.manifest.json", "chat": root / "data/chat.manifest.json"}
-        cfgs[phase] = ft.write_config(root / f"{phase}.yaml", setup, phase, root / "runs" / phase, seq_len=32,
-                                      raw_start=RAW_START, format_start=FORMAT_START, steps=4, save_every=4,
-                                      tokenizer=str(d["chat_tok"]))
+        cfgs[phase] = ft.write_config(
+            root / f"{phase}.yaml",
+            setup,
+            phase,
+            root / "runs" / phase,
+            seq_len=32,
+            raw_start=RAW_START,
+            format_start=FORMAT_START,
+            steps=4,
+            save_every=4,
+            tokenizer=str(d["chat_tok"]),
+        )
     # both phases in one process: one import of torch + DeepSpeed
-    subprocess.run([sys.executable, str(ft.REPO / "tests/helpers/train_phases.py"), *map(str, cfgs.values())],
-                   cwd=ft.REPO, env=ft.env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ft.REPO / "tests/helpers/train_phases.py"), *map(str, cfgs.values())],
+        cwd=ft.REPO,
+        env=ft.env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return {**d, "root": root, "cfgs": cfgs, "family": request.param}
 
 
@@ -62,13 +89,16 @@ def test_the_pipeline_trains_like_the_hf_model_itself(fam, phase):
 def _answers(model_dir) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ids = tok.apply_chat_template([{"role": "user", "content": "where is the river"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "where is the river"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.chat_template and model.generation_config.eos_token_id is not None
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.multiproc

@@ -7,14 +7,15 @@ text (every token a target), one is chat data (targets only on assistant tokens,
 hold different numbers of them and the per-token normalisation matters).
 Regenerate deliberately with `UPDATE_GOLDEN=1 make test PYTEST_ARGS=tests/test_golden.py`.
 """
+
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.kit import train as ft
 from pipeline.training.metrics_log import read_metrics
+from tests.kit import train as ft
 
 GOLDEN = Path(__file__).parent / "golden"
 # Cross-machine float differences (different BLAS kernels) stay far below this; a real change
@@ -28,12 +29,16 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("phase,compile_layers", [("raw", False), ("raw", True), ("chat", False)],
-                         ids=["raw-eager", "raw-compiled", "chat-eager"])
+@pytest.mark.parametrize(
+    "phase,compile_layers",
+    [("raw", False), ("raw", True), ("chat", False)],
+    ids=["raw-eager", "raw-compiled", "chat-eager"],
+)
 def test_loss_curve_matches_golden(setup, tmp_path, phase, compile_layers):
     """`compile_layers: true` (torch.compile per layer) must train to the same curve."""
-    cfg = ft.write_config(tmp_path / "golden.yaml", setup, phase, tmp_path / "run", seq_len=32, steps=12,
-                          compile_layers=compile_layers)
+    cfg = ft.write_config(
+        tmp_path / "golden.yaml", setup, phase, tmp_path / "run", seq_len=32, steps=12, compile_layers=compile_layers
+    )
     ft.run_train([str(cfg)])
     losses = [round(r["loss"], 6) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     path = GOLDEN / f"{phase}_p1_loss.json"

@@ -1,4 +1,5 @@
 """The layer groups (the one owner of membership) and the group-aligned stage partition."""
+
 import pytest
 
 from data_prep.common import UserError
@@ -17,9 +18,17 @@ def test_fractions_resolve_to_layers():
     assert (groups(0.3, 0.7, 10).raw_start, groups(0.3, 0.7, 10).format_start) == (3, 7)
 
 
-@pytest.mark.parametrize("raw,fmt,msg", [(4, 4, "raw group would be empty"), (5, 3, "must be <"),
-                                         (1, 8, "must be < the layer count"), (0, 0, ">= 1"),
-                                         (1.5, 6, r"fraction must lie in \[0, 1\]"), (-1, 6, ">= 0")])
+@pytest.mark.parametrize(
+    "raw,fmt,msg",
+    [
+        (4, 4, "raw group would be empty"),
+        (5, 3, "must be <"),
+        (1, 8, "must be < the layer count"),
+        (0, 0, ">= 1"),
+        (1.5, 6, r"fraction must lie in \[0, 1\]"),
+        (-1, 6, ">= 0"),
+    ],
+)
 def test_invalid_boundaries_name_the_key_and_where(raw, fmt, msg):
     with pytest.raises(UserError, match=msg) as e:
         groups(raw, fmt, 8, "raw", where={"raw_start": "run.yaml:4", "format_start": "run.yaml:5"})
@@ -91,8 +100,12 @@ def test_partition_balances_by_cost_frozen_layers_are_cheap():
 
 
 def test_names_round_trip():
-    for hf in ["model.layers.3.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight",
-               "lm_head.weight"]:
+    for hf in [
+        "model.layers.3.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]:
         i, key = to_pipeline_name(hf, 8)
         assert to_hf_name(i, key) == hf
     assert to_pipeline_name("model.embed_tokens.weight", 8)[0] == 0

@@ -6,6 +6,7 @@ fixed host names, sbatch hands out job ids and logs its arguments, and srun star
 locally with the SLURM_* variables real srun sets, so the rank mapping in pipeline/training/dist.py
 is exercised for real.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,37 @@ MPIRUN_SH = REPO / "launch" / "mpirun.sh"
 SLURM = REPO / "launch" / "slurm"
 PROBE = "tests.helpers.dist_probe"  # stands in for pipeline.train: init, all_reduce, report
 
-BASE_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+BASE_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "MPLBACKEND": "Agg",
+    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+}
 # Variables of an outer launcher or job that must not leak into the jobs these tests start.
-LEAKY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE", "NUM_NODES",
-         "NUM_GPUS", "NP", "DRY_RUN", "LAUNCHER", "ENTRY", "PY", "MPIRUN_ARGS", "CHAT_CONFIG",
-         "RAW_CONFIG", "OUT", "SBATCH_ARGS", "EVAL_ARGS", "REPO")
+LEAKY = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HOSTFILE",
+    "NUM_NODES",
+    "NUM_GPUS",
+    "NP",
+    "DRY_RUN",
+    "LAUNCHER",
+    "ENTRY",
+    "PY",
+    "MPIRUN_ARGS",
+    "CHAT_CONFIG",
+    "RAW_CONFIG",
+    "OUT",
+    "SBATCH_ARGS",
+    "EVAL_ARGS",
+    "REPO",
+)
 
 
 def clean_env(**extra) -> dict:
@@ -47,8 +72,15 @@ def clean_env(**extra) -> dict:
 def run(cmd, env, timeout=60, cwd=REPO) -> subprocess.CompletedProcess:
     """Run with a hard timeout; on expiry kill the whole process group (launchers fork ranks)."""
     env = {k: str(v) for k, v in env.items()}
-    p = subprocess.Popen([str(c) for c in cmd], env=env, cwd=cwd, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    p = subprocess.Popen(
+        [str(c) for c in cmd],
+        env=env,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -102,6 +134,7 @@ def write_exe(path: Path, text: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 # launch/run.sh
 
+
 def test_run_sh_one_node_dry_run(config, tmp_path):
     lines = dry([RUN_SH, "--dry-run", config, "--steps=3", "--lr=1e-4"], clean_env(NUM_GPUS=2))
     assert len(lines) == 1
@@ -114,12 +147,12 @@ def test_run_sh_one_node_dry_run(config, tmp_path):
     assert "--no_local_rank" in argv
     # Everything after the config reaches pipeline.train untouched, in order.
     i = argv.index("--module")
-    assert argv[i + 1:] == ["pipeline.train", str(config), "--steps=3", "--lr=1e-4"]
+    assert argv[i + 1 :] == ["pipeline.train", str(config), "--steps=3", "--lr=1e-4"]
 
     # DRY_RUN=1 is the same switch; NUM_GPUS defaults to what nvidia-smi lists.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    write_exe(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2; do echo \"GPU $i: Fake (UUID: x)\"; done\n")
+    write_exe(bin_dir / "nvidia-smi", '#!/bin/sh\nfor i in 0 1 2; do echo "GPU $i: Fake (UUID: x)"; done\n')
     env = clean_env(DRY_RUN=1, MASTER_PORT=1234)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     (argv,) = dry([RUN_SH, config], env)
@@ -165,6 +198,7 @@ def test_run_sh_errors(config, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # launch/mpirun.sh
 
+
 def test_mpirun_sh_dry_run(config, tmp_path):
     (argv,) = dry([MPIRUN_SH, "--dry-run", config, "--steps=2"], clean_env(NP=4))
     assert Path(argv[1]).name == "mpirun"
@@ -173,7 +207,7 @@ def test_mpirun_sh_dry_run(config, tmp_path):
     assert flag(argv, "--map-by") == ("slot:OVERSUBSCRIBE" if 4 > cores else "slot")
     assert ("--allow-run-as-root" in argv) == (os.getuid() == 0)
     assert "DS_ACCELERATOR" in [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
-    assert argv[argv.index("-u") + 1:] == ["-m", "pipeline.train", str(config), "--steps=2"]
+    assert argv[argv.index("-u") + 1 :] == ["-m", "pipeline.train", str(config), "--steps=2"]
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=4\nb slots=2\n")
@@ -186,16 +220,21 @@ def test_mpirun_sh_dry_run(config, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # SLURM, faked
 
+
 @pytest.fixture
 def fake_slurm(tmp_path):
     """A bin dir with scontrol/srun/sbatch stand-ins, and the env of a job on 2 nodes."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # scontrol: the hosts are whatever FAKE_HOSTS says, as real scontrol would expand them.
-    write_exe(bin_dir / "scontrol", '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 9\n'
-                                    'for h in $FAKE_HOSTS; do echo "$h"; done\n')
+    write_exe(
+        bin_dir / "scontrol",
+        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 9\nfor h in $FAKE_HOSTS; do echo "$h"; done\n',
+    )
     # srun: start --nodes × --ntasks-per-node local tasks with real srun's per-task variables.
-    write_exe(bin_dir / "srun", f"""#!{sys.executable}
+    write_exe(
+        bin_dir / "srun",
+        f"""#!{sys.executable}
 import os, subprocess, sys
 args, opts = sys.argv[1:], {{}}
 while args and args[0].startswith("--"):
@@ -211,19 +250,30 @@ for node in range(nodes):
                    SLURM_STEP_NUM_TASKS=str(nodes * per))
         procs.append(subprocess.Popen(args, env=env))
 sys.exit(max(p.wait() for p in procs))
-""")
+""",
+    )
     # sbatch --parsable: ids 101, 102, ... in "ID;cluster" form; each call logged as JSON.
-    write_exe(bin_dir / "sbatch", f"""#!{sys.executable}
+    write_exe(
+        bin_dir / "sbatch",
+        f"""#!{sys.executable}
 import json, os, sys
 log = os.environ["FAKE_LOG"]
 n = sum(1 for _ in open(log)) if os.path.exists(log) else 0
 open(log, "a").write(json.dumps(sys.argv[1:]) + "\\n")
 print(f"{{101 + n}};fakecluster")
-""")
+""",
+    )
     log = tmp_path / "fake.log"
-    env = clean_env(SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="gpu[01-02]", SLURM_NNODES=2,
-                    SLURM_GPUS_ON_NODE=4, SLURM_SUBMIT_DIR=REPO, FAKE_HOSTS="gpu01 gpu02",
-                    FAKE_LOG=log, HOSTFILE_DIR=tmp_path / "hostfiles")
+    env = clean_env(
+        SLURM_JOB_ID=4242,
+        SLURM_JOB_NODELIST="gpu[01-02]",
+        SLURM_NNODES=2,
+        SLURM_GPUS_ON_NODE=4,
+        SLURM_SUBMIT_DIR=REPO,
+        FAKE_HOSTS="gpu01 gpu02",
+        FAKE_LOG=log,
+        HOSTFILE_DIR=tmp_path / "hostfiles",
+    )
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     return env, log
 
@@ -239,7 +289,7 @@ def test_train_sbatch_dry_run_srun(fake_slurm, config):
     assert argv[:2] == ["MASTER_ADDR=gpu01", f"MASTER_PORT={port}"]
     i = argv.index("srun")
     assert "--nodes=2" in argv and "--ntasks-per-node=4" in argv and "--kill-on-bad-exit=1" in argv
-    assert argv[argv.index("-m", i) + 1:] == ["pipeline.train", str(config), "--steps=5"]
+    assert argv[argv.index("-m", i) + 1 :] == ["pipeline.train", str(config), "--steps=5"]
 
 
 def test_train_sbatch_dry_run_deepspeed(fake_slurm, config, tmp_path):
@@ -249,7 +299,7 @@ def test_train_sbatch_dry_run_deepspeed(fake_slurm, config, tmp_path):
     argv = shlex.split(r.stdout.strip().splitlines()[-1])
     # One launcher per node, told its node rank on that node, no ssh between nodes.
     assert "--ntasks-per-node=1" in argv and "--nodes=2" in argv
-    assert argv[argv.index("bash") + 1:][:2] == ["-c", 'exec "$0" --node_rank="$SLURM_NODEID" "$@"']
+    assert argv[argv.index("bash") + 1 :][:2] == ["-c", 'exec "$0" --node_rank="$SLURM_NODEID" "$@"']
     assert "--no_ssh" in argv
     assert flag(argv, "--hostfile") == str(tmp_path / "hostfiles" / "hostfile.4242")
     assert flag(argv, "--num_gpus") == "4" and flag(argv, "--master_addr") == "gpu01"
@@ -259,8 +309,11 @@ def test_train_sbatch_dry_run_deepspeed(fake_slurm, config, tmp_path):
 
 def test_sbatch_scripts_refuse_outside_a_job(config):
     env = clean_env()  # no SLURM_JOB_ID
-    for script, args in [("train.sbatch", [config]), ("transplant.sbatch", ["r", "c", "o"]),
-                         ("evaluate.sbatch", ["m"])]:
+    for script, args in [
+        ("train.sbatch", [config]),
+        ("transplant.sbatch", ["r", "c", "o"]),
+        ("evaluate.sbatch", ["m"]),
+    ]:
         r = run([SLURM / script, *args], dict(env, DRY_RUN="1"))
         assert r.returncode == 1, script
         assert "inside a SLURM job" in r.stderr and "sbatch" in r.stderr
@@ -280,8 +333,7 @@ def test_submit_method_dry_run(fake_slurm, config, tmp_path):
     assert rawj[-3:] == [str(SLURM / "train.sbatch"), str(raw), f"--out={out}/a-raw"]
     assert not any(a.startswith("--dependency") for a in chat + rawj)  # the phases run concurrently
     assert flag(transplant, "--dependency") == "afterok:CHAT_JOB_ID:RAW_JOB_ID"
-    assert transplant[-4:] == [str(SLURM / "transplant.sbatch"), f"{out}/a-raw", f"{out}/a-chat",
-                               f"{out}/transplant"]
+    assert transplant[-4:] == [str(SLURM / "transplant.sbatch"), f"{out}/a-raw", f"{out}/a-chat", f"{out}/transplant"]
     assert flag(evaluate, "--dependency") == "afterok:TRANSPLANT_JOB_ID"
     assert evaluate[-2:] == [str(SLURM / "evaluate.sbatch"), f"{out}/transplant"]
     assert not log.exists()  # sbatch was never called
@@ -291,8 +343,14 @@ def test_submit_method_submits_dependency_chain(fake_slurm, config, tmp_path):
     env, log = fake_slurm
     raw = tmp_path / "raw.yaml"
     raw.write_text("steps: 1\n")
-    env = dict(env, CHAT_CONFIG=str(config), RAW_CONFIG=str(raw), OUT=str(tmp_path / "exp"),
-               SBATCH_ARGS="--nodes=4 --partition=gpu", EVAL_ARGS="--probe p.jsonl")
+    env = dict(
+        env,
+        CHAT_CONFIG=str(config),
+        RAW_CONFIG=str(raw),
+        OUT=str(tmp_path / "exp"),
+        SBATCH_ARGS="--nodes=4 --partition=gpu",
+        EVAL_ARGS="--probe p.jsonl",
+    )
     r = run([SLURM / "submit_method.sh"], env)
     assert r.returncode == 0, r.stderr
     assert "chat=101 raw=102 transplant=103 evaluate=104" in r.stdout
@@ -311,14 +369,23 @@ def test_submit_method_submits_dependency_chain(fake_slurm, config, tmp_path):
 def test_transplant_and_evaluate_sbatch_dry_run(fake_slurm):
     env = dict(fake_slurm[0], DRY_RUN="1")
     (argv,) = dry([SLURM / "transplant.sbatch", "runs/r", "runs/c", "runs/t", "--force"], env)
-    assert argv[argv.index("-m") + 1:] == ["pipeline.transplant", "--raw", "runs/r", "--chat", "runs/c",
-                                           "--out", "runs/t", "--force"]
+    assert argv[argv.index("-m") + 1 :] == [
+        "pipeline.transplant",
+        "--raw",
+        "runs/r",
+        "--chat",
+        "runs/c",
+        "--out",
+        "runs/t",
+        "--force",
+    ]
     (argv,) = dry([SLURM / "evaluate.sbatch", "runs/t", "--probe", "p.jsonl"], env)
-    assert argv[argv.index("-m") + 1:] == ["pipeline.evaluate", "--model", "runs/t", "--probe", "p.jsonl"]
+    assert argv[argv.index("-m") + 1 :] == ["pipeline.evaluate", "--model", "runs/t", "--probe", "p.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------
 # pipeline/training/dist.py
+
 
 def test_nodelist_expansion():
     assert dist.expand_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
@@ -332,8 +399,13 @@ def test_nodelist_expansion():
 
 def test_env_from_slurm(monkeypatch):
     monkeypatch.setattr(dist.shutil, "which", lambda name: None)  # no scontrol: our parser
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "777",
-           "SLURM_JOB_NODELIST": "node[03-04]"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "777",
+        "SLURM_JOB_NODELIST": "node[03-04]",
+    }
     info = dist.setup_distributed_env(env)
     assert info["source"] == "slurm"
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
@@ -341,15 +413,21 @@ def test_env_from_slurm(monkeypatch):
     assert set(info["filled"]) == set(dist.REQUIRED)
 
     # A step smaller than the allocation: the step's size and nodes win; set values are kept.
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "4",
-           "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_STEP_NODELIST": "n[3-4]", "MASTER_PORT": "6000"}
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "16",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_JOB_NODELIST": "n[1-4]",
+        "SLURM_STEP_NODELIST": "n[3-4]",
+        "MASTER_PORT": "6000",
+    }
     info = dist.setup_distributed_env(env)
     assert env["WORLD_SIZE"] == "4" and env["MASTER_ADDR"] == "n3" and env["MASTER_PORT"] == "6000"
     assert env["LOCAL_RANK"] == "0" and "MASTER_PORT" not in info["filled"]
 
 
 def test_env_from_slurm_uses_scontrol(monkeypatch, tmp_path):
-    write_exe(tmp_path / "scontrol", '#!/bin/sh\necho login-x\necho login-y\n')
+    write_exe(tmp_path / "scontrol", "#!/bin/sh\necho login-x\necho login-y\n")
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "weird-syntax"}
     dist.setup_distributed_env(env)
@@ -357,10 +435,16 @@ def test_env_from_slurm_uses_scontrol(monkeypatch, tmp_path):
 
 
 def test_env_from_mpi():
-    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "7000",
-           # mpirun inside an sbatch job sees SLURM's variables too; MPI's are the per-rank ones.
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "3",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "7000",
+        # mpirun inside an sbatch job sees SLURM's variables too; MPI's are the per-rank ones.
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
     info = dist.setup_distributed_env(env)
     assert info["source"] == "openmpi"
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
@@ -382,8 +466,15 @@ def test_env_single_and_launcher():
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
     assert 0 < int(env["MASTER_PORT"]) < 65536
 
-    set_by_launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "a",
-                       "MASTER_PORT": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    set_by_launcher = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "a",
+        "MASTER_PORT": "9",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
     env = dict(set_by_launcher)
     info = dist.setup_distributed_env(env)
     assert info["source"] == "launcher" and info["filled"] == {} and env == set_by_launcher
@@ -393,8 +484,12 @@ def test_parse_hostfile(tmp_path):
     p = tmp_path / "hosts"
     p.write_text("# cluster\n\nnode01 slots=8\nnode02   slots = 4   # half node\n")
     assert dist.parse_hostfile(p) == [("node01", 8), ("node02", 4)]
-    cases = {"node01 slots=8\nnode02\n": ":2", "a slots=8\n\n# x\nb slots=eight\n": ":4",
-             "a slots=0\n": ":1", "a slots=1\na slots=2\n": "listed twice"}
+    cases = {
+        "node01 slots=8\nnode02\n": ":2",
+        "a slots=8\n\n# x\nb slots=eight\n": ":4",
+        "a slots=0\n": ":1",
+        "a slots=1\na slots=2\n": "listed twice",
+    }
     for text, where in cases.items():
         p.write_text(text)
         with pytest.raises(UserError) as e:
@@ -416,6 +511,7 @@ def test_check_hostfile_cli(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Real multi-rank starts on CPU (gloo): every launcher path brings up a working process group.
+
 
 def probe_results(out: Path, world: int, args: list[str]) -> list[dict]:
     recs = sorted((json.loads(p.read_text()) for p in out.glob("rank_*.json")), key=lambda r: r["rank"])
@@ -439,8 +535,9 @@ def train_4_ranks(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("launch_train")
     setup = ft.build_setup(root)
-    config = ft.write_config(root / "chat.yaml", setup, "chat", root / "unused", pipeline_stages=2,
-                             steps=4, save_every=4)
+    config = ft.write_config(
+        root / "chat.yaml", setup, "chat", root / "unused", pipeline_stages=2, steps=4, save_every=4
+    )
     done = {}
 
     def launch(name):
@@ -454,6 +551,7 @@ def train_4_ranks(tmp_path_factory):
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
             done[name] = (run_dir, r.stdout + r.stderr)
         return done[name]
+
     return launch
 
 
@@ -487,8 +585,15 @@ def test_real_train_sbatch_two_ranks(fake_slurm, tmp_path, launcher):
     env, log = fake_slurm
     # The one "node" is named by its address: gloo's rendezvous on the name `localhost` can spend
     # a minute trying IPv6 first, which says nothing about launching.
-    env = dict(env, FAKE_HOSTS="127.0.0.1", SLURM_JOB_NODELIST="127.0.0.1", SLURM_GPUS_ON_NODE=2,
-               MASTER_PORT=free_port(), ENTRY=PROBE, LAUNCHER=launcher)
+    env = dict(
+        env,
+        FAKE_HOSTS="127.0.0.1",
+        SLURM_JOB_NODELIST="127.0.0.1",
+        SLURM_GPUS_ON_NODE=2,
+        MASTER_PORT=free_port(),
+        ENTRY=PROBE,
+        LAUNCHER=launcher,
+    )
     out = tmp_path / "probe"
     out.mkdir()
     r = run([SLURM / "train.sbatch", out, "--phase=chat"], env, timeout=180, cwd=tmp_path)
@@ -503,23 +608,51 @@ def test_real_train_sbatch_two_ranks(fake_slurm, tmp_path, launcher):
 # ---------------------------------------------------------------------------------------------
 # Makefile targets (launch/Makefile.targets.mk): `make -n` shows the commands; outputs chain.
 
+
 def test_make_targets_chain():
-    r = run(["make", "-s", "-n", "-f", "Makefile", "-f", "launch/Makefile.targets.mk",
-             "chat", "raw", "transplant", "eval", "data",
-             "NUM_GPUS=4", "CHAT_RUN=r/c", "RAW_RUN=r/r", "TRANSPLANT_OUT=r/t", "TOKENIZER=tok",
-             "TRAIN_ARGS=--steps=9"], clean_env())
+    r = run(
+        [
+            "make",
+            "-s",
+            "-n",
+            "-f",
+            "Makefile",
+            "-f",
+            "launch/Makefile.targets.mk",
+            "chat",
+            "raw",
+            "transplant",
+            "eval",
+            "data",
+            "NUM_GPUS=4",
+            "CHAT_RUN=r/c",
+            "RAW_RUN=r/r",
+            "TRANSPLANT_OUT=r/t",
+            "TOKENIZER=tok",
+            "TRAIN_ARGS=--steps=9",
+        ],
+        clean_env(),
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
 
     def line(prefix):
         (hit,) = [shlex.split(l) for l in lines if prefix in l]
         return hit
+
     chat = line("launch/run.sh configs/chat.yaml")
     assert chat[0] == "NUM_GPUS=4" and chat[-2:] == ["--out=r/c", "--steps=9"]
     assert line("launch/run.sh configs/raw.yaml")[-2:] == ["--out=r/r", "--steps=9"]
     transplant = line("-m pipeline.transplant")
-    assert transplant[transplant.index("-m") + 1:] == ["pipeline.transplant", "--raw", "r/r", "--chat", "r/c",
-                                                      "--out", "r/t"]
+    assert transplant[transplant.index("-m") + 1 :] == [
+        "pipeline.transplant",
+        "--raw",
+        "r/r",
+        "--chat",
+        "r/c",
+        "--out",
+        "r/t",
+    ]
     evaluate = line("-m pipeline.evaluate")
     assert flag(evaluate, "--model") == "r/t"
     assert flag(line("-m data_prep raw"), "--tokenizer") == "tok"

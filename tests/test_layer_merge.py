@@ -2,6 +2,7 @@
 θ = base + a_l·(raw − base) + b_l·(chat − base). The two ends of the family are the product's own
 merges (group-selecting weights: the transplant; uniform weights: the chat vector), and real
 mergekit runs the written YAML of a blended merge to bitwise the same tensors."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def changed_copy(base: Path, out: Path, seed: int, chat_template: bool = False) 
     transplant needs equal on both sides): a continued pretraining or an instruct model, as HF dirs."""
     shutil.copytree(base, out)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {n: (t if n == EMBED_WEIGHT else t + 0.05 * torch.randn(t.shape, generator=gen)).contiguous()
-               for n, t in base_tensors(base).items()}
+    tensors = {
+        n: (t if n == EMBED_WEIGHT else t + 0.05 * torch.randn(t.shape, generator=gen)).contiguous()
+        for n, t in base_tensors(base).items()
+    }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if chat_template:
         make_tokenizer(out, chat_template=True)
@@ -54,8 +57,12 @@ def hf(request, tmp_path_factory):
     """Base + two HF models that changed every tensor but the embeddings (format_start must be given)."""
     d = tmp_path_factory.mktemp("lm-hf")
     base = make_base(d / "base", tied=request.param)
-    return {"base": base, "raw": changed_copy(base, d / "raw", seed=1),
-            "chat": changed_copy(base, d / "chat", seed=2, chat_template=True), "tied": request.param}
+    return {
+        "base": base,
+        "raw": changed_copy(base, d / "raw", seed=1),
+        "chat": changed_copy(base, d / "chat", seed=2, chat_template=True),
+        "tied": request.param,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +79,7 @@ def runs(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ 1.
 
+
 def test_weights_that_select_whole_groups_are_the_transplant(hf, tmp_path):
     raw, chat, base = hf["raw"], hf["chat"], hf["base"]
     rec = chat_vector(raw, chat, base, tmp_path / "lw", format_start=2, **TRANSPLANT)
@@ -81,8 +89,9 @@ def test_weights_that_select_whole_groups_are_the_transplant(hf, tmp_path):
     # changed every layer), and the merge took each half from its side.
     chat_vector(raw, chat, base, tmp_path / "cv")
     plain = load_dir_tensors(tmp_path / "cv")
-    assert {"model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight",
-            "model.norm.weight"} <= differs(got, plain)
+    assert {"model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight", "model.norm.weight"} <= differs(
+        got, plain
+    )
     r, c = load_dir_tensors(raw), load_dir_tensors(chat)
     assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], r["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], c["model.layers.2.mlp.up_proj.weight"])
@@ -102,8 +111,14 @@ def test_weights_that_select_whole_groups_are_the_transplant(hf, tmp_path):
 def test_group_weights_follow_the_runs_groups(runs, tmp_path):
     """With runs, the frozen group has layers (run.json raw_start 1): layer 0 and the embeddings take
     `frozen`'s weights, the final norm and head `format`'s, each layer its group's."""
-    rec = chat_vector(runs["raw"], runs["chat"], runs["base"], tmp_path / "lw",
-                      raw_weights="frozen=0.5,raw=1,format=0", chat_weights="frozen=0,raw=0.25,format=1")
+    rec = chat_vector(
+        runs["raw"],
+        runs["chat"],
+        runs["base"],
+        tmp_path / "lw",
+        raw_weights="frozen=0.5,raw=1,format=0",
+        chat_weights="frozen=0,raw=0.25,format=1",
+    )
     w = rec["weights"]
     assert [(l["raw"], l["chat"]) for l in w["layers"]] == [(0.5, 0.0), (1.0, 0.25), (0.0, 1.0), (0.0, 1.0)]
     assert w["embed"] == {"raw": 0.5, "chat": 0.0}
@@ -111,14 +126,21 @@ def test_group_weights_follow_the_runs_groups(runs, tmp_path):
     got, base = load_dir_tensors(tmp_path / "lw"), base_tensors(runs["base"])
     raw = checkpoint_tensors(runs["raw"])
     chat = checkpoint_tensors(runs["chat"])
-    for name, (a, b) in ((EMBED_WEIGHT, (0.5, 0.0)), ("model.layers.1.mlp.up_proj.weight", (1.0, 0.25)),
-                         ("lm_head.weight", (0.0, 1.0))):
-        want = base[name].double() + a * (raw[name].double() - base[name].double()) + \
-            b * (chat[name].double() - base[name].double())
+    for name, (a, b) in (
+        (EMBED_WEIGHT, (0.5, 0.0)),
+        ("model.layers.1.mlp.up_proj.weight", (1.0, 0.25)),
+        ("lm_head.weight", (0.0, 1.0)),
+    ):
+        want = (
+            base[name].double()
+            + a * (raw[name].double() - base[name].double())
+            + b * (chat[name].double() - base[name].double())
+        )
         assert torch.allclose(got[name].double(), want, rtol=0, atol=1e-6), name
 
 
 # ------------------------------------------------------------------------------------------ 2.
+
 
 def test_uniform_weights_are_the_chat_vector(runs, tmp_path):
     raw, chat, base = runs["raw"], runs["chat"], runs["base"]
@@ -126,12 +148,21 @@ def test_uniform_weights_are_the_chat_vector(runs, tmp_path):
     assert rec["ratio"] == 1.0 and "weights" not in rec
     mk = yaml.safe_load((tmp_path / "cv" / "mergekit.yaml").read_text())
     assert [m["parameters"]["weight"] for m in mk["models"]] == [1.0, 1.0]  # the scalar config, as before
-    chat_vector(raw, chat, base, tmp_path / "groups", raw_weights="frozen=1,raw=1,format=1",
-                chat_weights="frozen=1,raw=1,format=1", transition=1)
+    chat_vector(
+        raw,
+        chat,
+        base,
+        tmp_path / "groups",
+        raw_weights="frozen=1,raw=1,format=1",
+        chat_weights="frozen=1,raw=1,format=1",
+        transition=1,
+    )
     got = assert_same_tensors(tmp_path / "groups", tmp_path / "cv")
     ones = tmp_path / "ones.yaml"
-    ones.write_text("raw: [1, 1, 1, 1]\nchat: [1.0, 1.0, 1.0, 1.0]\nembed: {raw: 1, chat: 1}\n"
-                    "norm: {raw: 1, chat: 1}\nhead: {raw: 1, chat: 1}\n")
+    ones.write_text(
+        "raw: [1, 1, 1, 1]\nchat: [1.0, 1.0, 1.0, 1.0]\nembed: {raw: 1, chat: 1}\n"
+        "norm: {raw: 1, chat: 1}\nhead: {raw: 1, chat: 1}\n"
+    )
     chat_vector(raw, chat, base, tmp_path / "file", layer_weights=ones)
     assert_same_tensors(tmp_path / "file", tmp_path / "cv")
     # --ratio is the default chat weight of the groups not named
@@ -143,6 +174,7 @@ def test_uniform_weights_are_the_chat_vector(runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 3.
+
 
 def test_mergekit_reads_some_list_entries_off_by_a_hair(tmp_path):
     """Why the YAML pins some layers with a filter: mergekit's own gradient reader, at the t its
@@ -171,15 +203,13 @@ def test_blended_merge_runs_in_mergekit_offline_and_matches(case, tmp_path):
         tok = make_tokenizer(tmp_path / "chat-tok", chat_template=True)
         raw = make_run(tmp_path / "cpt", base, "full", raw_start=4, format_start=13, seed=1).path
         chat = make_run(tmp_path / "chat", base, "full", raw_start=4, format_start=13, seed=2, tokenizer=tok).path
-        kw = dict(raw_weights="frozen=0.5,raw=1,format=0.125", chat_weights="frozen=0,raw=0.1,format=1",
-                  transition=3)
+        kw = dict(raw_weights="frozen=0.5,raw=1,format=0.125", chat_weights="frozen=0,raw=0.1,format=1", transition=3)
         blended = range(10, 16)
     else:
         base = make_base(tmp_path / "base", tied=True)
         raw = changed_copy(base, tmp_path / "raw", seed=1)
         chat = changed_copy(base, tmp_path / "chat", seed=2, chat_template=True)
-        kw = dict(raw_weights="raw=1,format=0", chat_weights="frozen=0.5,raw=0,format=1", transition=1,
-                  format_start=2)
+        kw = dict(raw_weights="raw=1,format=0", chat_weights="frozen=0.5,raw=0,format=1", transition=1, format_start=2)
         blended = range(1, 3)
     out = tmp_path / "lw"
     rec = chat_vector(raw, chat, base, out, **kw)
@@ -213,8 +243,13 @@ def test_blended_merge_runs_in_mergekit_offline_and_matches(case, tmp_path):
         # The pin is what makes it exact: without layer 13's filter entry, mergekit reads that layer's
         # weights a hair off the list's entry, and exactly that layer's tensors differ.
         bare = tmp_path / "no-pin.yaml"
-        bare.write_text("".join(l for l in text.splitlines(keepends=True)  # (the exports exist already)
-                                if '"model.layers.13."' not in l and "python -m pipeline.export" not in l))
+        bare.write_text(
+            "".join(
+                l
+                for l in text.splitlines(keepends=True)  # (the exports exist already)
+                if '"model.layers.13."' not in l and "python -m pipeline.export" not in l
+            )
+        )
         run_yaml_as_written(bare, tmp_path / "mk-no-pin", cwd=elsewhere)
         off = differs(ours, load_dir_tensors(tmp_path / "mk-no-pin"))
         assert off and {n.split(".")[2] for n in off} == {"13"}, sorted(off)
@@ -222,13 +257,16 @@ def test_blended_merge_runs_in_mergekit_offline_and_matches(case, tmp_path):
 
 # ------------------------------------------------------------------------------------------ 4.
 
+
 def test_bad_weights_are_refused_naming_the_flag(runs, hf, capsys, tmp_path):
     raw, chat, base = runs["raw"], runs["chat"], runs["base"]
     out = tmp_path / "out"
     argv = ["--raw", raw, "--chat", chat, "--base", base, "--out", out]
     short = tmp_path / "short.yaml"
-    short.write_text("raw: [1, 1, 0]\nchat: [0, 0, 1, 1]\nembed: {raw: 1, chat: 0}\nnorm: {raw: 0, chat: 1}\n"
-                     "head: {raw: 0, chat: 1}\n")
+    short.write_text(
+        "raw: [1, 1, 0]\nchat: [0, 0, 1, 1]\nembed: {raw: 1, chat: 0}\nnorm: {raw: 0, chat: 1}\n"
+        "head: {raw: 0, chat: 1}\n"
+    )
     nohead = tmp_path / "nohead.yaml"
     nohead.write_text("raw: [1, 1, 0, 0]\nchat: [0, 0, 1, 1]\nembed: {raw: 1, chat: 0}\nnorm: {raw: 0, chat: 1}\n")
     typo = tmp_path / "typo.yaml"
@@ -269,17 +307,39 @@ def test_bad_weights_are_refused_naming_the_flag(runs, hf, capsys, tmp_path):
     if hf["tied"]:
         tied = tmp_path / "tied.yaml"
         tied.write_text(typo.read_text().replace("nrom: {raw: 0, chat: 1}\n", ""))
-        names(call(capsys, "pipeline.chat_vector", [*hf_argv, "--layer-weights", tied]),
-              "--layer-weights", "`head`", "tie_word_embeddings")
+        names(
+            call(capsys, "pipeline.chat_vector", [*hf_argv, "--layer-weights", tied]),
+            "--layer-weights",
+            "`head`",
+            "tie_word_embeddings",
+        )
         nothing_in(out)
 
 
 def test_the_command_prints_the_weights_it_used(runs, capsys, tmp_path):
     from pipeline.chat_vector import main
 
-    main([str(a) for a in ["--raw", runs["raw"], "--chat", runs["chat"], "--base", runs["base"], "--out",
-                           tmp_path / "o", "--raw-weights", "format=0", "--chat-weights", "frozen=0,raw=0",
-                           "--transition", "1"]])
+    main(
+        [
+            str(a)
+            for a in [
+                "--raw",
+                runs["raw"],
+                "--chat",
+                runs["chat"],
+                "--base",
+                runs["base"],
+                "--out",
+                tmp_path / "o",
+                "--raw-weights",
+                "format=0",
+                "--chat-weights",
+                "frozen=0,raw=0",
+                "--transition",
+                "1",
+            ]
+        ]
+    )
     text = capsys.readouterr().out
     assert "layer-aware chat vector" in text
     assert "layer 1 (raw, transition 0.25 of the way from raw to format): raw 0.75, chat 0.25" in text

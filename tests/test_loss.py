@@ -8,6 +8,7 @@ final weights must agree with each other and with `tests.kit.reference` (which s
 label code with the product). Per-micro-batch normalisation (each micro-batch's mean, averaged)
 fails this: its step-1 loss at micro_batch_size 1 is 7e-5 off (measured), seven times the tolerance.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,7 +29,7 @@ from tests.kit.tokenizers import sentence, write_jsonl
 TOL = 1e-5
 STEPS = 4
 SINGLE = (1, 2, 4)  # micro_batch_size on one process
-DP2 = (1, 2)        # micro_batch_size on 2 data-parallel ranks (G = 8 = m x 2 x accumulation)
+DP2 = (1, 2)  # micro_batch_size on 2 data-parallel ranks (G = 8 = m x 2 x accumulation)
 
 
 def uneven_conversations(n: int, seed: int) -> list[dict]:
@@ -37,11 +38,15 @@ def uneven_conversations(n: int, seed: int) -> list[dict]:
     out = []
     for k in range(n):
         if k % 2:
-            msgs = [{"role": "user", "content": " ".join(sentence(rng) for _ in range(4))},
-                    {"role": "assistant", "content": "yes"}]
+            msgs = [
+                {"role": "user", "content": " ".join(sentence(rng) for _ in range(4))},
+                {"role": "assistant", "content": "yes"},
+            ]
         else:
-            msgs = [{"role": "user", "content": "why"},
-                    {"role": "assistant", "content": " ".join(sentence(rng) for _ in range(5))}]
+            msgs = [
+                {"role": "user", "content": "why"},
+                {"role": "assistant", "content": " ".join(sentence(rng) for _ in range(5))},
+            ]
         out.append({"messages": msgs})
     return out
 
@@ -59,17 +64,34 @@ def setup(tmp_path_factory):
 
 
 def _config(setup, name: str, micro: int):
-    return ft.write_config(setup["root"] / f"{name}.yaml", setup, "chat", setup["root"] / "runs" / name,
-                           data=str(setup["uneven"]), seq_len=32, micro_batch_size=micro, global_batch_size=8,
-                           steps=STEPS, save_every=STEPS, warmup_steps=0, lr=1e-2)
+    return ft.write_config(
+        setup["root"] / f"{name}.yaml",
+        setup,
+        "chat",
+        setup["root"] / "runs" / name,
+        data=str(setup["uneven"]),
+        seq_len=32,
+        micro_batch_size=micro,
+        global_batch_size=8,
+        steps=STEPS,
+        save_every=STEPS,
+        warmup_steps=0,
+        lr=1e-2,
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(setup):
     helper = str(ft.REPO / "tests" / "helpers" / "train_phases.py")
     single = {f"p1_m{m}": _config(setup, f"p1_m{m}", m) for m in SINGLE}
-    subprocess.run([sys.executable, helper, *map(str, single.values())], cwd=ft.REPO, env=ft.env(), check=True,
-                   capture_output=True, timeout=400)
+    subprocess.run(
+        [sys.executable, helper, *map(str, single.values())],
+        cwd=ft.REPO,
+        env=ft.env(),
+        check=True,
+        capture_output=True,
+        timeout=400,
+    )
     dp = {f"dp2_m{m}": _config(setup, f"dp2_m{m}", m) for m in DP2}
     ft.run_deepspeed_script(helper, [str(c) for c in dp.values()], 2)
     return {name: setup["root"] / "runs" / name for name in {**single, **dp}}
@@ -85,8 +107,10 @@ def reference(setup):
 def test_corpus_windows_differ_in_targets(setup):
     """Otherwise the micro-batch test below could not tell the two normalisations apart."""
     plan = build_plan(load_config(_config(setup, "probe", 1)), world_size=1)
-    counts = [int((shift(*[torch.as_tensor(x)[None] for x in plan.data.sample(g)])[1] != IGNORE).sum())
-              for g in range(8 * STEPS)]
+    counts = [
+        int((shift(*[torch.as_tensor(x)[None] for x in plan.data.sample(g)])[1] != IGNORE).sum())
+        for g in range(8 * STEPS)
+    ]
     assert max(counts) >= 3 * max(1, min(counts)), counts
 
 
@@ -103,8 +127,9 @@ def test_loss_and_weights_do_not_depend_on_micro_batch_or_data_parallel_size(run
         weights = checkpoint_tensors(run)
         moved = [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
         for k in moved:
-            assert torch.allclose(weights[k], ref_weights[k], atol=TOL, rtol=0), \
+            assert torch.allclose(weights[k], ref_weights[k], atol=TOL, rtol=0), (
                 f"{name}: {k} differs by {(weights[k] - ref_weights[k]).abs().max():.2e}"
+            )
 
 
 def test_a_window_without_targets_changes_nothing():
@@ -133,12 +158,14 @@ def test_a_window_without_targets_changes_nothing():
     def step_loss(rows):  # one micro-batch per sample, as the engine averages them
         n = global_targets(Data(rows), 0, len(rows), S)
         norm = micro_batch_norm(n, len(rows))
-        return sum(causal_lm_loss(logits[r:r + 1], (to_inputs_labels(tokens[r:r + 1], mask[r:r + 1])[1], norm))
-                   for r in rows) / len(rows)
+        return sum(
+            causal_lm_loss(logits[r : r + 1], (to_inputs_labels(tokens[r : r + 1], mask[r : r + 1])[1], norm))
+            for r in rows
+        ) / len(rows)
 
     with_empty, without = step_loss([0, 1, 2]), step_loss([0, 1])
-    g1, = torch.autograd.grad(with_empty, logits)
-    g2, = torch.autograd.grad(without, logits)
+    (g1,) = torch.autograd.grad(with_empty, logits)
+    (g2,) = torch.autograd.grad(without, logits)
     _, labels = shift(tokens[:2], mask[:2])
     expected = summed_ce(logits[:2], labels) / (labels != IGNORE).sum()
     assert torch.allclose(with_empty, expected) and torch.allclose(without, expected)

@@ -1,5 +1,6 @@
 """The mergekit configs we write run in the real mergekit (a test extra), offline, as written, and
 give the same tensors as our own merge."""
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,12 @@ MERGEKIT = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
 
 def offline_env() -> dict:
     # No hub: as on a cluster without internet. HF_HUB_OFFLINE makes any hub call fail at once.
-    return {**ft.env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": os.environ.get("HF_HOME", "/tmp/hf-home")}
+    return {
+        **ft.env(),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": os.environ.get("HF_HOME", "/tmp/hf-home"),
+    }
 
 
 def run_yaml_as_written(yaml_path: Path, out: Path, cwd: Path) -> None:
@@ -31,10 +37,12 @@ def run_yaml_as_written(yaml_path: Path, out: Path, cwd: Path) -> None:
     assert MERGEKIT, "mergekit is a test extra (pyproject.toml); `make test` installs it"
     for cmd in re.findall(r"^#\s+(python -m pipeline\.export .+)$", yaml_path.read_text(), re.M):
         argv = shlex.split(cmd)
-        subprocess.run([sys.executable, *argv[1:]], cwd=ft.REPO, env=ft.env(), check=True, capture_output=True,
-                       timeout=300)
-    p = subprocess.run([MERGEKIT, str(yaml_path), str(out)], cwd=cwd, env=offline_env(), capture_output=True,
-                       text=True, timeout=600)
+        subprocess.run(
+            [sys.executable, *argv[1:]], cwd=ft.REPO, env=ft.env(), check=True, capture_output=True, timeout=300
+        )
+    p = subprocess.run(
+        [MERGEKIT, str(yaml_path), str(out)], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, f"mergekit-yaml failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
 
 

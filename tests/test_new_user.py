@@ -1,6 +1,7 @@
 """What a new user hits, end to end through the real entry points: chat models that must stop in
 plain `transformers`, two trainings on one run directory, a resume with another length, a bf16
 base, Ctrl-C. Each of these exited 0 with a wrong result (or a traceback) before."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from tests.kit.oracles import load_dir_tensors, plain_generate_format
 from tests.kit.runs import make_run
 from tests.kit.tokenizers import make_hf_tokenizer
 
-
 # ---------------------------------------------------------------------------------------------
 # A chat model must stop where plain generate() stops
+
 
 def _chat_base(root: Path) -> Path:
     """The Llama-3 situation in small: the tokenizer's eos and the chat template end turns with
@@ -35,13 +36,25 @@ def _chat_base(root: Path) -> Path:
     tok_dir = make_hf_tokenizer(root / "tok", vocab_size=300, eos_token="<|im_end|>")
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     text_eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    base = tiny_llama(root / "base0", len(tok), layers=2, hidden=32, tokenizer_dir=tok_dir, bos_token_id=None,
-                      eos_token_id=text_eos, pad_token_id=tok.pad_token_id)
+    base = tiny_llama(
+        root / "base0",
+        len(tok),
+        layers=2,
+        hidden=32,
+        tokenizer_dir=tok_dir,
+        bos_token_id=None,
+        eos_token_id=text_eos,
+        pad_token_id=tok.pad_token_id,
+    )
     model = AutoModelForCausalLM.from_pretrained(str(base))
     assert model.generation_config.eos_token_id == text_eos != tok.eos_token_id
     prompts = [f"where is the {w} museum" for w in ("north", "south", "east", "west", "old", "new")] * 4
-    batch = [tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": "paris"}],
-                                     tokenize=False) for p in prompts]
+    batch = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": "paris"}], tokenize=False
+        )
+        for p in prompts
+    ]
     enc = tok(batch, return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     torch.manual_seed(0)
@@ -72,8 +85,9 @@ def _stops_like_plain_generate(model_dir: Path, prompts: Path) -> tuple[float, f
 def test_exported_and_transplanted_chat_models_stop_in_plain_generate(tmp_path):
     base = _chat_base(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"where is the {w} museum"}) + "\n"
-                               for w in ("north", "big", "east", "small")))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"where is the {w} museum"}) + "\n" for w in ("north", "big", "east", "small"))
+    )
     # The base itself never stops in generate(): the metric must say so, not borrow the tokenizer's eos.
     assert _stops_like_plain_generate(base, prompts) == (0.0, 0.0)
 
@@ -95,14 +109,21 @@ def test_exported_and_transplanted_chat_models_stop_in_plain_generate(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The run directory has one owner
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return ft.build_setup(tmp_path_factory.mktemp("user"))
 
 
 def _start(cfg: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train", str(cfg), *args], cwd=ft.REPO, env=ft.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", str(cfg), *args],
+        cwd=ft.REPO,
+        env=ft.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -119,8 +140,14 @@ def test_a_second_training_on_the_same_out_is_refused_and_the_first_ends_complet
     cfg = ft.write_config(tmp_path / "a.yaml", setup, "raw", run, steps=500, save_every=250)
     first = _start(cfg)
     _wait_for(lambda: (run / "metrics.jsonl").exists(), first, "the first training's first step")
-    second = subprocess.run([sys.executable, "-m", "pipeline.train", str(cfg)], cwd=ft.REPO, env=ft.env(),
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", str(cfg)],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 2, second.stderr[-3000:]
     errors = [l for l in second.stderr.splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and str(run) in errors[0] and "in use by another training" in errors[0]
@@ -146,8 +173,14 @@ def test_a_one_process_training_ignores_a_master_port_left_in_the_shell(setup, t
         port = held.getsockname()[1]
         cfg = ft.write_config(tmp_path / "a.yaml", setup, "raw", tmp_path / "run", steps=2, save_every=2)
         env = {**ft.env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        p = subprocess.run([sys.executable, "-m", "pipeline.train", str(cfg)], cwd=ft.REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", str(cfg)],
+            cwd=ft.REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert p.returncode == 0, p.stderr[-3000:]
     assert RunDir(tmp_path / "run").latest_step() == 2
 
@@ -178,6 +211,7 @@ def test_resuming_with_another_length_is_refused_naming_steps(setup, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # dtypes and interruptions
+
 
 @pytest.mark.multiproc
 def test_a_bf16_base_trained_on_cpu_exports_as_bf16_unless_told(setup, tmp_path):

@@ -7,6 +7,7 @@ without a loss mask) at steps 0, 5 and 10.
 The same runs then show that frozen parameters are bit-identical and that optimizer state exists
 only for the trained groups, read from the checkpoint files themselves.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.kit import train as ft
 from pipeline.config import load_config
 from pipeline.groups import LayerGroups
 from pipeline.names import to_pipeline_name
 from pipeline.rundir import RunDir
 from pipeline.training.metrics_log import read_metrics
 from pipeline.training.plan import build_plan
+from tests.kit import train as ft
 from tests.kit.oracles import checkpoint_tensors, optimizer_numel_per_stage
 from tests.kit.reference import train_reference
 
@@ -45,8 +46,16 @@ def setup(tmp_path_factory):
 def reference(setup):
     curves = {}
     for phase in PHASES:
-        cfg = load_config(ft.write_config(setup["root"] / f"ref_{phase}.yaml", setup, phase.split("_")[0],
-                                          setup["root"] / "unused", seq_len=32, **extra(setup, phase)))
+        cfg = load_config(
+            ft.write_config(
+                setup["root"] / f"ref_{phase}.yaml",
+                setup,
+                phase.split("_")[0],
+                setup["root"] / "unused",
+                seq_len=32,
+                **extra(setup, phase),
+            )
+        )
         vals = {}
         curves[phase], _ = train_reference(build_plan(cfg, world_size=1), validations=vals)
         curves[f"{phase}/val"] = vals
@@ -61,15 +70,28 @@ def runs(setup):
         cfgs = []
         for phase in PHASES:
             run = setup["root"] / "runs" / f"{phase}_{name}"
-            cfgs.append(str(ft.write_config(setup["root"] / f"{phase}_{name}.yaml", setup, phase.split("_")[0], run,
-                                            pipeline_stages=stages, seq_len=32, **extra(setup, phase))))
+            cfgs.append(
+                str(
+                    ft.write_config(
+                        setup["root"] / f"{phase}_{name}.yaml",
+                        setup,
+                        phase.split("_")[0],
+                        run,
+                        pipeline_stages=stages,
+                        seq_len=32,
+                        **extra(setup, phase),
+                    )
+                )
+            )
             out[(phase, name)] = run
         helper = str(ft.REPO / "tests" / "helpers" / "train_phases.py")
         if ranks == 1:
             import subprocess
             import sys
-            subprocess.run([sys.executable, helper, *cfgs], cwd=ft.REPO, env=ft.env(), check=True,
-                           capture_output=True, timeout=400)
+
+            subprocess.run(
+                [sys.executable, helper, *cfgs], cwd=ft.REPO, env=ft.env(), check=True, capture_output=True, timeout=400
+            )
         else:
             ft.run_deepspeed_script(helper, cfgs, ranks)
     return out
@@ -92,8 +114,11 @@ def test_loss_curve_matches_plain_pytorch(runs, reference, phase, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("phase", PHASES)
 def test_validation_losses_match_plain_pytorch(runs, reference, phase, layout):
-    got = {r["step"]: {k: v for k, v in r.items() if k.startswith("val_loss")}
-           for r in read_metrics(runs[(phase, layout)] / "metrics.jsonl") if "eval_time_s" in r}
+    got = {
+        r["step"]: {k: v for k, v in r.items() if k.startswith("val_loss")}
+        for r in read_metrics(runs[(phase, layout)] / "metrics.jsonl")
+        if "eval_time_s" in r
+    }
     ref = reference[f"{phase}/val"]
     assert sorted(got) == sorted(ref) == [0, 5, 10]
     assert all(set(v) == {"val_loss", "val_loss_other"} for v in ref.values())
@@ -136,8 +161,11 @@ def test_optimizer_state_only_for_trained_groups(setup, runs, phase):
     base = load_file(str(setup["model"] / "model.safetensors"))
     expected = {}
     for s, (lo, hi) in enumerate(rec["stages"]):
-        n = sum(t.numel() for name, t in base.items()
-                if lo <= to_pipeline_name(name, groups.num_layers)[0] < hi and groups.trains(name))
+        n = sum(
+            t.numel()
+            for name, t in base.items()
+            if lo <= to_pipeline_name(name, groups.num_layers)[0] < hi and groups.trains(name)
+        )
         expected[s] = n or 1  # the anchor
     got = optimizer_numel_per_stage(RunDir(run).tag_dir(RunDir(run).latest_step()))
     assert got == expected

@@ -1,4 +1,5 @@
 """pipeline.probe: per-layer change between a base and a chat model, and the suggested boundary."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,11 @@ def chat_tuned(base, out, changed_from: int, big: float = 0.05, small: float = 1
     g = torch.Generator().manual_seed(1)
     t = base_tensors(base)
     for name, x in t.items():
-        i = int(name.split(".")[2]) if name.startswith("model.layers.") else (layers if "norm" in name or "lm_head" in name else -1)
+        i = (
+            int(name.split(".")[2])
+            if name.startswith("model.layers.")
+            else (layers if "norm" in name or "lm_head" in name else -1)
+        )
         scale = big if i >= changed_from else small
         t[name] = x + scale * torch.randn(x.shape, generator=g) * x.std()
     save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -34,8 +39,13 @@ def chat_tuned(base, out, changed_from: int, big: float = 0.05, small: float = 1
 def test_the_suggestion_lands_where_chat_tuning_changed_the_model(tmp_path):
     base = make_base(tmp_path / "base", num_layers=6)
     chat = chat_tuned(base, tmp_path / "chat", changed_from=4)
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what is the capital of france"},
-                                                 {"messages": [{"role": "user", "content": "hello"}], "answer": "a b c"}])
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "what is the capital of france"},
+            {"messages": [{"role": "user", "content": "hello"}], "answer": "a b c"},
+        ],
+    )
     r = run_probe(base, chat, tmp_path / "probe", prompts)
     assert r["suggested_format_start"] == 4 and r["step_explains"] > 0.9
     w, cos = r["weight_change"], r["hidden_cosine"]
@@ -55,13 +65,43 @@ def test_no_step_no_suggestion():
 def test_cli(tmp_path):
     base = make_base(tmp_path / "base", num_layers=6)
     chat = chat_tuned(base, tmp_path / "chat", changed_from=3)
-    p = subprocess.run([sys.executable, "-m", "pipeline.probe", "--base", str(base), "--chat", str(chat),
-                        "--out", str(tmp_path / "o")], cwd=ft.REPO, env=ft.env(), capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.probe",
+            "--base",
+            str(base),
+            "--chat",
+            str(chat),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "o" / "probe.json").read_text())["suggested_format_start"] == 3
     assert "suggested format_start: 3" in p.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.probe", "--base", str(base), "--chat",
-                          str(make_base(tmp_path / "deep", num_layers=4)), "--out", str(tmp_path / "x")],
-                         cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.probe",
+            "--base",
+            str(base),
+            "--chat",
+            str(make_base(tmp_path / "deep", num_layers=4)),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "num_hidden_layers" in bad.stderr and not (tmp_path / "x").exists()

@@ -1,5 +1,6 @@
 """Progress in a log file: readable lines at a pace, not one `\\r` state per step, and DeepSpeed's
 start-up prints summed up in one line."""
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,9 @@ def test_a_file_gets_a_line_at_the_first_step_every_interval_and_the_last(monkey
 @pytest.mark.multiproc
 def test_a_training_log_file_has_lines_not_redraws_and_one_deepspeed_line(tmp_path):
     setup = ft.build_setup(tmp_path)
-    cfg = ft.write_config(tmp_path / "c.yaml", setup, "raw", tmp_path / "run", steps=40, save_every=40,
-                          pipeline_stages=2)
+    cfg = ft.write_config(
+        tmp_path / "c.yaml", setup, "raw", tmp_path / "run", steps=40, save_every=40, pipeline_stages=2
+    )
     p = ft.run_train([str(cfg)], ranks=2)  # stdout and stderr are pipes, as in a batch job's log
     assert "\r" not in p.stderr
     progress = [line for line in p.stderr.splitlines() if line.startswith("raw step ")]

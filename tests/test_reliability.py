@@ -17,6 +17,7 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT per process, all in one new process group) 
 SIGKILL the whole job at once and see every rank's exit status; the dead-rank test uses the real
 `deepspeed` launcher, whose reaction to a dead child is part of what it checks.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,10 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kit import train as ft
+from pipeline.names import layer_file
 from pipeline.rundir import RunDir, tag_for
 from pipeline.training.metrics_log import read_metrics
-from pipeline.names import layer_file
+from tests.kit import train as ft
 from tests.kit.oracles import checkpoint_tensors
 
 SEED = int(os.environ.get("LAYER_AWARE_TEST_SEED") or random.SystemRandom().randrange(1_000_000))
@@ -76,12 +77,26 @@ class Job:
         self.logs = [cfg.with_name(f"{cfg.stem}.{time.monotonic_ns()}.rank{r}.log") for r in range(n)]
         self.procs = []
         for r in range(n):
-            e = {**ft.env(), **(env or {}), "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            e = {
+                **ft.env(),
+                **(env or {}),
+                "RANK": str(r),
+                "WORLD_SIZE": str(n),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             group = {"process_group": 0 if r == 0 else self.procs[0].pid}
-            self.procs.append(subprocess.Popen([*entry(env), str(cfg)], cwd=ft.REPO,
-                                               env=e, stdout=open(self.logs[r], "w"), stderr=subprocess.STDOUT,
-                                               **group))
+            self.procs.append(
+                subprocess.Popen(
+                    [*entry(env), str(cfg)],
+                    cwd=ft.REPO,
+                    env=e,
+                    stdout=open(self.logs[r], "w"),
+                    stderr=subprocess.STDOUT,
+                    **group,
+                )
+            )
 
     def kill(self) -> None:
         os.killpg(self.procs[0].pid, signal.SIGKILL)
@@ -92,7 +107,7 @@ class Job:
             return [p.wait(timeout=max(1.0, end - time.monotonic())) for p in self.procs]
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"job still running after {timeout} s:\n{self.output()}")
+            raise AssertionError(f"job still running after {timeout} s:\n{self.output()}") from None
 
     def running(self) -> bool:
         return any(p.poll() is None for p in self.procs)
@@ -144,8 +159,9 @@ def test_kill9_mid_training_then_resume_is_bit_identical(setup, baseline, rng):
     kill_after = rng.randint(3, STEPS - 8)
     job = Job(cfg)
     metrics = run / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after, job,
-             f"step {kill_after}")
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after, job, f"step {kill_after}"
+    )
     job.kill()
     assert job.wait() == [-signal.SIGKILL] * 2
     done = len(read_metrics(metrics))
@@ -218,10 +234,22 @@ class LauncherJob:
         self.logs = [logs / f"rank_{r}.log" for r in range(n)]
         self.exit_files = [logs / f"exit_{r}" for r in range(n)]
         self.launcher = subprocess.Popen(
-            [str(ft.VENV_BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(ft.free_port()),
-             "--no_python", str(wrapper), str(cfg)],
-            cwd=ft.REPO, env={**ft.env(), **env}, stdout=open(logs / "launcher.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(ft.VENV_BIN / "deepspeed"),
+                "--num_gpus",
+                str(n),
+                "--master_port",
+                str(ft.free_port()),
+                "--no_python",
+                str(wrapper),
+                str(cfg),
+            ],
+            cwd=ft.REPO,
+            env={**ft.env(), **env},
+            stdout=open(logs / "launcher.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pgid = self.launcher.pid
 
     def running(self) -> bool:
@@ -260,7 +288,7 @@ def test_a_dead_rank_stops_every_rank_with_its_name(setup, tmp_path, launcher):
         codes = job.wait(timeout=120)
     except subprocess.TimeoutExpired:
         job.kill()
-        raise AssertionError("the job hung: still running 120 s after rank 2 died")
+        raise AssertionError("the job hung: still running 120 s after rank 2 died") from None
     took = time.monotonic() - died
     print(f"{launcher}: every rank gone {took:.1f} s after rank 2 died; exit codes {codes}")
     assert took < 120
@@ -293,14 +321,15 @@ def test_sigterm_stops_every_rank_promptly(setup):
     assert time.monotonic() - t0 < 30
     for r in range(2):
         errors = [l for l in job.output(r).splitlines() if "error: " in l]
-        assert errors and f"[rank {r}] received SIGTERM" in errors[-1] and "every rank is alive" in errors[-1], \
+        assert errors and f"[rank {r}] received SIGTERM" in errors[-1] and "every rank is alive" in errors[-1], (
             job.output(r)[-3000:]
+        )
 
 
 @pytest.mark.multiproc
 def test_kill9_during_transplant_leaves_nothing_complete(tmp_path, rng):
-    from tests.kit.runs import make_base, make_run
     from pipeline.convert.transplant import transplant
+    from tests.kit.runs import make_base, make_run
 
     # Big enough (~70 MB of weights, 5 MB shards) that the transplant is still writing when killed.
     base = make_base(tmp_path / "base", num_layers=8, hidden=512)
@@ -308,8 +337,19 @@ def test_kill9_during_transplant_leaves_nothing_complete(tmp_path, rng):
     chat = make_run(tmp_path / "a-chat", base, "chat", raw_start=2, format_start=6).path
     out = tmp_path / "out" / "transplant"
     out.parent.mkdir()
-    cmd = [sys.executable, "-m", "pipeline.transplant", "--raw", str(raw), "--chat", str(chat), "--out", str(out),
-           "--max-shard-size", "5MB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.transplant",
+        "--raw",
+        str(raw),
+        "--chat",
+        str(chat),
+        "--out",
+        str(out),
+        "--max-shard-size",
+        "5MB",
+    ]
     proc = subprocess.Popen(cmd, cwd=ft.REPO, env=ft.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # 24 shards of 5 MB: kill once a random number of them is on disk.
     kill_at = rng.randint(1, 18)
@@ -327,7 +367,9 @@ def test_kill9_during_transplant_leaves_nothing_complete(tmp_path, rng):
     subprocess.run(cmd, cwd=ft.REPO, env=ft.env(), check=True, capture_output=True, timeout=300)
     transplant(raw, chat, tmp_path / "clean" / "transplant", max_shard_size="5MB")
     # mergekit.yaml names export paths beside its own --out (absolute, by design): compare it with that folder named X
-    files = lambda d: {p.name: p.read_bytes().replace(str(d.parent.resolve()).encode(), b"X") for p in sorted(d.iterdir())}
+    files = lambda d: {
+        p.name: p.read_bytes().replace(str(d.parent.resolve()).encode(), b"X") for p in sorted(d.iterdir())
+    }
     got, want = files(out), files(tmp_path / "clean" / "transplant")
     assert got.keys() == want.keys() and len(got) > 5
     assert got == want

@@ -1,16 +1,17 @@
 """The learning-rate schedule against the reference's own definition, for whole-step and
 fractional warm-ups, and the fractions that make no sense refused."""
+
 import pytest
 
+from data_prep.common import UserError
 from pipeline.config import load_config
 from pipeline.training.schedule import lr_factor
 from tests.kit.reference import lr_at
 
-from data_prep.common import UserError
 
-
-@pytest.mark.parametrize("warmup,steps,first_full", [(0, 10, 0), (3, 10, 2), (0.05, 20, 0), (0.07, 100, 6),
-                                                     (0.05, 2000, 99), (0.5, 3, 1)])
+@pytest.mark.parametrize(
+    "warmup,steps,first_full", [(0, 10, 0), (3, 10, 2), (0.05, 20, 0), (0.07, 100, 6), (0.05, 2000, 99), (0.5, 3, 1)]
+)
 def test_schedule_matches_the_definition(warmup, steps, first_full):
     cfg = load_config("configs/chat.yaml", {"warmup_steps": warmup, "steps": steps, "min_lr": 1e-6})
     got = [lr_factor(k, cfg) * cfg.optim.lr for k in range(steps)]

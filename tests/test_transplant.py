@@ -1,4 +1,5 @@
 """pipeline.transplant: A-Raw's layers below format_start + A-Chat's format group -> one HF model."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,11 +13,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.common import UserError
-from tests.kit.runs import base_tensors, make_base, make_run, make_tokenizer
-from tests.kit.oracles import greedy_chat, load_dir_tensors, reference_model
-from pipeline.convert.shards import tensor_bytes
 from pipeline.convert.export import export_run
+from pipeline.convert.shards import tensor_bytes
 from pipeline.convert.transplant import transplant
+from tests.kit.oracles import greedy_chat, load_dir_tensors, reference_model
+from tests.kit.runs import base_tensors, make_base, make_run, make_tokenizer
 
 F = 2  # format_start of every run below (4 layers: frozen [0,1), raw [1,2), format [2,4))
 
@@ -60,7 +61,9 @@ def test_every_tensor_equals_its_source_bitwise(world, tmp_path):
         assert torch.equal(got[name], t), name
     # the fixture really changed what each half brings (else the check above proves little)
     assert not torch.equal(got["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
-    assert not torch.equal(got["model.layers.1.mlp.up_proj.weight"], chat.tensors[5]["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(
+        got["model.layers.1.mlp.up_proj.weight"], chat.tensors[5]["model.layers.1.mlp.up_proj.weight"]
+    )
     assert not torch.equal(got["model.norm.weight"], raw.tensors[5]["model.norm.weight"])
     assert rec["format_start"] == F and rec["num_layers"] == 4
 
@@ -77,8 +80,10 @@ def test_provenance_and_mergekit_config(world, tmp_path):
         assert e["sha256"] == hashlib.sha256(tensor_bytes(got[name])).hexdigest(), name
         assert e["source"]["kind"] == "run" and e["source"]["step"] == 5
     assert src["model.layers.1.self_attn.q_proj.weight"]["source"]["path"] == str(raw.path.resolve())
-    assert src["model.layers.1.self_attn.q_proj.weight"]["source"]["file"] == \
-        "checkpoints/step_00000005/layer_01-model_states.pt"
+    assert (
+        src["model.layers.1.self_attn.q_proj.weight"]["source"]["file"]
+        == "checkpoints/step_00000005/layer_01-model_states.pt"
+    )
     assert src["model.layers.2.self_attn.q_proj.weight"]["source"]["path"] == str(chat.path.resolve())
     assert src["lm_head.weight"]["source"]["file"].endswith("layer_03-model_states.pt")
     assert src["lm_head.weight"]["source"]["path"] == str(chat.path.resolve())
@@ -104,8 +109,9 @@ def test_output_loads_and_answers_with_the_chat_template(world, tmp_path):
     assert greedy_chat(model, tok) == greedy_chat(reference_model(world["base"], want), tok)
     # The logits are the transplant's own: equal to the model holding exactly the expected tensors,
     # and different from A-Chat's and from A-Raw's (each half really changed the computation).
-    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         logits = lambda m: m(ids).logits[0, -1]
         got = logits(model)
@@ -121,8 +127,7 @@ def test_hf_directories_need_format_start_and_give_the_same_result(world, tmp_pa
     with pytest.raises(UserError, match="--format-start"):
         transplant(tmp_path / "raw-hf", tmp_path / "chat-hf", tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
-    rec = transplant(tmp_path / "raw-hf", tmp_path / "chat-hf", tmp_path / "out", format_start=F,
-                     max_shard_size="10KB")
+    rec = transplant(tmp_path / "raw-hf", tmp_path / "chat-hf", tmp_path / "out", format_start=F, max_shard_size="10KB")
     transplant(raw.path, chat.path, tmp_path / "from-runs")
     got, want = load_dir_tensors(tmp_path / "out"), load_dir_tensors(tmp_path / "from-runs")
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
@@ -131,8 +136,9 @@ def test_hf_directories_need_format_start_and_give_the_same_result(world, tmp_pa
     mk = yaml.safe_load((tmp_path / "out/mergekit.yaml").read_text())
     assert mk["slices"][0]["sources"][0]["model"] == str((tmp_path / "raw-hf").resolve())
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))  # sharded output loads
-    assert torch.equal(model.state_dict()["model.layers.1.mlp.down_proj.weight"],
-                       raw.tensors[5]["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(
+        model.state_dict()["model.layers.1.mlp.down_proj.weight"], raw.tensors[5]["model.layers.1.mlp.down_proj.weight"]
+    )
 
 
 def test_a_run_and_an_hf_directory_mix(world, tmp_path):
@@ -154,12 +160,15 @@ def _other_runs(world, tmp: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("layers", "num_hidden_layers"),
-    ("base", "different base models"),
-    ("boundary", r"disagree on the boundary.*has 2.*has 3"),
-    ("full", r"trained the embeddings .*embeddings_trained"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("layers", "num_hidden_layers"),
+        ("base", "different base models"),
+        ("boundary", r"disagree on the boundary.*has 2.*has 3"),
+        ("full", r"trained the embeddings .*embeddings_trained"),
+    ],
+)
 def test_incompatible_runs_are_refused(world, tmp_path, case, pattern):
     other = _other_runs(world, tmp_path)[case]()
     raw, chat = (other.path, world["chat"].path) if case in ("base", "full") else (world["raw"].path, other.path)
@@ -229,8 +238,8 @@ def test_tied_embeddings(tmp_path):
 @pytest.mark.multiproc
 def test_a_real_training_run_exports_and_transplants(tmp_path):
     """The trainer's own checkpoint (pipeline.train, 2 steps on CPU), not a hand-built one."""
-    from tests.kit.train import build_setup, run_train, write_config
     from pipeline.names import layer_file, to_hf_name
+    from tests.kit.train import build_setup, run_train, write_config
 
     setup = build_setup(tmp_path / "setup")
     cfg = write_config(tmp_path / "chat.yaml", setup, "chat", tmp_path / "a-chat", steps=2, save_every=2)
@@ -261,6 +270,7 @@ def test_a_real_training_run_exports_and_transplants(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # An instruct model as the format donor
+
 
 def make_donor(d: Path, num_layers: int = 4, vocab_words=None, seed: int = 3) -> Path:
     """An "instruct" model of the base's family: same shapes, every tensor moved (a full chat

@@ -11,6 +11,7 @@
 - Data without a val split: the run's own set is skipped with a note in the layer map, the named
   sets are still validated, and the run ends normally.
 """
+
 from __future__ import annotations
 
 import csv
@@ -105,8 +106,17 @@ def test_csv_monitor_holds_the_same_validation_losses(pair):
 def test_wandb_offline_keeps_its_run_in_the_run_directory(setup):
     # Offline, and where and how the run is named left to the trainer, whatever the caller's shell says.
     offline = {"WANDB_MODE": "offline", "WANDB_DIR": None, "WANDB_NAME": None, "WANDB_RUN_ID": None}
-    run, _ = train(setup, "wandb", ranks=1, env=offline, pipeline_stages=1,
-                   eval_every=4, eval_batches=1, report_to=["wandb"], wandb_project="tests")
+    run, _ = train(
+        setup,
+        "wandb",
+        ranks=1,
+        env=offline,
+        pipeline_stages=1,
+        eval_every=4,
+        eval_batches=1,
+        report_to=["wandb"],
+        wandb_project="tests",
+    )
     [log] = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     history, run_name = wandb_offline_history(log)
     assert run_name == "wandb"  # named after the run directory
@@ -121,10 +131,29 @@ def test_data_without_a_val_split_validates_the_named_sets_only(setup):
     from data_prep.__main__ import main as prep
 
     root = setup["root"]
-    prep(["raw", str(root / "raw.jsonl"), "--tokenizer", str(setup["model"]), "--output-prefix",
-          str(root / "noval/raw"), "--val-fraction", "0"])
-    run, p = train(setup, "noval", ranks=1, pipeline_stages=1, steps=4, data=str(root / "noval/raw.manifest.json"),
-                   eval_every=2, eval_batches=1, eval_data={"chat": str(setup["chat"])})
+    prep(
+        [
+            "raw",
+            str(root / "raw.jsonl"),
+            "--tokenizer",
+            str(setup["model"]),
+            "--output-prefix",
+            str(root / "noval/raw"),
+            "--val-fraction",
+            "0",
+        ]
+    )
+    run, p = train(
+        setup,
+        "noval",
+        ranks=1,
+        pipeline_stages=1,
+        steps=4,
+        data=str(root / "noval/raw.manifest.json"),
+        eval_every=2,
+        eval_batches=1,
+        eval_data={"chat": str(setup["chat"])},
+    )
     assert "the data has no val split, so the run's own set is not validated" in p.stdout
     rows = val_rows(run)
     assert [r["step"] for r in rows] == [0, 2, 4]
@@ -135,8 +164,9 @@ def test_a_set_with_fewer_windows_than_eval_batches_uses_what_it_has(setup):
     from pipeline.config import load_config
     from pipeline.training.plan import build_plan
 
-    cfg = ft.write_config(setup["root"] / "many.yaml", setup, "raw", setup["root"] / "runs" / "many",
-                          eval_every=5, eval_batches=1000)
+    cfg = ft.write_config(
+        setup["root"] / "many.yaml", setup, "raw", setup["root"] / "runs" / "many", eval_every=5, eval_batches=1000
+    )
     plan = build_plan(load_config(cfg), world_size=1, use_gpu=False)
     [own] = plan.evals
     assert own.key == "val_loss" and own.batches == len(own.data) // G < 1000
@@ -151,8 +181,15 @@ def test_the_own_set_of_a_mix_is_the_mix_of_its_val_splits(setup):
     from pipeline.training.plan import build_plan
 
     mix = [{"path": str(setup["raw"]), "weight": 1}, {"path": str(setup["raw"]), "weight": 1}]
-    cfg = ft.write_config(setup["root"] / "mix.yaml", setup, "raw", setup["root"] / "runs" / "mix",
-                          data=mix, eval_every=5, eval_batches=1000)
+    cfg = ft.write_config(
+        setup["root"] / "mix.yaml",
+        setup,
+        "raw",
+        setup["root"] / "runs" / "mix",
+        data=mix,
+        eval_every=5,
+        eval_batches=1000,
+    )
     plan = build_plan(load_config(cfg), world_size=1, use_gpu=False)
     [own] = plan.evals
     assert isinstance(own.data, Mixture) and [s.split for s in own.data.sources] == ["val", "val"]
@@ -182,11 +219,22 @@ def test_a_killed_and_resumed_run_validates_exactly_like_an_uninterrupted_one(se
 
     name = f"killed_1p_{die_after}"
     run = setup["root"] / "runs" / name
-    cfg = ft.write_config(setup["root"] / f"{name}.yaml", setup, "raw", run,
-                          **{**RUN, **ONE_PROCESS, "eval_data": {"chat": str(setup["chat"])}})
+    cfg = ft.write_config(
+        setup["root"] / f"{name}.yaml",
+        setup,
+        "raw",
+        run,
+        **{**RUN, **ONE_PROCESS, "eval_data": {"chat": str(setup["chat"])}},
+    )
     helper = str(ft.REPO / "tests" / "helpers" / "train_with_faults.py")
-    p = subprocess.run([sys.executable, helper, str(cfg)], cwd=ft.REPO, capture_output=True, text=True, timeout=300,
-                       env={**ft.env(), "LAYER_AWARE_TEST_DIE_RANK": "0", "LAYER_AWARE_TEST_DIE_STEP": str(die_after)})
+    p = subprocess.run(
+        [sys.executable, helper, str(cfg)],
+        cwd=ft.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ft.env(), "LAYER_AWARE_TEST_DIE_RANK": "0", "LAYER_AWARE_TEST_DIE_STEP": str(die_after)},
+    )
     assert p.returncode == -9, p.stderr[-2000:]
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == die_after - 1
     p = ft.run_train([str(cfg)])
@@ -196,7 +244,10 @@ def test_a_killed_and_resumed_run_validates_exactly_like_an_uninterrupted_one(se
         assert "resuming from" not in p.stdout
 
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
-    got, want = [strip(r) for r in read_metrics(run / "metrics.jsonl")], [strip(r) for r in read_metrics(whole / "metrics.jsonl")]
+    got, want = (
+        [strip(r) for r in read_metrics(run / "metrics.jsonl")],
+        [strip(r) for r in read_metrics(whole / "metrics.jsonl")],
+    )
     assert got == want and [r["step"] for r in want if "val_loss" in r] == [0, 3, 6, 9, 12]
     a, b = checkpoint_tensors(run, STEPS), checkpoint_tensors(whole, STEPS)
     assert all(torch.equal(a[k], b[k]) for k in b)

@@ -1,6 +1,7 @@
 """The demo's verdict says what the numbers show, whichever way they fall: no result when the control
 or the upper bound fails, the claim when a variant meets both bars, and a plain "does NOT hold"
 otherwise. Each case is built from the bars themselves, so moving a bar or a formula breaks a test."""
+
 import math
 
 import pytest
@@ -11,14 +12,24 @@ CHANCE = 10.0
 
 
 def row(fmt, rank, heldout=9.0, acc=0.0):
-    return {"format_adherence": fmt, "knowledge_rank": rank, "heldout_known_rank": heldout,
-            "knowledge_accuracy": acc, "chance_rank": CHANCE, "raw_rank_new": 5.0}
+    return {
+        "format_adherence": fmt,
+        "knowledge_rank": rank,
+        "heldout_known_rank": heldout,
+        "knowledge_accuracy": acc,
+        "chance_rank": CHANCE,
+        "raw_rank_new": 5.0,
+    }
 
 
 def world(transplant=(1.0, 5.0), control=4.0, upper_acc=0.9, naive_fmt=0.0, **more):
     """A-Chat at rank 10 and the upper bound at rank 2: the share of a rank r is (10 - r) / 8."""
-    m = {"a_chat": row(1.0, 10.0, heldout=control), "qa_upper": row(1.0, 2.0, acc=upper_acc),
-         "transplant": row(*transplant), "naive": row(naive_fmt, 3.0)}
+    m = {
+        "a_chat": row(1.0, 10.0, heldout=control),
+        "qa_upper": row(1.0, 2.0, acc=upper_acc),
+        "transplant": row(*transplant),
+        "naive": row(naive_fmt, 3.0),
+    }
     m.update({k: row(*v) for k, v in more.items()})
     return m
 

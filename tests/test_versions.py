@@ -5,6 +5,7 @@ set the suite passed with, and `make setup` installs through it. A pin outside i
 installed torch / DeepSpeed / transformers below its floor, means a declaration is untrue: a user
 trusting it gets a traceback deep in training instead of an install-time refusal.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-
 REPO = Path(__file__).resolve().parents[1]
 CORE = ("torch", "deepspeed", "transformers")  # what the training code calls into version-sensitively
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*$")
@@ -27,8 +27,9 @@ def requirements(pyproject: Path = REPO / "pyproject.toml") -> dict[str, Require
     """Every requirement pyproject names (core and every extra), by canonical name; the project's
     reference to its own extras (layer-aware[monitor]) left out."""
     project = tomllib.loads(pyproject.read_text())["project"]
-    lines = list(project["dependencies"]) + [r for extra in project.get("optional-dependencies", {}).values()
-                                             for r in extra]
+    lines = list(project["dependencies"]) + [
+        r for extra in project.get("optional-dependencies", {}).values() for r in extra
+    ]
     reqs = {}
     for line in lines:
         r = Requirement(line)
@@ -54,14 +55,18 @@ def pins(text: str) -> dict[str, str]:
 def disagreements(versions: dict[str, str], reqs: dict[str, Requirement]) -> list[str]:
     """Each `name version` outside the range pyproject gives that name (local tags such as +cpu
     ignored, as pip does)."""
-    return [f"{name} {v} is outside pyproject's {reqs[name]}" for name, v in sorted(versions.items())
-            if name in reqs and not reqs[name].specifier.contains(Version(v).public, prereleases=True)]
+    return [
+        f"{name} {v} is outside pyproject's {reqs[name]}"
+        for name, v in sorted(versions.items())
+        if name in reqs and not reqs[name].specifier.contains(Version(v).public, prereleases=True)
+    ]
 
 
 def test_the_checks_can_fail():
     reqs = {"transformers": Requirement("transformers>=5.24"), "torch": Requirement("torch>=2.13")}
     assert disagreements({"transformers": "5.23.0", "torch": "2.13.0+cpu", "numpy": "1.0"}, reqs) == [
-        "transformers 5.23.0 is outside pyproject's transformers>=5.24"]
+        "transformers 5.23.0 is outside pyproject's transformers>=5.24"
+    ]
     assert disagreements({"transformers": "5.25.0", "torch": "2.13.0+cu128"}, reqs) == []
     with pytest.raises(ValueError, match="line 2"):
         pins("# header\ntransformers>=5.24\n")

@@ -1,4 +1,5 @@
 """The demo's world, tokenizer and tiny model: deterministic, leak-free, loadable by the real code."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,17 @@ from pipeline.demo.tokenizer import IM_END, IM_START, build_tokenizer
 from pipeline.demo.world import ATTRIBUTES, POOLS, build_world
 from tests.kit.models import demo_llama
 
-SMALL = dict(n_known=20, n_new=10, bios_per_person=2, qa_fraction=0.5, pretrain_qa_rounds=2, chat_qa_rounds=3,
-             qa_new_rounds=2, n_generic=40, n_format_eval=10)
+SMALL = dict(
+    n_known=20,
+    n_new=10,
+    bios_per_person=2,
+    qa_fraction=0.5,
+    pretrain_qa_rounds=2,
+    chat_qa_rounds=3,
+    qa_new_rounds=2,
+    n_generic=40,
+    n_format_eval=10,
+)
 TRAINING_FILES = ("pretrain", "raw", "chat", "qa_new", "tokenizer_corpus")
 
 
@@ -146,8 +156,9 @@ def test_names_and_values_are_whole_tokens_at_the_demo_vocab(world, tmp_path):
 
     # the demo's own world and vocabulary (the 400-token test tokenizer is too small for this)
     paths = build_world(tmp_path / "w", seed=0)
-    tok = AutoTokenizer.from_pretrained(str(build_tokenizer([paths["tokenizer_corpus"]], tmp_path / "t",
-                                                            vocab_size=2048)), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(
+        str(build_tokenizer([paths["tokenizer_corpus"]], tmp_path / "t", vocab_size=2048)), local_files_only=True
+    )
     for word in FIRST_NAMES_F + FIRST_NAMES_M + LAST_NAMES:
         assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
     for attr in ATTRIBUTES:
@@ -180,11 +191,12 @@ def test_tokenizer_loads_with_single_token_specials_and_chat_template(tokenizer_
     assert tok.decode(reply) == " Oslo" + IM_END  # the mask covers the reply and its end-of-turn
     prompt = tok.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=False)
     assert prompt.endswith(IM_START + "assistant")
+
     # the reply's first word is the same token as in running text ("... grew up in Oslo")
     def enc(t):
         return tok(t, add_special_tokens=False)["input_ids"]
 
-    city = enc("He grew up in Oslo")[len(enc("He grew up in")):]
+    city = enc("He grew up in Oslo")[len(enc("He grew up in")) :]
     assert enc(prompt + " Oslo") == enc(prompt) + city
     text = "Ünïcode 😀 and\n  spaces 1234"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte fallback, nothing normalised away
@@ -209,7 +221,8 @@ def test_tiny_model_saves_loads_and_is_seeded(tokenizer_dir, tmp_path):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads) == (2, 32, 2)
     assert cfg.vocab_size == len(tok) and not cfg.tie_word_embeddings
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids(IM_END)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello!"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()

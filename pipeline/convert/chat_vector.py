@@ -23,6 +23,7 @@ transplant; uniform weights give the chat vector (tests/test_layer_merge.py).
 
 Streamed one layer at a time, like the transplant: memory is about one shard plus three layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,9 +53,11 @@ def check_lineage(src, base: HFSource) -> None:
         return
     recorded = (src.run.get("base_model") or {}).get("fingerprint")
     if recorded != hf.model_identity(base.path, base.config)["fingerprint"]:
-        raise UserError(f"{src.flag} {src.path} was trained from {(src.run.get('base_model') or {}).get('path')}, "
-                        f"not from --base {base.path} (run.json base_model.fingerprint differs): the chat vector "
-                        f"needs both models' own base")
+        raise UserError(
+            f"{src.flag} {src.path} was trained from {(src.run.get('base_model') or {}).get('path')}, "
+            f"not from --base {base.path} (run.json base_model.fingerprint differs): the chat vector "
+            f"needs both models' own base"
+        )
 
 
 class ChatVector:
@@ -81,8 +84,10 @@ class ChatVector:
             base64 = tb.to(torch.float64)
             # mergekit's order: deltas weighted, summed over the models, added to the base
             merged = base64 + ((tr.to(torch.float64) - base64) * wr + (tc.to(torch.float64) - base64) * wc)
-            out[name] = (merged.to(self.dtype), {"input": "chat vector", **how, "raw": r[name][1],
-                                               "chat": c[name][1], "base": ob})
+            out[name] = (
+                merged.to(self.dtype),
+                {"input": "chat vector", **how, "raw": r[name][1], "chat": c[name][1], "base": ob},
+            )
         return out
 
 
@@ -90,26 +95,52 @@ def check_weight_flags(ratio, raw_weights, chat_weights, transition, layer_weigh
     """Which flags go together; refused before any input is read."""
     given = lambda *pairs: [flag for flag, v in pairs if v is not None]
     if layer_weights is not None:
-        clash = given(("--raw-weights", raw_weights), ("--chat-weights", chat_weights), ("--transition", transition),
-                      ("--ratio", ratio), ("--format-start", format_start))
+        clash = given(
+            ("--raw-weights", raw_weights),
+            ("--chat-weights", chat_weights),
+            ("--transition", transition),
+            ("--ratio", ratio),
+            ("--format-start", format_start),
+        )
         if clash:
-            raise UserError(f"--layer-weights {layer_weights}: gives every weight itself (per layer, embed, norm, "
-                            f"head); drop {', '.join(clash)}")
+            raise UserError(
+                f"--layer-weights {layer_weights}: gives every weight itself (per layer, embed, norm, "
+                f"head); drop {', '.join(clash)}"
+            )
         return
     if ratio is not None and chat_weights is not None:
-        raise UserError(f"--ratio {ratio}: is the chat weight of every tensor; with --chat-weights give each "
-                        f"group's chat weight there instead")
+        raise UserError(
+            f"--ratio {ratio}: is the chat weight of every tensor; with --chat-weights give each "
+            f"group's chat weight there instead"
+        )
     if raw_weights is None and chat_weights is None:
         for flag, v in (("--transition", transition), ("--format-start", format_start)):
             if v is not None:
-                raise UserError(f"{flag} {v}: only the per-group weights (--raw-weights, --chat-weights) use the "
-                                f"layer groups; without them every tensor gets the same weights")
+                raise UserError(
+                    f"{flag} {v}: only the per-group weights (--raw-weights, --chat-weights) use the "
+                    f"layer groups; without them every tensor gets the same weights"
+                )
 
 
-def chat_vector(raw, chat, base, out, ratio: float | None = None, raw_step: int | None = None,
-                chat_step: int | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False,
-                dtype: str = "auto", chat_template_from: str | None = None, *, raw_weights=None, chat_weights=None,
-                transition=None, layer_weights=None, format_start: int | None = None) -> dict:
+def chat_vector(
+    raw,
+    chat,
+    base,
+    out,
+    ratio: float | None = None,
+    raw_step: int | None = None,
+    chat_step: int | None = None,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    dtype: str = "auto",
+    chat_template_from: str | None = None,
+    *,
+    raw_weights=None,
+    chat_weights=None,
+    transition=None,
+    layer_weights=None,
+    format_start: int | None = None,
+) -> dict:
     """Build the chat vector model in `out`; return chat_vector.json. Raises UserError, writing nothing.
 
     Without raw_weights / chat_weights / layer_weights: raw + ratio (default 1.0) x (chat - base).
@@ -121,8 +152,11 @@ def chat_vector(raw, chat, base, out, ratio: float | None = None, raw_step: int 
         raise UserError(f"--ratio {ratio}: must be a finite number (1.0 adds the whole chat vector)")
     check_weight_flags(ratio, raw_weights, chat_weights, transition, layer_weights, format_start)
     ratio = 1.0 if ratio is None else ratio
-    group_w = {flag: lw.parse_group_weights(v, flag) for flag, v in
-               (("--raw-weights", raw_weights), ("--chat-weights", chat_weights)) if v is not None}
+    group_w = {
+        flag: lw.parse_group_weights(v, flag)
+        for flag, v in (("--raw-weights", raw_weights), ("--chat-weights", chat_weights))
+        if v is not None
+    }
     width = lw.parse_transition(transition) if transition is not None else 0
     rs = open_source(raw, raw_step, "--raw", "--raw-step")
     cs = open_source(chat, chat_step, "--chat", "--chat-step")
@@ -143,20 +177,41 @@ def chat_vector(raw, chat, base, out, ratio: float | None = None, raw_step: int 
     if layer_weights is not None:
         weights = lw.from_file(layer_weights, L, tied_embeddings(cs.config))
     elif group_w:
-        weights = lw.from_groups(merge_groups(rs, cs, format_start), group_w.get("--raw-weights", {}),
-                                 group_w.get("--chat-weights", {}), width, ratio)
+        weights = lw.from_groups(
+            merge_groups(rs, cs, format_start),
+            group_w.get("--raw-weights", {}),
+            group_w.get("--chat-weights", {}),
+            width,
+            ratio,
+        )
     if weights is None:
         yaml = mergekit.task_arithmetic(rs, cs, bs, ratio, dtype_name, out)
         record = {"ratio": ratio, "formula": "raw + ratio * (chat - base), in float64", "inputs": inputs}
     else:
         yaml = mergekit.layer_arithmetic(rs, cs, bs, weights, dtype_name, out)
-        record = {"formula": "base + a * (raw - base) + b * (chat - base), in float64, (a, b) per tensor: weights",
-                  "weights": weights.record(), "inputs": inputs}
-    rec = write_model(out, [(i, ChatVector(rs, cs, bs, ratio, out_dtype, weights)) for i in range(L)],
-                      config=cs.config, model_dir=cs.model_dir, tokenizer_dir=cs.tokenizer_dir, dtype=out_dtype,
-                      max_bytes=max_bytes, force=force, tool="chat_vector", record=record, template=template,
-                      extra_files={"mergekit.yaml": yaml})
+        record = {
+            "formula": "base + a * (raw - base) + b * (chat - base), in float64, (a, b) per tensor: weights",
+            "weights": weights.record(),
+            "inputs": inputs,
+        }
+    rec = write_model(
+        out,
+        [(i, ChatVector(rs, cs, bs, ratio, out_dtype, weights)) for i in range(L)],
+        config=cs.config,
+        model_dir=cs.model_dir,
+        tokenizer_dir=cs.tokenizer_dir,
+        dtype=out_dtype,
+        max_bytes=max_bytes,
+        force=force,
+        tool="chat_vector",
+        record=record,
+        template=template,
+        extra_files={"mergekit.yaml": yaml},
+    )
     if rec["chat_template"]["text"] is None:
-        print(f"warning: --chat {cs.path} records no chat template and its tokenizer ({cs.tokenizer_dir}) has none; "
-              f"the result has none", file=sys.stderr)
+        print(
+            f"warning: --chat {cs.path} records no chat template and its tokenizer ({cs.tokenizer_dir}) has none; "
+            f"the result has none",
+            file=sys.stderr,
+        )
     return rec

@@ -7,6 +7,7 @@ stopping at that template's end of turn,
 safetensors weights (sharded with an index above --max-shard-size) in the base checkpoint's dtype
 (--dtype to choose), and export.json, which names the source file and sha256 of every tensor.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,14 @@ from .sources import RunSource
 from .template import of_source
 
 
-def export_run(run_dir, out, step: int | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE,
-               force: bool = False, dtype: str = "auto") -> dict:
+def export_run(
+    run_dir,
+    out,
+    step: int | None = None,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    dtype: str = "auto",
+) -> dict:
     """Write RUN's checkpoint (latest complete, or `step`) to `out` as an HF directory; return export.json."""
     max_bytes = parse_size(max_shard_size)
     src = RunSource(run_dir, step, "RUN", "--step")
@@ -33,13 +40,28 @@ def export_run(run_dir, out, step: int | None = None, max_shard_size: str = DEFA
     if recorded and hf.model_identity(src.model_dir)["fingerprint"] != recorded:
         # Only config.json and the tokenizer are taken from there, and every tensor's name and shape
         # is checked against that config, so this is worth a warning, not a refusal.
-        print(f"warning: {src.model_dir} has changed since the run started (run.json base_model."
-              f"fingerprint differs); config.json and the tokenizer are copied from it as it is now",
-              file=sys.stderr)
+        print(
+            f"warning: {src.model_dir} has changed since the run started (run.json base_model."
+            f"fingerprint differs); config.json and the tokenizer are copied from it as it is now",
+            file=sys.stderr,
+        )
     template = of_source(src)
     if template.text is None and src.run.get("phase") == "chat":
-        print(f"warning: {src.path} trained a chat model but neither run.json nor its tokenizer "
-              f"({src.tokenizer_dir}) has a chat template; the export has none", file=sys.stderr)
-    return write_model(out, [(i, src) for i in range(src.num_layers)], config=src.config, model_dir=src.model_dir,
-                       tokenizer_dir=src.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
-                       tool="export", record={"input": src.describe()}, template=template)
+        print(
+            f"warning: {src.path} trained a chat model but neither run.json nor its tokenizer "
+            f"({src.tokenizer_dir}) has a chat template; the export has none",
+            file=sys.stderr,
+        )
+    return write_model(
+        out,
+        [(i, src) for i in range(src.num_layers)],
+        config=src.config,
+        model_dir=src.model_dir,
+        tokenizer_dir=src.tokenizer_dir,
+        dtype=out_dtype,
+        max_bytes=max_bytes,
+        force=force,
+        tool="export",
+        record={"input": src.describe()},
+        template=template,
+    )

@@ -8,6 +8,7 @@ decides which, and writes it). generation_config.json is the one file that is ed
 plain `generate()` and `pipeline("text-generation")` run on past the assistant's turn (the Llama-3
 situation: text ends with <|end_of_text|>, turns with <|eot_id|>; ChatML turns end with <|im_end|>).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,15 @@ def check_tokenizer(tokenizer_dir: Path, flag: str) -> None:
     if tokenizer_dir.is_file() and tokenizer_dir.suffix == ".model":
         return
     if not any((tokenizer_dir / n).is_file() for n in TOKENIZER_FILES):
-        raise UserError(f"{flag}: {tokenizer_dir} holds no tokenizer files, so the result would have no tokenizer "
-                        f"and no chat template; put the tokenizer's files there (or record `tokenizer:` in the run)")
+        raise UserError(
+            f"{flag}: {tokenizer_dir} holds no tokenizer files, so the result would have no tokenizer "
+            f"and no chat template; put the tokenizer's files there (or record `tokenizer:` in the run)"
+        )
 
 
-def write_side_files(out: Path, model_dir: Path, tokenizer_dir: Path, template: ChatTemplate, dtype=None,
-                     shown_as: Path | None = None) -> tuple[dict[str, str], dict]:
+def write_side_files(
+    out: Path, model_dir: Path, tokenizer_dir: Path, template: ChatTemplate, dtype=None, shown_as: Path | None = None
+) -> tuple[dict[str, str], dict]:
     """config.json (model_dir's; its dtype set to `dtype` when the weights were cast), the tokenizer
     files (tokenizer_dir's) rendering with `template`, and generation_config.json (tokenizer_dir's,
     else model_dir's, else one made from config.json) stopping at that template's end of turn.
@@ -69,10 +73,19 @@ def write_side_files(out: Path, model_dir: Path, tokenizer_dir: Path, template: 
 
 
 def _generation_config(out: Path, cfg: dict, model_dir: Path, tokenizer_dir: Path) -> str:
-    src = next((d / "generation_config.json" for d in (tokenizer_dir, model_dir)
-                if d.is_dir() and (d / "generation_config.json").is_file()), None)
-    gen = json.loads(src.read_text()) if src else {
-        k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    src = next(
+        (
+            d / "generation_config.json"
+            for d in (tokenizer_dir, model_dir)
+            if d.is_dir() and (d / "generation_config.json").is_file()
+        ),
+        None,
+    )
+    gen = (
+        json.loads(src.read_text())
+        if src
+        else {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    )
     origin = str(src.resolve()) if src else f"made from {(model_dir / 'config.json').resolve()}"
     eos = hf.eos_ids(gen.get("eos_token_id"))
     from transformers import AutoTokenizer

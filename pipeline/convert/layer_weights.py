@@ -22,6 +22,7 @@ Three ways to give the weights (the flags of `python -m pipeline.chat_vector`):
 Every weight is a finite float with -0.0 written as 0.0 (the sign of a zero weight would reach the
 sign of a zero result, and mergekit reads `0.0`).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,14 +55,14 @@ def _weight(value, where: str) -> float:
 class LayerWeights:
     """(a, b) per decoder layer and for the three tensors outside the layers."""
 
-    raw: tuple[float, ...]              # a_0 .. a_{L-1}
-    chat: tuple[float, ...]             # b_0 .. b_{L-1}
-    embed: tuple[float, float]          # (a, b) of the embedding matrix (and of a tied head: the same matrix)
-    norm: tuple[float, float]           # (a, b) of the final norm
-    head: tuple[float, float] | None    # (a, b) of the LM head; None: tied, the head is the embedding
-    labels: tuple[str, ...] = ()        # per layer, what decided its weights (its group, the transition; "" from a file)
+    raw: tuple[float, ...]  # a_0 .. a_{L-1}
+    chat: tuple[float, ...]  # b_0 .. b_{L-1}
+    embed: tuple[float, float]  # (a, b) of the embedding matrix (and of a tied head: the same matrix)
+    norm: tuple[float, float]  # (a, b) of the final norm
+    head: tuple[float, float] | None  # (a, b) of the LM head; None: tied, the head is the embedding
+    labels: tuple[str, ...] = ()  # per layer, what decided its weights (its group, the transition; "" from a file)
     given: dict = field(default_factory=dict)  # how they were given, for the provenance
-    groups: LayerGroups | None = None   # the split they followed, when they followed one
+    groups: LayerGroups | None = None  # the split they followed, when they followed one
 
     @property
     def num_layers(self) -> int:
@@ -83,12 +84,18 @@ class LayerWeights:
     def record(self) -> dict:
         """The per-layer table, as chat_vector.json records it."""
         pair = lambda p: {"raw": p[0], "chat": p[1]}
-        return {"formula": "base + a * (raw - base) + b * (chat - base), in float64, (a, b) per tensor below",
-                "given": self.given, "groups": self.groups.to_record() if self.groups else None,
-                "layers": [{"layer": i, "decided_by": self.labels[i] if self.labels else "", "raw": a, "chat": b}
-                           for i, (a, b) in enumerate(zip(self.raw, self.chat))],
-                "embed": pair(self.embed), "norm": pair(self.norm),
-                "head": pair(self.head) if self.head is not None else "tied: the embedding matrix (embed)"}
+        return {
+            "formula": "base + a * (raw - base) + b * (chat - base), in float64, (a, b) per tensor below",
+            "given": self.given,
+            "groups": self.groups.to_record() if self.groups else None,
+            "layers": [
+                {"layer": i, "decided_by": self.labels[i] if self.labels else "", "raw": a, "chat": b}
+                for i, (a, b) in enumerate(zip(self.raw, self.chat))
+            ],
+            "embed": pair(self.embed),
+            "norm": pair(self.norm),
+            "head": pair(self.head) if self.head is not None else "tied: the embedding matrix (embed)",
+        }
 
 
 def summary(table: dict) -> list[str]:
@@ -100,7 +107,7 @@ def summary(table: dict) -> list[str]:
         while j + 1 < len(rows) and (rows[j + 1]["raw"], rows[j + 1]["chat"]) == (rows[i]["raw"], rows[i]["chat"]):
             j += 1
         span = f"layer {i}" if i == j else f"layers {i}-{j}"
-        why = {r["decided_by"] for r in rows[i:j + 1]}
+        why = {r["decided_by"] for r in rows[i : j + 1]}
         note = f" ({next(iter(why))})" if len(why) == 1 and next(iter(why)) else ""
         lines.append(f"  {span}{note}: raw {rows[i]['raw']:g}, chat {rows[i]['chat']:g}")
         i = j + 1
@@ -111,6 +118,7 @@ def summary(table: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- per group
+
 
 def parse_group_weights(spec, flag: str) -> dict[str, float]:
     """`frozen=1,raw=1,format=0` (or a {group: weight} dict) -> {group: weight}; groups not named are absent."""
@@ -130,8 +138,9 @@ def parse_group_weights(spec, flag: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in items:
         if key not in GROUPS:
-            raise UserError(f"{flag}: unknown group {key!r}; the groups are {', '.join(GROUPS)} "
-                            f"(pipeline/groups.py; {example})")
+            raise UserError(
+                f"{flag}: unknown group {key!r}; the groups are {', '.join(GROUPS)} (pipeline/groups.py; {example})"
+            )
         if key in out:
             raise UserError(f"{flag}: group {key!r} is given twice")
         out[key] = _weight(value, f"{flag} {key}")
@@ -153,17 +162,25 @@ def parse_transition(value, flag: str = "--transition") -> int:
     return w
 
 
-def from_groups(groups: LayerGroups, raw_weights: dict[str, float], chat_weights: dict[str, float],
-                transition: int = 0, ratio: float = 1.0, flag: str = "--transition") -> LayerWeights:
+def from_groups(
+    groups: LayerGroups,
+    raw_weights: dict[str, float],
+    chat_weights: dict[str, float],
+    transition: int = 0,
+    ratio: float = 1.0,
+    flag: str = "--transition",
+) -> LayerWeights:
     """Each tensor gets its group's weights (groups.py decides the group); the `transition` layers on each
     side of format_start blend from the raw group's weights to the format group's."""
     a = {g: raw_weights.get(g, 1.0) for g in GROUPS}
     b = {g: chat_weights.get(g, ratio) for g in GROUPS}
     L, r, f, W = groups.num_layers, groups.raw_start, groups.format_start, transition
     if W > f - r or W > L - f:
-        raise UserError(f"{flag} {W}: the zone, {W} layer(s) on each side of format_start {f}, is layers "
-                        f"[{f - W}, {f + W}); it must lie inside the raw group [{r}, {f}) and the format group "
-                        f"[{f}, {L}), so at most {min(f - r, L - f)} here")
+        raise UserError(
+            f"{flag} {W}: the zone, {W} layer(s) on each side of format_start {f}, is layers "
+            f"[{f - W}, {f + W}); it must lie inside the raw group [{r}, {f}) and the format group "
+            f"[{f}, {L}), so at most {min(f - r, L - f)} here"
+        )
     raw, chat, labels = [], [], []
     for i in range(L):
         g = groups.group_of_layer(i)
@@ -180,17 +197,31 @@ def from_groups(groups: LayerGroups, raw_weights: dict[str, float], chat_weights
             labels.append(g)
     pair = lambda g: (a[g], b[g])
     head = None if groups.tied else pair(groups.group_of(HEAD))
-    return LayerWeights(tuple(raw), tuple(chat), pair(groups.group_of(EMBED)), pair(groups.group_of(NORM)), head,
-                        labels=tuple(labels), groups=groups,
-                        given={"raw_weights": a, "chat_weights": b, "transition": W,
-                               "rule": "a tensor takes its layer group's weights (pipeline/groups.py): layers by "
-                                       "index, embeddings frozen, final norm and untied head format"})
+    return LayerWeights(
+        tuple(raw),
+        tuple(chat),
+        pair(groups.group_of(EMBED)),
+        pair(groups.group_of(NORM)),
+        head,
+        labels=tuple(labels),
+        groups=groups,
+        given={
+            "raw_weights": a,
+            "chat_weights": b,
+            "transition": W,
+            "rule": "a tensor takes its layer group's weights (pipeline/groups.py): layers by "
+            "index, embeddings frozen, final norm and untied head format",
+        },
+    )
 
 
 # ------------------------------------------------------------------------------- explicit, from a file
 
 FILE_KEYS = ("raw", "chat", "embed", "norm", "head")
-EXAMPLE = "raw: [1, 1, 0.5, 0], chat: [0, 0, 0.5, 1], embed: {raw: 1, chat: 0}, norm: {raw: 0, chat: 1}, head: {raw: 0, chat: 1}"
+EXAMPLE = (
+    "raw: [1, 1, 0.5, 0], chat: [0, 0, 0.5, 1], embed: {raw: 1, chat: 0}, norm: {raw: 0, chat: 1}, "
+    "head: {raw: 0, chat: 1}"
+)
 
 
 def from_file(path, num_layers: int, tied: bool, flag: str = "--layer-weights") -> LayerWeights:
@@ -211,38 +242,48 @@ def from_file(path, num_layers: int, tied: bool, flag: str = "--layer-weights") 
         data, node = yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise UserError(f"{flag} {path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: "
-                        f"{getattr(e, 'problem', None) or e}") from None
+        raise UserError(
+            f"{flag} {path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', None) or e}"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: expected a mapping such as {{{EXAMPLE}}}")
     lines: dict[str, int] = {}
     for k, _ in node.value:
         if k.value in lines:
-            raise UserError(f"{flag} {path}:{k.start_mark.line + 1}: `{k.value}` is given twice "
-                            f"(first at line {lines[k.value]})")
+            raise UserError(
+                f"{flag} {path}:{k.start_mark.line + 1}: `{k.value}` is given twice (first at line {lines[k.value]})"
+            )
         lines[k.value] = k.start_mark.line + 1
     at = lambda key: f"{flag} {path}:{lines[key]}" if key in lines else f"{flag} {path}"
     allowed = [k for k in FILE_KEYS if not (tied and k == "head")]
     for key in data:
         if key == "head" and tied:
-            raise UserError(f"{at(key)}: `head`: this model ties the LM head to the embeddings (config.json "
-                            f"tie_word_embeddings), so the head is the embedding matrix and takes `embed`'s "
-                            f"weights; remove `head`")
+            raise UserError(
+                f"{at(key)}: `head`: this model ties the LM head to the embeddings (config.json "
+                f"tie_word_embeddings), so the head is the embedding matrix and takes `embed`'s "
+                f"weights; remove `head`"
+            )
         if key not in allowed:
             raise UserError(f"{at(key)}: unknown key `{key}` (expected {', '.join(allowed)})")
     for key in allowed:
         if key not in data:
-            raise UserError(f"{flag} {path}: `{key}` is missing; the file gives {', '.join(allowed)} "
-                            f"(e.g. {{{EXAMPLE if not tied else EXAMPLE.rsplit(', head', 1)[0]}}})")
+            raise UserError(
+                f"{flag} {path}: `{key}` is missing; the file gives {', '.join(allowed)} "
+                f"(e.g. {{{EXAMPLE if not tied else EXAMPLE.rsplit(', head', 1)[0]}}})"
+            )
     lists = {}
     for side in SIDES:
         v = data[side]
         if not isinstance(v, list):
-            raise UserError(f"{at(side)}: `{side}` must be a list of {num_layers} numbers, one per decoder "
-                            f"layer (0..{num_layers - 1}), got {type(v).__name__}")
+            raise UserError(
+                f"{at(side)}: `{side}` must be a list of {num_layers} numbers, one per decoder "
+                f"layer (0..{num_layers - 1}), got {type(v).__name__}"
+            )
         if len(v) != num_layers:
-            raise UserError(f"{at(side)}: `{side}` has {len(v)} value(s), but the model has {num_layers} "
-                            f"decoder layers (one value per layer, 0..{num_layers - 1})")
+            raise UserError(
+                f"{at(side)}: `{side}` has {len(v)} value(s), but the model has {num_layers} "
+                f"decoder layers (one value per layer, 0..{num_layers - 1})"
+            )
         lists[side] = tuple(_weight(x, f"{at(side)}: `{side}[{i}]`") for i, x in enumerate(v))
     pairs = {}
     for key in allowed[2:]:
@@ -250,8 +291,12 @@ def from_file(path, num_layers: int, tied: bool, flag: str = "--layer-weights") 
         if not isinstance(v, dict) or set(v) != set(SIDES):
             raise UserError(f"{at(key)}: `{key}` must be a mapping {{raw: A, chat: B}} (both), got {v!r}")
         pairs[key] = tuple(_weight(v[s], f"{at(key)}: `{key}.{s}`") for s in SIDES)
-    return LayerWeights(lists["raw"], lists["chat"], pairs["embed"], pairs["norm"], pairs.get("head"),
-                        labels=("",) * num_layers,
-                        given={"layer_weights": str(path.resolve()),
-                               "sha256": hashlib.sha256(text.encode()).hexdigest()})
-
+    return LayerWeights(
+        lists["raw"],
+        lists["chat"],
+        pairs["embed"],
+        pairs["norm"],
+        pairs.get("head"),
+        labels=("",) * num_layers,
+        given={"layer_weights": str(path.resolve()), "sha256": hashlib.sha256(text.encode()).hexdigest()},
+    )

@@ -5,6 +5,7 @@ header names the commands. Every path is absolute: mergekit's model-card writer 
 path with one slash (`exports/a-raw`) for a hub repository id and asks the hub, which fails
 offline after the tensors are written.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,15 @@ def _header(title: str, cmds: list[str]) -> list[str]:
 def passthrough(raw, chat, f: int, L: int, dtype: str, out: Path, donor_rows: dict | None = None) -> str:
     raw_path, raw_cmd = _where(raw, "a-raw", out)
     chat_path, chat_cmd = _where(chat, "a-chat", out)
-    donor_note = [] if not donor_rows else [
-        "# DONOR TRANSPLANT: pipeline.transplant also took the embedding rows of the donor's chat tokens",
-        f"# ({', '.join(donor_rows.values())}) from the donor; mergekit keeps A-Raw's whole embedding matrix,",
-        "# so those rows differ. Every other tensor is the same."]
+    donor_note = (
+        []
+        if not donor_rows
+        else [
+            "# DONOR TRANSPLANT: pipeline.transplant also took the embedding rows of the donor's chat tokens",
+            f"# ({', '.join(donor_rows.values())}) from the donor; mergekit keeps A-Raw's whole embedding matrix,",
+            "# so those rows differ. Every other tensor is the same.",
+        ]
+    )
     q = json.dumps  # a JSON string is a valid YAML scalar, whatever the path contains
     lines = _header("The same transplant as a mergekit config", [c for c in (raw_cmd, chat_cmd) if c]) + [
         "# How mergekit builds it (its planner takes pre-layer weights from the first slice's model and",
@@ -109,6 +115,7 @@ def task_arithmetic(raw, chat, base, ratio: float, dtype: str, out: Path) -> str
 # final norm and the head. Every weight is then exactly the product's, and task_arithmetic computes
 # base + sum_k w_k * (model_k - base) in float64 as pipeline.chat_vector does: bitwise the same.
 
+
 def list_position_exact(i: int, num_layers: int) -> bool:
     """Whether mergekit reads entry i of a weight list of length L for decoder layer i (of L) exactly."""
     t = i / (num_layers - 1) if num_layers > 1 else 1
@@ -136,15 +143,19 @@ def _weight_entries(w, side: int, indent: str) -> list[str]:
     q = json.dumps
     L = w.num_layers
     per_layer = (w.raw, w.chat)[side]
-    lines = [f"{indent}- {{filter: {q(EMBED)}, value: {_num(w.embed[side])}}}   # embeddings"
-             + (" (and the tied LM head)" if w.head is None else ""),
-             f"{indent}- {{filter: {q(NORM)}, value: {_num(w.norm[side])}}}   # final norm"]
+    lines = [
+        f"{indent}- {{filter: {q(EMBED)}, value: {_num(w.embed[side])}}}   # embeddings"
+        + (" (and the tied LM head)" if w.head is None else ""),
+        f"{indent}- {{filter: {q(NORM)}, value: {_num(w.norm[side])}}}   # final norm",
+    ]
     if w.head is not None:
         lines.append(f"{indent}- {{filter: {q(HEAD)}, value: {_num(w.head[side])}}}   # LM head")
     for i in range(L):
         if not list_position_exact(i, L):
-            lines.append(f"{indent}- {{filter: {q(layer_prefix(i))}, value: {_num(per_layer[i])}}}   # layer {i}: "
-                         f"mergekit would read the list at {i / (L - 1) * (L - 1)!r}, not {i}")
+            lines.append(
+                f"{indent}- {{filter: {q(layer_prefix(i))}, value: {_num(per_layer[i])}}}   # layer {i}: "
+                f"mergekit would read the list at {i / (L - 1) * (L - 1)!r}, not {i}"
+            )
     lines.append(f"{indent}- value:   # decoder layers: layer i takes entry i")
     for i in range(L):
         label = w.labels[i] if w.labels and w.labels[i] else ""
@@ -168,9 +179,13 @@ def layer_arithmetic(raw, chat, base, weights, dtype: str, out: Path) -> str:
         f"#   - the last entry's list has one value per decoder layer (L = {L}): mergekit reads layer i at",
         "#     position i/(L-1)*(L-1) of the list, interpolating between neighbours;",
         "#   - the embeddings, final norm and LM head would read the list's first value, so they have filters;",
-        ("#   - for this L every layer's position is exact, so no layer needs a filter of its own." if not pinned else
-         f"#   - for this L layer(s) {', '.join(map(str, pinned))} would be read a hair off their entry (mixing in"
-         "\n#     a neighbour's weight), so each has a filter of its own with its exact weight."),
+        (
+            "#   - for this L every layer's position is exact, so no layer needs a filter of its own."
+            if not pinned
+            else f"#   - for this L layer(s) {', '.join(map(str, pinned))} would be read a hair off their entry "
+            "(mixing in"
+            "\n#     a neighbour's weight), so each has a filter of its own with its exact weight."
+        ),
         "# Differences: mergekit copies config.json and the tokenizer from base_model (pipeline.chat_vector from",
         "# the chat model, with the chat template it was trained with and a generation config that stops at",
         "# the end of turn), and writes no provenance.",

@@ -1,5 +1,6 @@
 """Writing a model directory: weights streamed into shards, the side files, and the provenance
 record, all inside one atomic directory (a failure or a kill leaves no output that looks done)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ from data_prep.common import UserError, atomic_dir, atomic_write_json, atomic_wr
 
 from .. import hf
 from .hf_files import write_side_files
-from .template import ChatTemplate
 from .shards import ShardWriter, stream_layers
+from .template import ChatTemplate
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -21,12 +22,19 @@ def add_output_flags(p, *, made: str, auto_dtype: str) -> None:
     from .shards import DEFAULT_SHARD_SIZE
 
     p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --force)")
-    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
-                   help=f"largest safetensors file, e.g. 500MB, 5GB (default {DEFAULT_SHARD_SIZE}); peak memory "
-                        f"is about this plus one layer per input, so lower it on a small machine")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help=f"dtype of the written weights (default auto: {auto_dtype}, as its config.json says, "
-                        f"even when training ran in fp32)")
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        help=f"largest safetensors file, e.g. 500MB, 5GB (default {DEFAULT_SHARD_SIZE}); peak memory "
+        f"is about this plus one layer per input, so lower it on a small machine",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help=f"dtype of the written weights (default auto: {auto_dtype}, as its config.json says, "
+        f"even when training ran in fp32)",
+    )
     p.add_argument("--force", action="store_true", help=f"replace a non-empty --out (only once the {made} succeeded)")
 
 
@@ -54,9 +62,21 @@ def check_out_not_input(out: Path, inputs: list[Path], flag: str = "--out") -> N
             raise UserError(f"{flag} {out}: overlaps the input {p}; choose a separate directory")
 
 
-def write_model(out: Path, layers: list, *, config: dict, model_dir: Path, tokenizer_dir: Path, dtype,
-                max_bytes: int, force: bool, tool: str, record: dict, template: ChatTemplate,
-                extra_files: dict | None = None) -> dict:
+def write_model(
+    out: Path,
+    layers: list,
+    *,
+    config: dict,
+    model_dir: Path,
+    tokenizer_dir: Path,
+    dtype,
+    max_bytes: int,
+    force: bool,
+    tool: str,
+    record: dict,
+    template: ChatTemplate,
+    extra_files: dict | None = None,
+) -> dict:
     """Stream `layers` ([(i, source with .layer(i))]) into `out` with config.json from model_dir and
     the tokenizer from tokenizer_dir, rendering with `template` (template.py's choice); write
     `{tool}.json` (record + the chat template shipped + files + per-tensor provenance) and any
@@ -68,9 +88,16 @@ def write_model(out: Path, layers: list, *, config: dict, model_dir: Path, token
         stream_layers(layers, writer, expected, desc=tool, dtype=dtype)
         written = writer.close()
         side, chat_template = write_side_files(tmp, model_dir, tokenizer_dir, template, dtype, shown_as=out)
-        rec = {"format_version": 1, "tool": f"pipeline.{tool}", **record, "dtype": str(dtype).removeprefix("torch."),
-               "chat_template": chat_template, "copied": side, "files": written["files"],
-               "tensors": written["tensors"]}
+        rec = {
+            "format_version": 1,
+            "tool": f"pipeline.{tool}",
+            **record,
+            "dtype": str(dtype).removeprefix("torch."),
+            "chat_template": chat_template,
+            "copied": side,
+            "files": written["files"],
+            "tensors": written["tensors"],
+        }
         atomic_write_json(tmp / f"{tool}.json", rec)
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)

@@ -8,6 +8,7 @@ whatever the model size. A smaller shard size lowers that peak and costs only mo
 Every tensor written is reported with the sha256 of its bytes and where it came from, so
 export.json / transplant.json / chat_vector.json can say exactly what is inside.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,20 @@ from data_prep.common import UserError
 from ..hf import INDEX_FILE
 
 DEFAULT_SHARD_SIZE = "2GB"
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-              torch.float8_e5m2: "F8_E5M2"}
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -123,8 +134,16 @@ class ShardWriter:
         self.shards.append(fname)
         self.file_sha[fname] = file_sha
         for (name, t, origin), sha in zip(self.pending, sums):
-            self.entries.append({"name": name, "file": fname, "dtype": str(t.dtype).removeprefix("torch."),
-                                 "shape": list(t.shape), "sha256": sha, "source": origin})
+            self.entries.append(
+                {
+                    "name": name,
+                    "file": fname,
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": list(t.shape),
+                    "sha256": sha,
+                    "source": origin,
+                }
+            )
         self.pending, self.pending_bytes = [], 0
 
     def close(self) -> dict:
@@ -132,21 +151,26 @@ class ShardWriter:
         {"files": {file: sha256}, "tensors": [entry, ...]}."""
         self.flush()
         n = len(self.shards)
-        final = {s: ("model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors")
-                 for k, s in enumerate(self.shards)}
+        final = {
+            s: ("model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors")
+            for k, s in enumerate(self.shards)
+        }
         for s, f in final.items():
             (self.out_dir / s).rename(self.out_dir / f)
         for e in self.entries:
             e["file"] = final[e["file"]]
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {e["name"]: e["file"] for e in self.entries}}
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {e["name"]: e["file"] for e in self.entries},
+            }
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return {"files": {final[s]: h for s, h in self.file_sha.items()}, "tensors": self.entries}
 
 
-def stream_layers(plan: list[tuple[int, object]], writer: ShardWriter, expected: dict[str, tuple],
-                  desc: str, dtype=None) -> None:
+def stream_layers(
+    plan: list[tuple[int, object]], writer: ShardWriter, expected: dict[str, tuple], desc: str, dtype=None
+) -> None:
     """Write layer i of each (i, source) in `plan`, checking every name and shape against `expected`
     and casting to `dtype` when given (the record then says what the tensor was cast from).
 
@@ -161,11 +185,15 @@ def stream_layers(plan: list[tuple[int, object]], writer: ShardWriter, expected:
         for name in sorted(tensors):
             t, origin = tensors[name]
             if name not in expected:
-                raise UserError(f"{origin['path']}/{origin['file']}: tensor {name!r} is not part of a "
-                                f"{(src.config.get('architectures') or ['?'])[0]} model with this config.json")
+                raise UserError(
+                    f"{origin['path']}/{origin['file']}: tensor {name!r} is not part of a "
+                    f"{(src.config.get('architectures') or ['?'])[0]} model with this config.json"
+                )
             if tuple(t.shape) != expected[name]:
-                raise UserError(f"{origin['path']}/{origin['file']}: {name} has shape {tuple(t.shape)}, "
-                                f"config.json implies {expected[name]}")
+                raise UserError(
+                    f"{origin['path']}/{origin['file']}: {name} has shape {tuple(t.shape)}, "
+                    f"config.json implies {expected[name]}"
+                )
             if dtype is not None and t.dtype != dtype and t.is_floating_point():
                 origin = {**origin, "cast_from": str(t.dtype).removeprefix("torch.")}
                 t = t.to(dtype)

@@ -6,6 +6,7 @@ Only one layer is ever loaded: a pipeline layer file is `torch.load`ed with mmap
 read tensor by tensor from its safetensors shard. `origin` says where a tensor came from (input,
 run, step, file), for the provenance records.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,18 +21,37 @@ from ..groups import LayerGroups
 from ..names import HEAD_WEIGHT, layer_file, tied_embeddings, to_hf_name, to_pipeline_name
 from ..rundir import RunDir
 
-
 # Config keys that decide tensor shapes or the computation; the two inputs must agree on all of them.
-SHAPE_KEYS = ("architectures", "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
-              "hidden_act", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
-              "attention_bias", "mlp_bias", "sliding_window")
+SHAPE_KEYS = (
+    "architectures",
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+)
+
+
 def check_same_shape(a, b, flags=("--raw", "--chat")) -> None:
     for key in SHAPE_KEYS:
         x, y = a.config.get(key), b.config.get(key)
         if x != y:
-            raise UserError(f"{flags[0]} and {flags[1]} are different models: config.json {key} is {x!r} in "
-                            f"{a.model_dir} but {y!r} in {b.model_dir}")
+            raise UserError(
+                f"{flags[0]} and {flags[1]} are different models: config.json {key} is {x!r} in "
+                f"{a.model_dir} but {y!r} in {b.model_dir}"
+            )
 
 
 class HFSource:
@@ -96,8 +116,10 @@ class RunSource:
         self.config = hf.read_config(self.model_dir)
         hf.check_architecture(self.config, str(self.model_dir))
         if self.config.get("num_hidden_layers") != self.num_layers:
-            raise UserError(f"{where}: groups.num_layers={self.num_layers} but {self.model_dir}/config.json has "
-                            f"num_hidden_layers={self.config.get('num_hidden_layers')}")
+            raise UserError(
+                f"{where}: groups.num_layers={self.num_layers} but {self.model_dir}/config.json has "
+                f"num_hidden_layers={self.config.get('num_hidden_layers')}"
+            )
         self.step = self.rundir.resolve_step(step, step_flag)
         self.ckpt_dir = self.rundir.tag_dir(self.step)
         self.record = self.rundir.read_record(self.step)
@@ -177,8 +199,14 @@ class RunSource:
         return {"input": self.flag, "kind": "run", "path": str(self.path.resolve()), "step": self.step, "file": rel}
 
     def describe(self) -> dict:
-        return {"kind": "run", "path": str(self.path.resolve()), "step": self.step, "phase": self.run.get("phase"),
-                "groups": self.groups.to_record(), "base_model": self.run.get("base_model")}
+        return {
+            "kind": "run",
+            "path": str(self.path.resolve()),
+            "step": self.step,
+            "phase": self.run.get("phase"),
+            "groups": self.groups.to_record(),
+            "base_model": self.run.get("base_model"),
+        }
 
 
 def _existing_dir(cands: list[Path], where: str, key: str) -> Path:
@@ -186,8 +214,10 @@ def _existing_dir(cands: list[Path], where: str, key: str) -> Path:
         if c.is_dir():
             return c
     tried = " or ".join(map(str, cands)) or "(none recorded)"
-    raise UserError(f"{where}: {key}: directory {tried} does not exist (the run's base model / tokenizer must "
-                    f"still be on disk, where run.json records it or at the same place relative to the run directory)")
+    raise UserError(
+        f"{where}: {key}: directory {tried} does not exist (the run's base model / tokenizer must "
+        f"still be on disk, where run.json records it or at the same place relative to the run directory)"
+    )
 
 
 def open_source(path: str | Path, step: int | None, flag: str, step_flag: str):

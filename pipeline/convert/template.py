@@ -22,6 +22,7 @@ templates), then loaded back to check it renders with exactly this text. The end
 derived afterwards from the tokenizer as written (hf_files.py), so it always matches the template
 shipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,9 @@ JINJA = "chat_template.jinja"
 @dataclass(frozen=True)
 class ChatTemplate:
     text: str | None
-    origin: str     # where it comes from, in words, naming the file
-    trained: bool   # the weights were trained on chat rendered with it
-    record: str     # the file that says so (run.json, export.json, ...), or the tokenizer directory
+    origin: str  # where it comes from, in words, naming the file
+    trained: bool  # the weights were trained on chat rendered with it
+    record: str  # the file that says so (run.json, export.json, ...), or the tokenizer directory
 
     @property
     def sha256(self) -> str | None:
@@ -61,8 +62,9 @@ def _written_record(model_dir: Path, who: str) -> ChatTemplate | None:
             except (json.JSONDecodeError, AttributeError) as e:
                 raise UserError(f"{f}: unreadable record ({e})") from None
             if isinstance(rec, dict) and rec.get("trained") and rec.get("text"):
-                return ChatTemplate(rec["text"], f"the chat template {who} was trained with ({f}: {rec.get('from')})",
-                                    True, str(f))
+                return ChatTemplate(
+                    rec["text"], f"the chat template {who} was trained with ({f}: {rec.get('from')})", True, str(f)
+                )
     return None
 
 
@@ -71,17 +73,22 @@ def of_source(src) -> ChatTemplate:
     if src.kind == "run":
         rec = src.run.get("chat_template")
         if isinstance(rec, dict) and rec.get("text"):
-            return ChatTemplate(rec["text"], f"the chat template {src.flag} {src.path} was trained with (its chat data "
-                                f"{rec.get('manifest')} was rendered with {rec.get('from')})", True,
-                                str(src.rundir.run_json))
+            return ChatTemplate(
+                rec["text"],
+                f"the chat template {src.flag} {src.path} was trained with (its chat data "
+                f"{rec.get('manifest')} was rendered with {rec.get('from')})",
+                True,
+                str(src.rundir.run_json),
+            )
         found = _written_record(src.model_dir, f"{src.flag} {src.path}'s base model {src.model_dir}")
     else:
         found = _written_record(src.path, f"{src.flag} {src.path}")
     if found is not None:
         return found
     text = tokenizer_template(src.tokenizer_dir, flag=f"{src.flag} tokenizer")
-    return ChatTemplate(text, f"the template of {src.flag}'s tokenizer {src.tokenizer_dir}", False,
-                        str(src.tokenizer_dir))
+    return ChatTemplate(
+        text, f"the template of {src.flag}'s tokenizer {src.tokenizer_dir}", False, str(src.tokenizer_dir)
+    )
 
 
 def for_merge(fmt, others: list, chosen: str | None = None) -> ChatTemplate:
@@ -101,7 +108,8 @@ def for_merge(fmt, others: list, chosen: str | None = None) -> ChatTemplate:
                 f"{s.flag} {s.path} was trained with another chat template than {fmt.flag} {fmt.path} ships "
                 f"({t.record}: {t.short()}; {ship.record}: {ship.short()}): the result would answer in one format "
                 f"with layers trained on the other. Pass --chat-template-from {fmt.flag[2:]} (or "
-                f"{s.flag[2:]}) to choose the template it ships")
+                f"{s.flag[2:]}) to choose the template it ships"
+            )
     return ship
 
 
@@ -115,20 +123,38 @@ def ship(tmp: Path, t: ChatTemplate, tokenizer_dir: Path, out: Path) -> dict:
             raise
         own = None  # nothing to write, and generation_config.json copes with such a tokenizer too
     if t.text is None or t.text == own:  # nothing to change (and a template is never removed)
-        kept = t if t.text is not None else ChatTemplate(own, f"the template of the tokenizer {tokenizer_dir}",
-                                                         False, str(tokenizer_dir))
-        return {"text": kept.text, "sha256": kept.sha256, "from": kept.origin, "trained": kept.trained,
-                "tokenizer_template": "kept"}
+        kept = (
+            t
+            if t.text is not None
+            else ChatTemplate(own, f"the template of the tokenizer {tokenizer_dir}", False, str(tokenizer_dir))
+        )
+        return {
+            "text": kept.text,
+            "sha256": kept.sha256,
+            "from": kept.origin,
+            "trained": kept.trained,
+            "tokenizer_template": "kept",
+        }
     files = _write(tmp, t.text)
     if tokenizer_template(tmp, flag=str(out)) != t.text:
-        raise UserError(f"{tokenizer_dir}: the chat template written into {out} does not load back as written "
-                        f"(an unusual tokenizer layout); put {t.record}'s template in {tokenizer_dir} yourself")
-    what = (f"the tokenizer's own template ({tokenizer_dir}, sha256 {template_sha256(own)[:12]}) is not shipped"
-            if own else f"the tokenizer {tokenizer_dir} has no chat template of its own")
+        raise UserError(
+            f"{tokenizer_dir}: the chat template written into {out} does not load back as written "
+            f"(an unusual tokenizer layout); put {t.record}'s template in {tokenizer_dir} yourself"
+        )
+    what = (
+        f"the tokenizer's own template ({tokenizer_dir}, sha256 {template_sha256(own)[:12]}) is not shipped"
+        if own
+        else f"the tokenizer {tokenizer_dir} has no chat template of its own"
+    )
     print(f"note: {out} ships {t.origin}; {what}", file=sys.stderr)
-    return {"text": t.text, "sha256": t.sha256, "from": t.origin, "trained": t.trained,
-            "tokenizer_template": (f"replaced (sha256 {template_sha256(own)})" if own else "added (it had none)"),
-            "written_to": files}
+    return {
+        "text": t.text,
+        "sha256": t.sha256,
+        "from": t.origin,
+        "trained": t.trained,
+        "tokenizer_template": (f"replaced (sha256 {template_sha256(own)})" if own else "added (it had none)"),
+        "written_to": files,
+    }
 
 
 def _write(tmp: Path, text: str) -> list[str]:

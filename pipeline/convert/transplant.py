@@ -21,6 +21,7 @@ of the special tokens the donor's chat template uses, which come from the donor.
 trained those rows (Llama-3's <|eot_id|>, <|start_header_id|>): with its rows the format group would
 read noise exactly where a turn begins and ends.
 """
+
 from __future__ import annotations
 
 import sys
@@ -47,38 +48,54 @@ def check_same_base(raw, chat) -> None:
     if raw.kind == "run" and chat.kind == "run":
         a, b = (raw.run.get("base_model") or {}), (chat.run.get("base_model") or {})
         if a.get("fingerprint") != b.get("fingerprint"):
-            raise UserError(f"--raw and --chat were trained from different base models (run.json base_model."
-                            f"fingerprint: {raw.path} started from {a.get('path')}, {chat.path} from {b.get('path')})")
+            raise UserError(
+                f"--raw and --chat were trained from different base models (run.json base_model."
+                f"fingerprint: {raw.path} started from {a.get('path')}, {chat.path} from {b.get('path')})"
+            )
 
 
 def check_roles(raw, chat) -> None:
     """A swapped --raw/--chat would silently build the opposite model; the runs know their phase."""
     if raw.kind == "run" and RAW not in raw.groups.trained:
-        raise UserError(f"--raw {raw.path}: this run did not train the raw group (phase "
-                        f"{raw.run.get('phase')!r}); were --raw and --chat swapped?")
+        raise UserError(
+            f"--raw {raw.path}: this run did not train the raw group (phase "
+            f"{raw.run.get('phase')!r}); were --raw and --chat swapped?"
+        )
     if chat.kind == "run" and FORMAT not in chat.groups.trained:
-        raise UserError(f"--chat {chat.path}: this run did not train the format group (phase "
-                        f"{chat.run.get('phase')!r}); were --raw and --chat swapped?")
+        raise UserError(
+            f"--chat {chat.path}: this run did not train the format group (phase "
+            f"{chat.run.get('phase')!r}); were --raw and --chat swapped?"
+        )
 
 
 def merge_groups(raw, chat, given: int | None) -> LayerGroups:
     """The split the merge follows: the runs' recorded boundary, or --format-start for HF inputs."""
     recorded = {src.flag: src.groups.format_start for src in (raw, chat) if src.kind == "run"}
     if len(set(recorded.values())) > 1:
-        raise UserError(f"the runs disagree on the boundary (run.json groups.format_start): --raw "
-                        f"{raw.path} has {recorded['--raw']}, {chat.flag} {chat.path} has {recorded[chat.flag]}")
+        raise UserError(
+            f"the runs disagree on the boundary (run.json groups.format_start): --raw "
+            f"{raw.path} has {recorded['--raw']}, {chat.flag} {chat.path} has {recorded[chat.flag]}"
+        )
     if given is not None and recorded and given not in recorded.values():
         flag, f = next(iter(recorded.items()))
-        raise UserError(f"--format-start {given} disagrees with {flag} run.json groups.format_start ({f}); "
-                        f"drop the flag to use the recorded boundary")
+        raise UserError(
+            f"--format-start {given} disagrees with {flag} run.json groups.format_start ({f}); "
+            f"drop the flag to use the recorded boundary"
+        )
     f = given if given is not None else next(iter(recorded.values()), None)
     if f is None:
-        raise UserError(f"--raw and {chat.flag} are both Hugging Face directories, which do not record the "
-                        f"boundary: pass --format-start N (the first layer of the format group)")
+        raise UserError(
+            f"--raw and {chat.flag} are both Hugging Face directories, which do not record the "
+            f"boundary: pass --format-start N (the first layer of the format group)"
+        )
     raw_start = raw.groups.raw_start if raw.kind == "run" else 0
-    return LayerGroups.resolve(min(raw_start, f - 1) if f >= 1 else 0, f, chat.num_layers,
-                               tied_embeddings(chat.config),
-                               where={"format_start": "--format-start", "raw_start": "--raw run.json"})
+    return LayerGroups.resolve(
+        min(raw_start, f - 1) if f >= 1 else 0,
+        f,
+        chat.num_layers,
+        tied_embeddings(chat.config),
+        where={"format_start": "--format-start", "raw_start": "--raw run.json"},
+    )
 
 
 def check_embeddings(raw, chat) -> None:
@@ -86,13 +103,18 @@ def check_embeddings(raw, chat) -> None:
     tied = tied_embeddings(chat.config)
     for src in (raw, chat):
         if src.kind == "run" and src.groups.embeddings_trained:
-            tie_note = (" With tie_word_embeddings the LM head *is* that matrix, so A-Chat's head and "
-                        "A-Raw's embeddings cannot both be kept." if tied else "")
+            tie_note = (
+                " With tie_word_embeddings the LM head *is* that matrix, so A-Chat's head and "
+                "A-Raw's embeddings cannot both be kept."
+                if tied
+                else ""
+            )
             raise UserError(
                 f"{src.flag} {src.path} trained the embeddings (run.json groups.embeddings_trained, phase "
                 f"{src.run.get('phase')!r}), so there is no single set of embeddings both halves were trained "
                 f"with.{tie_note} Choose: transplant runs that kept the embeddings frozen (phases raw and chat), "
-                f"or use this run as a whole model (python -m pipeline.export).")
+                f"or use this run as a whole model (python -m pipeline.export)."
+            )
     a, a_origin = raw.layer(0)[EMBED]
     b, b_origin = chat.layer(0)[EMBED]
     if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
@@ -101,7 +123,8 @@ def check_embeddings(raw, chat) -> None:
             f"{EMBED} differs between --raw ({a_origin['path']}/{a_origin['file']}) and --chat "
             f"({b_origin['path']}/{b_origin['file']}): the inputs changed {what} or come from different "
             f"bases, and the transplant will not pick one silently. Choose which embeddings the result "
-            f"must carry, and retrain the other model with them frozen.")
+            f"must carry, and retrain the other model with them frozen."
+        )
 
 
 class ByGroup:
@@ -122,7 +145,9 @@ class ByGroup:
         loaded = {}
         for src in {id(self.source_of(n)): self.source_of(n) for n in self.names.get(i, [])}.values():
             loaded[id(src)] = src.layer(i)
-        return {n: loaded[id(self.source_of(n))][n] for n in self.names.get(i, []) if n in loaded[id(self.source_of(n))]}
+        return {
+            n: loaded[id(self.source_of(n))][n] for n in self.names.get(i, []) if n in loaded[id(self.source_of(n))]
+        }
 
 
 def check_same_vocabulary(raw, donor) -> None:
@@ -133,9 +158,11 @@ def check_same_vocabulary(raw, donor) -> None:
     b = AutoTokenizer.from_pretrained(str(donor.tokenizer_dir), local_files_only=True).get_vocab()
     if a != b:
         diff = next((t for t in sorted(set(a) | set(b)) if a.get(t) != b.get(t)), None)
-        raise UserError(f"--raw and --donor have different vocabularies (token {diff!r} is id {a.get(diff)} in "
-                        f"{raw.tokenizer_dir}, id {b.get(diff)} in {donor.tokenizer_dir}); a donor must share "
-                        f"the base's tokenizer")
+        raise UserError(
+            f"--raw and --donor have different vocabularies (token {diff!r} is id {a.get(diff)} in "
+            f"{raw.tokenizer_dir}, id {b.get(diff)} in {donor.tokenizer_dir}); a donor must share "
+            f"the base's tokenizer"
+        )
 
 
 def chat_token_ids(tokenizer_dir: Path, base_tokenizer_dir: Path) -> dict[int, str]:
@@ -173,14 +200,24 @@ class WithDonorRows(ByGroup):
             idx = torch.tensor(sorted(self.rows))
             t = t.clone()
             t[idx] = donor_t[idx].to(t.dtype)
-            out[EMBED] = (t, {**origin, "rows_from_donor": {str(k): v for k, v in self.rows.items()},
-                              "donor": donor_origin})
+            out[EMBED] = (
+                t,
+                {**origin, "rows_from_donor": {str(k): v for k, v in self.rows.items()}, "donor": donor_origin},
+            )
         return out
 
 
-def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step: int | None = None,
-                     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, dtype: str = "auto",
-                     chat_template_from: str | None = None) -> dict:
+def donor_transplant(
+    raw,
+    donor,
+    out,
+    format_start: int | None = None,
+    raw_step: int | None = None,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    dtype: str = "auto",
+    chat_template_from: str | None = None,
+) -> dict:
     """A-Raw below format_start + an instruct model's format group, norm and head (see the module
     docstring for the embeddings rule); returns transplant.json. Writes nothing on a refusal."""
     from .sources import HFSource
@@ -194,8 +231,10 @@ def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step:
     if rs.kind == "run" and RAW not in rs.groups.trained:
         raise UserError(f"--raw {rs.path}: this run did not train the raw group (phase {rs.run.get('phase')!r})")
     if rs.kind == "run" and rs.groups.embeddings_trained:
-        raise UserError(f"--raw {rs.path} trained the embeddings (phase {rs.run.get('phase')!r}); a donor transplant "
-                        f"keeps the base's embeddings, so A-Raw must have kept them frozen")
+        raise UserError(
+            f"--raw {rs.path} trained the embeddings (phase {rs.run.get('phase')!r}); a donor transplant "
+            f"keeps the base's embeddings, so A-Raw must have kept them frozen"
+        )
     check_same_vocabulary(rs, ds)
     groups = merge_groups(rs, ds, format_start)
     check_tokenizer(ds.tokenizer_dir, f"--donor {ds.path}")
@@ -210,24 +249,47 @@ def donor_transplant(raw, donor, out, format_start: int | None = None, raw_step:
     rows = chat_token_ids(ds.tokenizer_dir, base_tok)
     merged = WithDonorRows(groups, rs, ds, hf.expected_tensors(ds.config), rows)
     yaml = mergekit.passthrough(rs, ds, f, L, str(out_dtype).removeprefix("torch."), out, donor_rows=rows)
-    rec = write_model(out, [(i, merged) for i in range(L)], config=ds.config, model_dir=ds.model_dir,
-                      tokenizer_dir=ds.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
-                      tool="transplant",
-                      record={"format_start": f, "num_layers": L,
-                              "inputs": {"raw": rs.describe(), "donor": ds.describe()},
-                              "donor_layers_not_used": [0, f],
-                              "embeddings": "the base's (from --raw), rows of the donor's chat tokens from --donor",
-                              "embedding_rows_from_donor": {str(k): v for k, v in rows.items()}},
-                      template=template, extra_files={"mergekit.yaml": yaml})
+    rec = write_model(
+        out,
+        [(i, merged) for i in range(L)],
+        config=ds.config,
+        model_dir=ds.model_dir,
+        tokenizer_dir=ds.tokenizer_dir,
+        dtype=out_dtype,
+        max_bytes=max_bytes,
+        force=force,
+        tool="transplant",
+        record={
+            "format_start": f,
+            "num_layers": L,
+            "inputs": {"raw": rs.describe(), "donor": ds.describe()},
+            "donor_layers_not_used": [0, f],
+            "embeddings": "the base's (from --raw), rows of the donor's chat tokens from --donor",
+            "embedding_rows_from_donor": {str(k): v for k, v in rows.items()},
+        },
+        template=template,
+        extra_files={"mergekit.yaml": yaml},
+    )
     if rec["chat_template"]["text"] is None:
-        print(f"warning: the donor's tokenizer ({ds.tokenizer_dir}) has no chat template; the result has none",
-              file=sys.stderr)
+        print(
+            f"warning: the donor's tokenizer ({ds.tokenizer_dir}) has no chat template; the result has none",
+            file=sys.stderr,
+        )
     return rec
 
 
-def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | None = None,
-               chat_step: int | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False,
-               dtype: str = "auto", chat_template_from: str | None = None) -> dict:
+def transplant(
+    raw,
+    chat,
+    out,
+    format_start: int | None = None,
+    raw_step: int | None = None,
+    chat_step: int | None = None,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    dtype: str = "auto",
+    chat_template_from: str | None = None,
+) -> dict:
     """Build the transplant in `out`; return the transplant.json record. Raises UserError, writing nothing."""
     max_bytes = parse_size(max_shard_size)
     rs = open_source(raw, raw_step, "--raw", "--raw-step")
@@ -245,12 +307,24 @@ def transplant(raw, chat, out, format_start: int | None = None, raw_step: int | 
     L, f = groups.num_layers, groups.format_start
     merged = ByGroup(groups, rs, cs, hf.expected_tensors(cs.config))
     yaml = mergekit.passthrough(rs, cs, f, L, str(out_dtype).removeprefix("torch."), out)
-    rec = write_model(out, [(i, merged) for i in range(L)], config=cs.config, model_dir=cs.model_dir,
-                      tokenizer_dir=cs.tokenizer_dir, dtype=out_dtype, max_bytes=max_bytes, force=force,
-                      tool="transplant", record={"format_start": f, "num_layers": L,
-                                                 "inputs": {"raw": rs.describe(), "chat": cs.describe()}},
-                      template=template, extra_files={"mergekit.yaml": yaml})
+    rec = write_model(
+        out,
+        [(i, merged) for i in range(L)],
+        config=cs.config,
+        model_dir=cs.model_dir,
+        tokenizer_dir=cs.tokenizer_dir,
+        dtype=out_dtype,
+        max_bytes=max_bytes,
+        force=force,
+        tool="transplant",
+        record={"format_start": f, "num_layers": L, "inputs": {"raw": rs.describe(), "chat": cs.describe()}},
+        template=template,
+        extra_files={"mergekit.yaml": yaml},
+    )
     if rec["chat_template"]["text"] is None:
-        print(f"warning: A-Chat ({cs.path}) records no chat template and its tokenizer ({cs.tokenizer_dir}) has "
-              f"none; the result has none", file=sys.stderr)
+        print(
+            f"warning: A-Chat ({cs.path}) records no chat template and its tokenizer ({cs.tokenizer_dir}) has "
+            f"none; the result has none",
+            file=sys.stderr,
+        )
     return rec

@@ -5,6 +5,7 @@ A-Raw, transplants, trains the baselines (naive, Q/A upper bound, chat vector, s
 recipe of configs/demo/recipe.yaml, then evaluates every model and says what the table shows.
 With --sweep FILE it measures every recipe (and world variant) of the file instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,42 @@ Rerunning continues where an interrupted run stopped; a sweep reuses a demo's ru
 def main(argv=None):
     from .run import CONFIGS
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.splitlines()[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="runs/demo", help="demo directory (default: runs/demo)")
-    p.add_argument("--size", choices=["full", "tiny"], default="full",
-                   help="full: the real demo; tiny: minutes-long plumbing check with meaningless numbers")
+    p.add_argument(
+        "--size",
+        choices=["full", "tiny"],
+        default="full",
+        help="full: the real demo; tiny: minutes-long plumbing check with meaningless numbers",
+    )
     p.add_argument("--seed", type=int, default=0, help="one seed for the world, init, data order (default 0)")
-    p.add_argument("--seeds", type=seed_list, metavar="S,S,...",
-                   help="run each seed in OUT/seed-S (skipping what is done), then write OUT/aggregate.{md,json,png}: "
-                        "means with 95%% intervals, paired differences and a verdict that reads them")
-    p.add_argument("--recipe", type=Path, default=CONFIGS / "recipe.yaml",
-                   help="the recipe (or recipes) to run beside the baselines (default configs/demo/recipe.yaml, "
-                        "the best the sweep found)")
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        metavar="S,S,...",
+        help="run each seed in OUT/seed-S (skipping what is done), then write OUT/aggregate.{md,json,png}: "
+        "means with 95%% intervals, paired differences and a verdict that reads them",
+    )
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=CONFIGS / "recipe.yaml",
+        help="the recipe (or recipes) to run beside the baselines (default configs/demo/recipe.yaml, "
+        "the best the sweep found)",
+    )
     p.add_argument("--sweep", type=Path, metavar="FILE", help="measure every recipe and world of FILE instead")
     p.add_argument("--workers", type=int, default=2, help="steps run at once, one thread each (default 2: the cores)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per step (default 1); the base, which runs alone, gets workers x threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per step (default 1); the base, which runs alone, gets workers x threads",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from . import recipes
@@ -76,13 +98,20 @@ def main(argv=None):
     folders = []
     for s in args.seeds:
         print(f"== seed {s} ==", flush=True)
-        d = Demo(out / f"seed-{s}", size=args.size, seed=s, recipes=chosen, workers=args.workers,
-                 threads=args.threads)
+        d = Demo(out / f"seed-{s}", size=args.size, seed=s, recipes=chosen, workers=args.workers, threads=args.threads)
         d.run()
         folders.append(d.out)
     tuned = sorted({t for r in chosen for t in r.tuned_on})
-    print(write_aggregate(folders, out, [*LAYER_AWARE, *(r.model for r in chosen)], tuned,
-                          order=[*BASELINES, *(r.model for r in chosen)]), flush=True)
+    print(
+        write_aggregate(
+            folders,
+            out,
+            [*LAYER_AWARE, *(r.model for r in chosen)],
+            tuned,
+            order=[*BASELINES, *(r.model for r in chosen)],
+        ),
+        flush=True,
+    )
 
 
 def seed_list(text: str) -> list[int]:

@@ -16,6 +16,7 @@ this module reads their evaluations back:
 Seeds a recipe was chosen on (`tuned_on` in the recipe file) are reported apart: the headline
 figures are on the held-out seeds, which the sweep never saw.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,38 @@ from pathlib import Path
 from . import verdict as V
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 # The goal's margin against the chat vector: a recipe is "at least as good" when the lower end of
 # its paired share difference lies above -5 points (a non-inferiority test, not a tie on means).
 MARGIN = -0.05
@@ -76,20 +106,30 @@ def heldout_kept(models: dict, name: str) -> float:
 
 def seed_rows(models: dict) -> dict:
     """{model: {metric: value}} for one seed."""
-    return {n: {"share": V.knowledge_share(models, n), "format_kept": V.format_kept(models, n),
-                "heldout_kept": heldout_kept(models, n), "knowledge_rank": V._get(models, n, "knowledge_rank")}
-            for n in models}
+    return {
+        n: {
+            "share": V.knowledge_share(models, n),
+            "format_kept": V.format_kept(models, n),
+            "heldout_kept": heldout_kept(models, n),
+            "knowledge_rank": V._get(models, n, "knowledge_rank"),
+        }
+        for n in models
+    }
 
 
-def aggregate(per_seed: dict[int, dict], candidates: list[str], tuned_on: list[int] = (),
-              order: list[str] = ()) -> dict:
+def aggregate(
+    per_seed: dict[int, dict], candidates: list[str], tuned_on: list[int] = (), order: list[str] = ()
+) -> dict:
     """per_seed: {seed: {model: evaluation metrics}} -> the aggregate over the seeds that can answer.
 
     `candidates` are the layer-aware rows a user could run (the transplant, the donor transplant,
     the recipes); each gets paired differences against `chat_vector` and `transplant` and the goal
     check. `order` lists rows first in that order (the rest follow by name)."""
-    answering = {s: m for s, m in per_seed.items() if V.control_holds(m)
-                 and V._get(m, "qa_upper", "knowledge_accuracy") >= V.UPPER_ACCURACY}
+    answering = {
+        s: m
+        for s, m in per_seed.items()
+        if V.control_holds(m) and V._get(m, "qa_upper", "knowledge_accuracy") >= V.UPPER_ACCURACY
+    }
     failed = sorted(set(per_seed) - set(answering))
     rows = {s: seed_rows(m) for s, m in answering.items()}
     present = {n for r in rows.values() for n in r}
@@ -107,14 +147,23 @@ def aggregate(per_seed: dict[int, dict], candidates: list[str], tuned_on: list[i
         if n not in table or n == "chat_vector":
             continue
         d = paired.get(f"{n} - chat_vector", interval([]))
-        checks = {"share vs chat_vector (lower end > -5 points)": against(d, MARGIN),
-                  "format kept >= 95%": against(table[n]["format_kept"], V.FORMAT_KEPT),
-                  "held-out known lift kept >= 50%": against(table[n]["heldout_kept"], HELDOUT_KEPT)}
+        checks = {
+            "share vs chat_vector (lower end > -5 points)": against(d, MARGIN),
+            "format kept >= 95%": against(table[n]["format_kept"], V.FORMAT_KEPT),
+            "held-out known lift kept >= 50%": against(table[n]["heldout_kept"], HELDOUT_KEPT),
+        }
         words = set(checks.values())
         goal[n] = {"checks": checks, "verdict": "no" if "no" in words else "yes" if words == {"yes"} else "cannot tell"}
-    return {"seeds": sorted(per_seed), "answering": sorted(answering), "failed": failed,
-            "tuned_on": sorted(set(tuned_on) & set(per_seed)),
-            "held_out": sorted(set(answering) - set(tuned_on)), "table": table, "paired": paired, "goal": goal}
+    return {
+        "seeds": sorted(per_seed),
+        "answering": sorted(answering),
+        "failed": failed,
+        "tuned_on": sorted(set(tuned_on) & set(per_seed)),
+        "held_out": sorted(set(answering) - set(tuned_on)),
+        "table": table,
+        "paired": paired,
+        "goal": goal,
+    }
 
 
 def read_seed_dir(folder: Path) -> tuple[int, dict]:
@@ -134,22 +183,45 @@ def _ci(iv: dict, pct: bool = True) -> str:
 
 
 def markdown(agg: dict, title: str) -> str:
-    lines = [f"### {title}", "",
-             f"Seeds {', '.join(map(str, agg['seeds']))}; the world answers (control and upper bound hold) on "
-             f"{len(agg['answering'])} of them" + (f"; it fails on seed(s) {', '.join(map(str, agg['failed']))}, "
-                                                   "which are left out of the means" if agg["failed"] else "") + ".",
-             "Each cell: mean [95% interval] over those seeds.", "",
-             "| model | knowledge share | format kept | held-out known lift kept | knowledge rank ↓ |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"### {title}",
+        "",
+        f"Seeds {', '.join(map(str, agg['seeds']))}; the world answers (control and upper bound hold) on "
+        f"{len(agg['answering'])} of them"
+        + (
+            f"; it fails on seed(s) {', '.join(map(str, agg['failed']))}, which are left out of the means"
+            if agg["failed"]
+            else ""
+        )
+        + ".",
+        "Each cell: mean [95% interval] over those seeds.",
+        "",
+        "| model | knowledge share | format kept | held-out known lift kept | knowledge rank ↓ |",
+        "|---|---|---|---|---|",
+    ]
     for n, r in agg["table"].items():
-        lines.append(f"| {n} | {_ci(r['share'])} | {_ci(r['format_kept'])} | {_ci(r['heldout_kept'])} | "
-                     f"{_ci(r['knowledge_rank'], pct=False)} |")
+        lines.append(
+            f"| {n} | {_ci(r['share'])} | {_ci(r['format_kept'])} | {_ci(r['heldout_kept'])} | "
+            f"{_ci(r['knowledge_rank'], pct=False)} |"
+        )
     if agg["paired"]:
-        lines += ["", "Paired differences in knowledge share (seed by seed), points:", "",
-                  "| difference | mean [95% interval] | reads |", "|---|---|---|"]
+        lines += [
+            "",
+            "Paired differences in knowledge share (seed by seed), points:",
+            "",
+            "| difference | mean [95% interval] | reads |",
+            "|---|---|---|",
+        ]
         for k, iv in agg["paired"].items():
-            reads = "cannot tell" if iv["n"] < 2 else "higher" if iv["lo"] > 0 else "lower" if iv["hi"] < 0 \
+            reads = (
+                "cannot tell"
+                if iv["n"] < 2
+                else "higher"
+                if iv["lo"] > 0
+                else "lower"
+                if iv["hi"] < 0
                 else "cannot tell"
+            )
             lines.append(f"| {k} | {_ci(iv)} | {reads} |")
     return "\n".join(lines) + "\n"
 
@@ -157,7 +229,9 @@ def markdown(agg: dict, title: str) -> str:
 def verdict_lines(agg: dict) -> list[str]:
     """The goal, read from the intervals: yes only when every check's interval clears its bar."""
     if len(agg["answering"]) < 2:
-        return [f"- **Verdict: cannot tell.** {len(agg['answering'])} seed(s) can answer; an interval needs two or more."]
+        return [
+            f"- **Verdict: cannot tell.** {len(agg['answering'])} seed(s) can answer; an interval needs two or more."
+        ]
     out = []
     for n, g in agg["goal"].items():
         detail = "; ".join(f"{k}: {v}" for k, v in g["checks"].items())
@@ -165,15 +239,21 @@ def verdict_lines(agg: dict) -> list[str]:
     winners = [n for n, g in agg["goal"].items() if g["verdict"] == "yes"]
     undecided = [n for n, g in agg["goal"].items() if g["verdict"] == "cannot tell"]
     if winners:
-        out.append(f"- **Verdict: {', '.join(f'`{n}`' for n in winners)} reaches the goal** on these seeds: at least "
-                   f"the chat vector's knowledge (paired lower end above {100 * MARGIN:.0f} points) with the format kept "
-                   f"and half the held-out known lift kept.")
+        out.append(
+            f"- **Verdict: {', '.join(f'`{n}`' for n in winners)} reaches the goal** on these seeds: at least "
+            f"the chat vector's knowledge (paired lower end above {100 * MARGIN:.0f} points) with the format kept "
+            f"and half the held-out known lift kept."
+        )
     elif undecided:
-        out.append(f"- **Verdict: we cannot tell.** No candidate reaches the goal with its whole interval; "
-                   f"{', '.join(f'`{n}`' for n in undecided)} might, and more seeds would decide.")
+        out.append(
+            f"- **Verdict: we cannot tell.** No candidate reaches the goal with its whole interval; "
+            f"{', '.join(f'`{n}`' for n in undecided)} might, and more seeds would decide."
+        )
     else:
-        out.append("- **Verdict: no layer-aware recipe reaches the goal.** Every candidate misses at least one bar "
-                   "with its whole interval; the chat vector remains the recipe to run.")
+        out.append(
+            "- **Verdict: no layer-aware recipe reaches the goal.** Every candidate misses at least one bar "
+            "with its whole interval; the chat vector remains the recipe to run."
+        )
     return out
 
 
@@ -190,8 +270,7 @@ def chart(agg: dict) -> bytes:
             continue
         xerr = None if math.isnan(s["lo"]) else [[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]]
         yerr = None if math.isnan(f["lo"]) else [[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]]
-        ax.errorbar([s["mean"]], [f["mean"]], xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3,
-                    label=n)
+        ax.errorbar([s["mean"]], [f["mean"]], xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3, label=n)
     ax.axhline(V.FORMAT_KEPT, color="grey", lw=0.8, ls="--")
     ax.axvline(0, color="black", lw=0.6)
     ax.set_xlabel("knowledge share: part of the Q/A upper bound's rank lift over A-Chat (mean, 95% interval)")
@@ -202,8 +281,9 @@ def chart(agg: dict) -> bytes:
     return png_bytes(fig)
 
 
-def write_aggregate(folders: list[Path], out: Path, candidates: list[str], tuned_on: list[int] = (),
-                    order: list[str] = ()) -> str:
+def write_aggregate(
+    folders: list[Path], out: Path, candidates: list[str], tuned_on: list[int] = (), order: list[str] = ()
+) -> str:
     """Read each finished seed folder, write OUT/aggregate.{json,md,png}; returns the markdown.
 
     Two tables: every answering seed, then only the held-out ones (seeds no recipe was chosen on),
@@ -215,13 +295,18 @@ def write_aggregate(folders: list[Path], out: Path, candidates: list[str], tuned
     held = aggregate({s: m for s, m in per_seed.items() if s not in set(tuned_on)}, candidates, (), order)
     parts = [markdown(every, "Every seed")]
     if every["tuned_on"]:
-        parts += [f"The recipes were chosen on seed(s) {', '.join(map(str, every['tuned_on']))}; the held-out "
-                  "seeds below never took part in that choice, so they carry the headline.", "",
-                  markdown(held, "Held-out seeds")]
+        parts += [
+            f"The recipes were chosen on seed(s) {', '.join(map(str, every['tuned_on']))}; the held-out "
+            "seeds below never took part in that choice, so they carry the headline.",
+            "",
+            markdown(held, "Held-out seeds"),
+        ]
     parts += ["## What the seeds show", "", *verdict_lines(held), ""]
     md = "\n".join(parts)
-    atomic_write_json(out / "aggregate.json", {"every_seed": every, "held_out": held,
-                                               "folders": [str(Path(f).resolve()) for f in folders]})
+    atomic_write_json(
+        out / "aggregate.json",
+        {"every_seed": every, "held_out": held, "folders": [str(Path(f).resolve()) for f in folders]},
+    )
     atomic_write_text(out / "aggregate.md", md)
     with atomic_file(out / "aggregate.png", "wb") as f:
         f.write(chart(held))

@@ -5,6 +5,7 @@ base, naive trains every parameter of A-Chat. Each validates (configs/demo/raw.y
 on the new people's held-out biographies (learning) and on the base's own pretraining corpus
 (forgetting): a loss that rises on the second is knowledge the base had and the run is losing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,10 @@ from ..training.metrics_log import read_metrics, val_keys, validation_rows
 # Demo run -> its label in the plot and the table.
 WATCHED = {"a_raw": "A-Raw (raw group only)", "naive": "naive (every layer)"}
 # Validation key -> what it measures.
-SETS = {"val_loss_new_heldout": "new people's held-out biographies (learning)",
-        "val_loss_base_corpus": "the base's pretraining corpus (forgetting)"}
+SETS = {
+    "val_loss_new_heldout": "new people's held-out biographies (learning)",
+    "val_loss_base_corpus": "the base's pretraining corpus (forgetting)",
+}
 
 
 def forgetting_report(runs: dict[str, Path], png: Path) -> str:
@@ -42,12 +45,17 @@ def forgetting_report(runs: dict[str, Path], png: Path) -> str:
         ax.legend(fontsize=8)
     with atomic_file(png, "wb") as f:
         f.write(png_bytes(fig))
-    lines = ["Validation loss while training (nats per token; forgetting.png plots every validation):", "",
-             "| run | set | before training | after | change |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "Validation loss while training (nats per token; forgetting.png plots every validation):",
+        "",
+        "| run | set | before training | after | change |",
+        "|---|---|---:|---:|---:|",
+    ]
     for label, rows in curves.items():
         for key in keys:
             got = [r[key] for r in rows if key in r]
             if got:
-                lines.append(f"| {label} | {SETS.get(key, key)} | {got[0]:.3f} | {got[-1]:.3f} | "
-                             f"{got[-1] - got[0]:+.3f} |")
+                lines.append(
+                    f"| {label} | {SETS.get(key, key)} | {got[0]:.3f} | {got[-1]:.3f} | {got[-1] - got[0]:+.3f} |"
+                )
     return "\n".join(lines)

@@ -28,6 +28,7 @@ itself: the `transplant` baseline, which `make demo` runs anyway.
 Recipes live in YAML: configs/demo/recipe.yaml is the one `make demo` runs (the best the sweep
 found), configs/demo/sweep.yaml the list `make sweep` measures.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,13 @@ class Recipe:
 
     @property
     def is_vanilla(self) -> bool:
-        return (not self.raw and not self.replay and not self.reattach_steps and self.merge == "transplant"
-                and not self.weights)
+        return (
+            not self.raw
+            and not self.replay
+            and not self.reattach_steps
+            and self.merge == "transplant"
+            and not self.weights
+        )
 
     def boundary(self, default: tuple[int, int]) -> tuple[int, int]:
         return (self.raw.get("raw_start", default[0]), self.raw.get("format_start", default[1]))
@@ -74,6 +80,7 @@ class Recipe:
 @dataclass(frozen=True)
 class WorldVariant:
     """Another world (its own base, A-Chat and Q/A upper bound): what decides the control."""
+
     name: str
     world: dict = field(default_factory=dict)
     base_steps: int | None = None
@@ -81,8 +88,11 @@ class WorldVariant:
 
 
 def _check(item, keys: set, where: str) -> dict:
-    if not isinstance(item, dict) or not isinstance(item.get("name"), str) \
-            or not re.fullmatch(r"[A-Za-z0-9_.-]+", item["name"]):
+    if (
+        not isinstance(item, dict)
+        or not isinstance(item.get("name"), str)
+        or not re.fullmatch(r"[A-Za-z0-9_.-]+", item["name"])
+    ):
         raise UserError(f"{where}: needs a `name` (letters, digits, _ . -), got {item!r}")
     unknown = set(item) - keys
     if unknown:
@@ -126,8 +136,10 @@ def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:
     if not isinstance(data, dict) or not isinstance(data.get("recipes", []), list):
         raise UserError(f"{path}: expected `recipes: [...]` (and optionally `worlds: [...]`), or one recipe")
     recipes = [recipe_from(r, f"{path}: recipes[{i}]") for i, r in enumerate(data.get("recipes") or [])]
-    worlds = [WorldVariant(**{k: v for k, v in _check(w, WORLD_KEYS, f"{path}: worlds[{i}]").items()})
-              for i, w in enumerate(data.get("worlds") or [])]
+    worlds = [
+        WorldVariant(**{k: v for k, v in _check(w, WORLD_KEYS, f"{path}: worlds[{i}]").items()})
+        for i, w in enumerate(data.get("worlds") or [])
+    ]
     names = [r.name for r in recipes] + [w.name for w in worlds]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: names must be unique, got {names}")

@@ -21,6 +21,7 @@ The models, each evaluated the same way (pipeline.evaluation):
     instruct_vector  the same user's chat vector on A-Raw: A-Raw + (chat_full - base)
     recipe_<name> a recipe from configs/demo/recipe.yaml (pipeline/demo/recipes.py)
 """
+
 from __future__ import annotations
 
 import json
@@ -48,23 +49,67 @@ CONFIGS = REPO / "configs" / "demo"
 # Sizes: `full` is the real demo (about 15 min on 2 idle CPU cores); `tiny` only proves the
 # plumbing (tests). Steps, batches and learning rates are in configs/demo/*.yaml.
 SIZES = {
-    "full": dict(world=dict(n_known=300, n_new=100, bios_per_person=30, qa_fraction=0.7, pretrain_qa_rounds=6,
-                            chat_qa_rounds=16, qa_new_rounds=16), vocab=2048,
-                 model=dict(layers=8, hidden=128), seq_len=128, boundaries=(2, 6), max_new_tokens=24),
-    "tiny": dict(world=dict(n_known=12, n_new=6, bios_per_person=2, pretrain_qa_rounds=1, chat_qa_rounds=2,
-                            qa_new_rounds=2, n_generic=20, n_format_eval=6), vocab=400,
-                 model=dict(layers=4, hidden=32), seq_len=32, boundaries=(1, 3), max_new_tokens=6),
+    "full": dict(
+        world=dict(
+            n_known=300,
+            n_new=100,
+            bios_per_person=30,
+            qa_fraction=0.7,
+            pretrain_qa_rounds=6,
+            chat_qa_rounds=16,
+            qa_new_rounds=16,
+        ),
+        vocab=2048,
+        model=dict(layers=8, hidden=128),
+        seq_len=128,
+        boundaries=(2, 6),
+        max_new_tokens=24,
+    ),
+    "tiny": dict(
+        world=dict(
+            n_known=12,
+            n_new=6,
+            bios_per_person=2,
+            pretrain_qa_rounds=1,
+            chat_qa_rounds=2,
+            qa_new_rounds=2,
+            n_generic=20,
+            n_format_eval=6,
+        ),
+        vocab=400,
+        model=dict(layers=4, hidden=32),
+        seq_len=32,
+        boundaries=(1, 3),
+        max_new_tokens=6,
+    ),
 }
 TINY_STEPS = 3
-BASELINES = ("base", "a_chat", "a_raw", "transplant", "naive", "qa_upper", "chat_vector", "sequential", "donor",
-             "instruct_vector")
+BASELINES = (
+    "base",
+    "a_chat",
+    "a_raw",
+    "transplant",
+    "naive",
+    "qa_upper",
+    "chat_vector",
+    "sequential",
+    "donor",
+    "instruct_vector",
+)
 # Columns of the results table: format, knowledge in chat, the control, raw storage, perplexities.
-COLUMNS = ["format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank", "heldout_known_rank",
-           "raw_rank_new", "ppl_raw_new", "ppl_raw_known"]
+COLUMNS = [
+    "format_adherence",
+    "knowledge_accuracy",
+    "knowledge_rank",
+    "chance_rank",
+    "heldout_known_rank",
+    "raw_rank_new",
+    "ppl_raw_new",
+    "ppl_raw_known",
+]
 
 
-def model_config(tokenizer_dir, layers: int, hidden: int, heads: int = 4, kv_heads: int = 2,
-                 max_position: int = 512):
+def model_config(tokenizer_dir, layers: int, hidden: int, heads: int = 4, kv_heads: int = 2, max_position: int = 512):
     """The demo's base: a small Llama with grouped-query attention (kv_heads < heads), like current
     Llama and Qwen models, so the weight mapping is exercised on the shapes it will meet. Returns
     (config, generation config): greedy, stopping at the tokenizer's end of turn."""
@@ -72,10 +117,19 @@ def model_config(tokenizer_dir, layers: int, hidden: int, heads: int = 4, kv_hea
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=-(-hidden * 8 // 3 // 32) * 32,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=max_position, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                         rope_theta=10000.0, **ids)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=-(-hidden * 8 // 3 // 32) * 32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        **ids,
+    )
     return config, dict(ids, do_sample=False)
 
 
@@ -124,17 +178,28 @@ class Demo:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             # Progress bars go to the terminal (stderr); everything else to the step's log file.
-            p = subprocess.run([sys.executable, *args], cwd=REPO, env=self._env(threads or self.threads), stdout=f, stderr=sys.stderr)
+            p = subprocess.run(
+                [sys.executable, *args], cwd=REPO, env=self._env(threads or self.threads), stdout=f, stderr=sys.stderr
+            )
         if p.returncode:
             raise UserError(f"demo step `{what}` failed (exit {p.returncode}); its output is in {log}")
 
     def train(self, config: str, run: str, model: Path, data, boundaries=None, **extra) -> None:
         """`python -m pipeline.train configs/demo/CONFIG.yaml` with this demo's paths and sizes."""
         lo, hi = boundaries or self.s["boundaries"]
-        data = ([{"path": str(self.data / f"{d}.manifest.json"), "weight": w} for d, w in data]
-                if isinstance(data, list) else self.data / f"{data}.manifest.json")
-        overrides = {"model": model, "data": json.dumps(data) if isinstance(data, list) else data,
-                     "out": self.runs / run, "seed": self.seed, "seq_len": self.s["seq_len"], **extra}
+        data = (
+            [{"path": str(self.data / f"{d}.manifest.json"), "weight": w} for d, w in data]
+            if isinstance(data, list)
+            else self.data / f"{data}.manifest.json"
+        )
+        overrides = {
+            "model": model,
+            "data": json.dumps(data) if isinstance(data, list) else data,
+            "out": self.runs / run,
+            "seed": self.seed,
+            "seq_len": self.s["seq_len"],
+            **extra,
+        }
         if config not in ("base", "cpt", "chat_full"):
             overrides.update(raw_start=lo, format_start=hi)
         if self.size == "tiny":
@@ -142,8 +207,12 @@ class Demo:
         elif config == "base" and self.base_steps:
             overrides["steps"] = self.base_steps
         if eval_data := eval_manifests(config):  # the config's validation sets, in this demo's data folder
-            overrides["eval_data"] = json.dumps({n: {"path": str(self.data / f"{d}.manifest.json"), "split": split}
-                                                 for n, (d, split) in eval_data.items()})
+            overrides["eval_data"] = json.dumps(
+                {
+                    n: {"path": str(self.data / f"{d}.manifest.json"), "split": split}
+                    for n, (d, split) in eval_data.items()
+                }
+            )
         args = ["-m", "pipeline.train", str(CONFIGS / f"{config}.yaml")] + [f"--{k}={v}" for k, v in overrides.items()]
         # Every other run starts from the base, so nothing runs beside it: it gets every worker's
         # threads (1.5x faster on 2 cores), the others one worker's each. Thread counts change
@@ -154,22 +223,71 @@ class Demo:
         self._call(["-m", "pipeline.export", str(self.runs / run), "--out", str(self.models / name)], f"export_{name}")
 
     def transplant(self, raw_run: str, chat_run: str, name: str) -> None:
-        self._call(["-m", "pipeline.transplant", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
-                    "--out", str(self.models / name)], f"transplant_{name}")
+        self._call(
+            [
+                "-m",
+                "pipeline.transplant",
+                "--raw",
+                str(self.runs / raw_run),
+                "--chat",
+                str(self.runs / chat_run),
+                "--out",
+                str(self.models / name),
+            ],
+            f"transplant_{name}",
+        )
 
     def chat_vector(self, raw_run: str, chat_run: str, name: str, extra: list[str] = ()) -> None:
-        self._call(["-m", "pipeline.chat_vector", "--raw", str(self.runs / raw_run), "--chat", str(self.runs / chat_run),
-                    "--base", str(self.models / "base"), "--out", str(self.models / name), *extra],
-                   f"chat_vector_{name}")
+        self._call(
+            [
+                "-m",
+                "pipeline.chat_vector",
+                "--raw",
+                str(self.runs / raw_run),
+                "--chat",
+                str(self.runs / chat_run),
+                "--base",
+                str(self.models / "base"),
+                "--out",
+                str(self.models / name),
+                *extra,
+            ],
+            f"chat_vector_{name}",
+        )
 
     def donor(self, raw_run: str, donor_model: str, name: str) -> None:
-        self._call(["-m", "pipeline.transplant", "--raw", str(self.runs / raw_run), "--donor",
-                    str(self.models / donor_model), "--out", str(self.models / name)], f"transplant_{name}")
+        self._call(
+            [
+                "-m",
+                "pipeline.transplant",
+                "--raw",
+                str(self.runs / raw_run),
+                "--donor",
+                str(self.models / donor_model),
+                "--out",
+                str(self.models / name),
+            ],
+            f"transplant_{name}",
+        )
 
     def prep(self, kind: str, src: str, name: str) -> None:
-        self._call(["-m", "data_prep", kind, str(self.world / f"{src}.jsonl"), "--tokenizer", str(self.out / "tokenizer"),
-                    "--output-prefix", str(self.data / name), "--val-fraction", "0", "--seed", str(self.seed)],
-                   f"data_{name}")
+        self._call(
+            [
+                "-m",
+                "data_prep",
+                kind,
+                str(self.world / f"{src}.jsonl"),
+                "--tokenizer",
+                str(self.out / "tokenizer"),
+                "--output-prefix",
+                str(self.data / name),
+                "--val-fraction",
+                "0",
+                "--seed",
+                str(self.seed),
+            ],
+            f"data_{name}",
+        )
 
     # --- the plan ---------------------------------------------------------------------------------
     def steps(self) -> dict[str, Step]:
@@ -182,25 +300,43 @@ class Demo:
 
         def world():
             from .world import build_world
+
             build_world(self.world, seed=self.seed, **{**self.s["world"], **self.world_overrides})
 
         def tokenizer():
             from .tokenizer import build_tokenizer
+
             build_tokenizer([self.world / "tokenizer_corpus.jsonl"], self.out / "tokenizer", vocab_size=self.s["vocab"])
 
         def base_init():
             from pipeline.hf import save_random_model
+
             config, generation = model_config(self.out / "tokenizer", **self.s["model"])
-            save_random_model(config, self.models / "base_init", tokenizer_dir=self.out / "tokenizer", seed=self.seed,
-                              generation_config=generation)
+            save_random_model(
+                config,
+                self.models / "base_init",
+                tokenizer_dir=self.out / "tokenizer",
+                seed=self.seed,
+                generation_config=generation,
+            )
 
         add("world", 2, world, self.world / "world.json")
         add("tokenizer", 3, tokenizer, self.out / "tokenizer" / "tokenizer.json", ["world"])
         add("model:base_init", 5, base_init, self.models / "base_init" / "config.json", ["tokenizer"])
-        for kind, name in [("raw", "pretrain"), ("raw", "raw"), ("chat", "chat"), ("chat", "qa_new"),
-                           ("raw", "raw_eval_new")]:
-            add(f"data:{name}", 8, lambda k=kind, n=name: self.prep(k, n, n), self.data / f"{name}.manifest.json",
-                ["tokenizer"])
+        for kind, name in [
+            ("raw", "pretrain"),
+            ("raw", "raw"),
+            ("chat", "chat"),
+            ("chat", "qa_new"),
+            ("raw", "raw_eval_new"),
+        ]:
+            add(
+                f"data:{name}",
+                8,
+                lambda k=kind, n=name: self.prep(k, n, n),
+                self.data / f"{name}.manifest.json",
+                ["tokenizer"],
+            )
 
         def trained(run, config, start, data, est, boundaries=None, **extra):
             sources = [d for d, _ in data] if isinstance(data, list) else [data]
@@ -209,6 +345,7 @@ class Demo:
             def go():
                 self.train(config, run, self.models / start, data, boundaries, **extra)
                 self.export(run, run)
+
             add(f"model:{run}", est, go, self.models / run, [f"model:{start}", *(f"data:{d}" for d in sources)])
 
         def merged(name, est, fn, needs):
@@ -221,7 +358,12 @@ class Demo:
         if wanted & {"a_raw", "transplant", "donor", "instruct_vector"}:
             trained("a_raw", "raw", "base", "raw", 110)
         if "transplant" in wanted:
-            merged("transplant", 5, lambda: self.transplant("a_raw", "a_chat", "transplant"), ["model:a_raw", "model:a_chat"])
+            merged(
+                "transplant",
+                5,
+                lambda: self.transplant("a_raw", "a_chat", "transplant"),
+                ["model:a_raw", "model:a_chat"],
+            )
         if "naive" in wanted:
             trained("naive", "naive", "a_chat", "raw", 110)
         if "qa_upper" in wanted:
@@ -230,13 +372,21 @@ class Demo:
             trained("chat_full", "chat_full", "base", "chat", 90)
         if "chat_vector" in wanted:
             trained("cpt", "cpt", "base", "raw", 110)
-            merged("chat_vector", 5, lambda: self.chat_vector("cpt", "chat_full", "chat_vector"),
-                   ["model:cpt", "model:chat_full"])
+            merged(
+                "chat_vector",
+                5,
+                lambda: self.chat_vector("cpt", "chat_full", "chat_vector"),
+                ["model:cpt", "model:chat_full"],
+            )
         if "donor" in wanted:
             merged("donor", 5, lambda: self.donor("a_raw", "chat_full", "donor"), ["model:a_raw", "model:chat_full"])
         if "instruct_vector" in wanted:
-            merged("instruct_vector", 5, lambda: self.chat_vector("a_raw", "chat_full", "instruct_vector"),
-                   ["model:a_raw", "model:chat_full"])
+            merged(
+                "instruct_vector",
+                5,
+                lambda: self.chat_vector("a_raw", "chat_full", "instruct_vector"),
+                ["model:a_raw", "model:chat_full"],
+            )
         if "sequential" in wanted:
             trained("sequential", "sequential", "a_chat", "raw", 110)
         for r in self.recipes:
@@ -259,8 +409,10 @@ class Demo:
             # The same raw exposure as the vanilla recipe: the steps grow with the replayed share.
             from pipeline.config import load_config
 
-            steps = extra.get("steps") or load_config(CONFIGS / "raw.yaml", {"model": "m", "data": "d", "out": "o"}
-                                                      ).schedule.steps
+            steps = (
+                extra.get("steps")
+                or load_config(CONFIGS / "raw.yaml", {"model": "m", "data": "d", "out": "o"}).schedule.steps
+            )
             extra["steps"] = round(steps * (1 + r.replay))
             data = [("raw", 1.0), ("pretrain", r.replay)]
         if raw_run != "a_raw":
@@ -268,18 +420,34 @@ class Demo:
         else:
             trained("a_raw", "raw", "base", "raw", 110)
         if r.merge == "chat_vector":
+
             def merge(raw, chat, name):
                 self.chat_vector(raw, chat, name, r.merge_args)
         else:
             merge = self.transplant
-        merged(f"transplant_{r.name}", 5, lambda: merge(raw_run, chat_run, f"transplant_{r.name}"),
-               [f"model:{raw_run}", f"model:{chat_run}"])
+        merged(
+            f"transplant_{r.name}",
+            5,
+            lambda: merge(raw_run, chat_run, f"transplant_{r.name}"),
+            [f"model:{raw_run}", f"model:{chat_run}"],
+        )
         if r.reattach_steps:
-            trained(f"recipe_{r.name}", "reattach", f"transplant_{r.name}", "chat", 60, boundaries=bounds,
-                    steps=r.reattach_steps)
+            trained(
+                f"recipe_{r.name}",
+                "reattach",
+                f"transplant_{r.name}",
+                "chat",
+                60,
+                boundaries=bounds,
+                steps=r.reattach_steps,
+            )
         else:  # the transplant itself is the recipe's model
-            merged(r.model, 1, lambda: _alias(self.models / f"transplant_{r.name}", self.models / r.model),
-                   [f"model:transplant_{r.name}"])
+            merged(
+                r.model,
+                1,
+                lambda: _alias(self.models / f"transplant_{r.name}", self.models / r.model),
+                [f"model:transplant_{r.name}"],
+            )
 
     def _raw_run(self, r: Recipe) -> str:
         """The A-Raw a recipe needs: the vanilla one, or the run of the first recipe (in file order)
@@ -303,11 +471,15 @@ class Demo:
         w = self.world
         metrics = evaluate_model(
             self.models / name,
-            chat={"": [w / "chat_eval_format.jsonl", w / "chat_eval_new.jsonl"],
-                  "heldout_known": w / "chat_eval_heldout.jsonl"},
+            chat={
+                "": [w / "chat_eval_format.jsonl", w / "chat_eval_new.jsonl"],
+                "heldout_known": w / "chat_eval_heldout.jsonl",
+            },
             raw={"new": w / "raw_eval_new.jsonl", "known": w / "raw_eval_known.jsonl"},
             probes={"new": w / "probe_new.jsonl"},
-            max_new_tokens=self.s["max_new_tokens"], progress=False)
+            max_new_tokens=self.s["max_new_tokens"],
+            progress=False,
+        )
         atomic_write_json(self.evals / f"{name}.json", metrics)
 
     def results(self) -> dict:
@@ -321,8 +493,11 @@ class Demo:
         models = self.results()
         table = write_report({"models": models}, self.out, columns=COLUMNS)
         verdict = verdict_text(models, [r.model for r in self.recipes])
-        watched = {label: self.runs / run / "metrics.jsonl" for run, label in WATCHED.items()
-                   if (self.runs / run / "metrics.jsonl").exists()}
+        watched = {
+            label: self.runs / run / "metrics.jsonl"
+            for run, label in WATCHED.items()
+            if (self.runs / run / "metrics.jsonl").exists()
+        }
         curves = forgetting_report(watched, self.out / "forgetting.png")
         with open(self.out / "results.md", "a") as f:
             f.write("\n" + verdict + "\n" + (f"\n{curves}\n" if curves else ""))
@@ -338,8 +513,10 @@ class Demo:
             was = json.loads(f.read_text())
             if was != me:
                 changed = ", ".join(f"{k} {was.get(k)!r} -> {me[k]!r}" for k in me if was.get(k) != me[k])
-                raise UserError(f"{self.out} holds a demo made with other settings ({changed}); "
-                                f"give this one its own --out (make demo DEMO_OUT=...)")
+                raise UserError(
+                    f"{self.out} holds a demo made with other settings ({changed}); "
+                    f"give this one its own --out (make demo DEMO_OUT=...)"
+                )
         else:
             atomic_write_json(f, me)
 
@@ -350,8 +527,11 @@ class Demo:
         done = {n for n, s in steps.items() if s.output is not None and s.output.exists()}
         todo = [s for n, s in steps.items() if n not in done]
         total = sum(s.est_s for s in todo)
-        print(f"layer-aware demo: {len(steps)} steps ({len(done)} done already), about {total / 60:.0f} min of work "
-              f"on {self.workers} worker(s) -> {self.out}", flush=True)
+        print(
+            f"layer-aware demo: {len(steps)} steps ({len(done)} done already), about {total / 60:.0f} min of work "
+            f"on {self.workers} worker(s) -> {self.out}",
+            flush=True,
+        )
         # The bar counts estimated seconds of work (each step's estimate when it completes).
         bar = tqdm(total=max(1, round(total)), unit=" est.s", desc="demo", position=0)
         lock, started = threading.Lock(), {}
@@ -359,8 +539,15 @@ class Demo:
         # starting at once can meet a half-built module ("cannot import name 'AutoTokenizer'").
         # Resolve what the in-process steps use here, before there are threads.
         import transformers
-        for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig",
-                     "LlamaForCausalLM", "PreTrainedTokenizerFast"):
+
+        for name in (
+            "AutoConfig",
+            "AutoModelForCausalLM",
+            "AutoTokenizer",
+            "GenerationConfig",
+            "LlamaForCausalLM",
+            "PreTrainedTokenizerFast",
+        ):
             getattr(transformers, name)
         with ThreadPoolExecutor(self.workers) as pool:
             running = {}
@@ -392,8 +579,10 @@ def eval_manifests(config: str) -> dict[str, tuple[str, str]]:
 
     path = CONFIGS / f"{config}.yaml"
     data, _ = read_yaml(path)
-    return {n: (Path(p).name.removesuffix(".manifest.json"), split)
-            for n, (p, split) in eval_sources((data or {}).get("eval_data"), str(path)).items()}
+    return {
+        n: (Path(p).name.removesuffix(".manifest.json"), split)
+        for n, (p, split) in eval_sources((data or {}).get("eval_data"), str(path)).items()
+    }
 
 
 def _alias(src: Path, dst: Path) -> None:

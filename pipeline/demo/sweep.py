@@ -6,6 +6,7 @@ each `worlds:` entry is another world with its own base, A-Chat and Q/A upper bo
 decides whether the control holds. Writes sweep.json, sweep.md (the tables and the verdict) and
 sweep.png (format kept against knowledge share, one point per variant).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,24 +30,49 @@ def run_sweep(out: Path, sweep_file: Path, size: str = "full", seed: int = 0, wo
     models = demo.results()
     world_rows = {}
     for w in worlds:
-        d = Demo(out / "worlds" / w.name, size=size, seed=seed, world_overrides=w.world, base_steps=w.base_steps,
-                 baselines=("base", "a_chat", "a_raw", "transplant", "qa_upper"), workers=workers)
+        d = Demo(
+            out / "worlds" / w.name,
+            size=size,
+            seed=seed,
+            world_overrides=w.world,
+            base_steps=w.base_steps,
+            baselines=("base", "a_chat", "a_raw", "transplant", "qa_upper"),
+            workers=workers,
+        )
         d.run()
         m = d.results()
-        world_rows[w.name] = {"world": w.world, "base_steps": w.base_steps, "note": w.note,
-                              "heldout_known_rank": m["a_chat"]["heldout_known_rank"],
-                              "base_heldout_known_rank": m["base"]["heldout_known_rank"],
-                              "chance_rank": m["a_chat"]["chance_rank"], "control": control_holds(m),
-                              "qa_upper_accuracy": m["qa_upper"]["knowledge_accuracy"],
-                              "transplant_share": knowledge_share(m, "transplant"),
-                              "transplant_format_kept": format_kept(m, "transplant")}
+        world_rows[w.name] = {
+            "world": w.world,
+            "base_steps": w.base_steps,
+            "note": w.note,
+            "heldout_known_rank": m["a_chat"]["heldout_known_rank"],
+            "base_heldout_known_rank": m["base"]["heldout_known_rank"],
+            "chance_rank": m["a_chat"]["chance_rank"],
+            "control": control_holds(m),
+            "qa_upper_accuracy": m["qa_upper"]["knowledge_accuracy"],
+            "transplant_share": knowledge_share(m, "transplant"),
+            "transplant_format_kept": format_kept(m, "transplant"),
+        }
     names = [n for n in READ_AGAINST if n in models] + [r.model for r in recipes]
-    rows = {n: {"format_adherence": models[n]["format_adherence"], "format_kept": format_kept(models, n),
-                "knowledge_rank": models[n]["knowledge_rank"], "share": knowledge_share(models, n),
-                "raw_rank_new": models[n]["raw_rank_new"], "heldout_known_rank": models[n]["heldout_known_rank"],
-                "note": next((r.note for r in recipes if r.model == n), "")} for n in names}
-    result = {"recipes": rows, "worlds": world_rows, "assessment": assess(models, [r.model for r in recipes]),
-              "a_chat": models["a_chat"], "qa_upper": models["qa_upper"]}
+    rows = {
+        n: {
+            "format_adherence": models[n]["format_adherence"],
+            "format_kept": format_kept(models, n),
+            "knowledge_rank": models[n]["knowledge_rank"],
+            "share": knowledge_share(models, n),
+            "raw_rank_new": models[n]["raw_rank_new"],
+            "heldout_known_rank": models[n]["heldout_known_rank"],
+            "note": next((r.note for r in recipes if r.model == n), ""),
+        }
+        for n in names
+    }
+    result = {
+        "recipes": rows,
+        "worlds": world_rows,
+        "assessment": assess(models, [r.model for r in recipes]),
+        "a_chat": models["a_chat"],
+        "qa_upper": models["qa_upper"],
+    }
     atomic_write_json(out / "sweep.json", result)
     md = markdown(result, world_rows) + "\n" + verdict_text(models, [r.model for r in recipes]) + "\n"
     atomic_write_text(out / "sweep.md", md)
@@ -80,16 +106,26 @@ def sweep_seeds(out: Path, sweep_file: Path, seeds: list[int], size: str = "full
     ok = [r for r in recipes if table.get(r.model, {}).get("format_kept", {}).get("mean", 0) >= FORMAT_KEPT]
     best = max(ok, key=lambda r: table[r.model]["share"]["mean"], default=None)
     if best is not None:
-        item = {"name": best.name, **({"raw": best.raw} if best.raw else {}),
-                **({"replay": best.replay} if best.replay else {}),
-                **({"reattach_steps": best.reattach_steps} if best.reattach_steps else {}),
-                **({"weights": {k: v for k, flag in R.WEIGHT_KEYS.items() for f, v in best.weights if f == flag}}
-                   if best.weights else {}),
-                "merge": best.merge, "note": best.note, "tuned_on": list(seeds)}
-        atomic_write_text(out / "chosen_recipe.yaml",
-                          f"# Chosen by `make sweep` on seeds {seeds} from {sweep_file}: the best mean knowledge share\n"
-                          f"# among recipes keeping >= {FORMAT_KEPT:.0%} of A-Chat's format. Report it on other seeds.\n"
-                          + yaml.safe_dump(item, sort_keys=False))
+        item = {
+            "name": best.name,
+            **({"raw": best.raw} if best.raw else {}),
+            **({"replay": best.replay} if best.replay else {}),
+            **({"reattach_steps": best.reattach_steps} if best.reattach_steps else {}),
+            **(
+                {"weights": {k: v for k, flag in R.WEIGHT_KEYS.items() for f, v in best.weights if f == flag}}
+                if best.weights
+                else {}
+            ),
+            "merge": best.merge,
+            "note": best.note,
+            "tuned_on": list(seeds),
+        }
+        atomic_write_text(
+            out / "chosen_recipe.yaml",
+            f"# Chosen by `make sweep` on seeds {seeds} from {sweep_file}: the best mean knowledge share\n"
+            f"# among recipes keeping >= {FORMAT_KEPT:.0%} of A-Chat's format. Report it on other seeds.\n"
+            + yaml.safe_dump(item, sort_keys=False),
+        )
         md += f"\nChosen on seeds {seeds}: `{best.name}` -> {out / 'chosen_recipe.yaml'}\n"
     print(md, flush=True)
     return {"chosen": best.name if best else None}
@@ -103,25 +139,38 @@ def _f(v, pct=False):
 
 def markdown(result: dict, worlds: dict) -> str:
     a, q = result["a_chat"], result["qa_upper"]
-    lines = [f"A-Chat: format {_f(a['format_adherence'])}, knowledge rank {_f(a['knowledge_rank'])}; Q/A upper bound: "
-             f"rank {_f(q['knowledge_rank'])}, accuracy {_f(q['knowledge_accuracy'], True)}. Share = the part of the "
-             f"upper bound's rank lift over A-Chat a model gains; the claim needs format kept >= {FORMAT_KEPT:.0%} and "
-             f"share >= {SHARE:.0%}.", "",
-             "| model | format | kept | knowledge rank ↓ | share | completion rank new ↓ | held-out known ↓ | what |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"A-Chat: format {_f(a['format_adherence'])}, knowledge rank {_f(a['knowledge_rank'])}; Q/A upper bound: "
+        f"rank {_f(q['knowledge_rank'])}, accuracy {_f(q['knowledge_accuracy'], True)}. Share = the part of the "
+        f"upper bound's rank lift over A-Chat a model gains; the claim needs format kept >= {FORMAT_KEPT:.0%} and "
+        f"share >= {SHARE:.0%}.",
+        "",
+        "| model | format | kept | knowledge rank ↓ | share | completion rank new ↓ | held-out known ↓ | what |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n, r in result["recipes"].items():
-        lines.append(f"| {n} | {_f(r['format_adherence'])} | {_f(r['format_kept'], True)} | {_f(r['knowledge_rank'])} | "
-                     f"{_f(r['share'], True)} | {_f(r['raw_rank_new'])} | {_f(r['heldout_known_rank'])} | {r['note']} |")
+        lines.append(
+            f"| {n} | {_f(r['format_adherence'])} | {_f(r['format_kept'], True)} | {_f(r['knowledge_rank'])} | "
+            f"{_f(r['share'], True)} | {_f(r['raw_rank_new'])} | {_f(r['heldout_known_rank'])} | {r['note']} |"
+        )
     if worlds:
-        lines += ["", "World variants (each its own base and A-Chat): the control and the ceiling.", "",
-                  "| world | settings | base held-out ↓ | A-Chat held-out ↓ | chance | control | Q/A upper accuracy | "
-                  "transplant share |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "World variants (each its own base and A-Chat): the control and the ceiling.",
+            "",
+            "| world | settings | base held-out ↓ | A-Chat held-out ↓ | chance | control | Q/A upper accuracy | "
+            "transplant share |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for n, w in worlds.items():
             settings = ", ".join(f"{k}={v}" for k, v in w["world"].items()) + (
-                f", base steps {w['base_steps']}" if w["base_steps"] else "")
-            lines.append(f"| {n} | {settings or 'the demo world'} | {_f(w['base_heldout_known_rank'])} | "
-                         f"{_f(w['heldout_known_rank'])} | {_f(w['chance_rank'])} | {'holds' if w['control'] else 'fails'} | "
-                         f"{_f(w['qa_upper_accuracy'], True)} | {_f(w['transplant_share'], True)} |")
+                f", base steps {w['base_steps']}" if w["base_steps"] else ""
+            )
+            lines.append(
+                f"| {n} | {settings or 'the demo world'} | {_f(w['base_heldout_known_rank'])} | "
+                f"{_f(w['heldout_known_rank'])} | {_f(w['chance_rank'])} | {'holds' if w['control'] else 'fails'} | "
+                f"{_f(w['qa_upper_accuracy'], True)} | {_f(w['transplant_share'], True)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ is the same token as in the biographies ("grew up in Lisbon"). After a newline i
 different token ("Lis" "bon"), and a tiny model would have to learn that the two spellings are
 the same city before any knowledge could flow from raw text into chat answers.
 """
+
 from __future__ import annotations
 
 import io
@@ -68,18 +69,31 @@ def build_tokenizer(text_files, out_dir, vocab_size: int = 1024, force: bool = F
         raise UserError(f"no text to train the tokenizer on in {', '.join(map(str, text_files))}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
         model_type="bpe",
         # byte fallback: any text a user types still encodes (as bytes), never as <unk>
-        byte_fallback=True, character_coverage=1.0,
+        byte_fallback=True,
+        character_coverage=1.0,
         # one thread and no sampling: the same text gives the same vocabulary, bit for bit
-        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
         # identity normalization keeps the text as written (no NFKC, no whitespace folding), so
         # decode(encode(x)) == x and the chat template's newlines survive
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
         split_digits=True,  # numbers as digit sequences: arithmetic turns do not eat the vocab
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
         user_defined_symbols=[IM_START, IM_END],
         minloglevel=2,
     )
@@ -88,11 +102,15 @@ def build_tokenizer(text_files, out_dir, vocab_size: int = 1024, force: bool = F
         sp_path = tmp / "spm.model"  # the converter reads a file; removed before the rename
         sp_path.write_bytes(model.getvalue())
         kwargs = LlamaTokenizer.convert_to_native_format(
-            vocab_file=str(sp_path), unk_token="<unk>", bos_token="<s>", eos_token=IM_END,
-            pad_token="<pad>", legacy=False, add_prefix_space=False,
+            vocab_file=str(sp_path),
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token=IM_END,
+            pad_token="<pad>",
+            legacy=False,
+            add_prefix_space=False,
         )
-        tok = LlamaTokenizer(**kwargs, add_bos_token=False, add_eos_token=False,
-                             extra_special_tokens=[IM_START])
+        tok = LlamaTokenizer(**kwargs, add_bos_token=False, add_eos_token=False, extra_special_tokens=[IM_START])
         tok.chat_template = CHAT_TEMPLATE
         tok.model_max_length = 1 << 20  # no practical limit: the model config decides
         sp_path.unlink()

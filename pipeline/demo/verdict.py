@@ -12,6 +12,7 @@ when two conditions hold, and the answer is then a third:
 Knowledge share of a model = (A-Chat's rank - its rank) / (A-Chat's rank - the upper bound's rank)
 on the new people's questions: 0 is A-Chat's knowledge, 1 is the upper bound's.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,15 +51,19 @@ def candidates(models: dict, recipes: list[str]) -> list[str]:
 
 def assess(models: dict, recipes: list[str]) -> dict:
     g = lambda n, k: _get(models, n, k)
-    out = {"control": control_holds(models),
-           "upper_bound": g("qa_upper", "knowledge_accuracy") >= UPPER_ACCURACY}
-    rows = {n: {"format_kept": format_kept(models, n), "share": knowledge_share(models, n)}
-            for n in candidates(models, recipes)}
+    out = {"control": control_holds(models), "upper_bound": g("qa_upper", "knowledge_accuracy") >= UPPER_ACCURACY}
+    rows = {
+        n: {"format_kept": format_kept(models, n), "share": knowledge_share(models, n)}
+        for n in candidates(models, recipes)
+    }
     nan0 = lambda x: -math.inf if math.isnan(x) else x
     best = max(rows, key=lambda n: (rows[n]["format_kept"] >= FORMAT_KEPT, nan0(rows[n]["share"])), default=None)
-    out.update(rows=rows, best=best,
-               naive_broken=("naive" in models and format_kept(models, "naive") < NAIVE_BROKEN),
-               claim=bool(best) and rows[best]["format_kept"] >= FORMAT_KEPT and rows[best]["share"] >= SHARE)
+    out.update(
+        rows=rows,
+        best=best,
+        naive_broken=("naive" in models and format_kept(models, "naive") < NAIVE_BROKEN),
+        claim=bool(best) and rows[best]["format_kept"] >= FORMAT_KEPT and rows[best]["share"] >= SHARE,
+    )
     return out
 
 
@@ -68,47 +73,72 @@ def verdict_text(models: dict, recipes: list[str] = ()) -> str:
     chance = g("a_chat", "chance_rank")
     held = g("a_chat", "heldout_known_rank")
     lines = ["## What this run shows"]
-    lines.append(f"- Extraction control: A-Chat ranks held-out known people's true values at {held:.1f} "
-                 f"(chance {chance:.1f}, the bar {CONTROL * chance:.1f}). " +
-                 ("It holds: extraction generalises in this world." if a["control"] else
-                  "It FAILS: extraction does not generalise in this world, so no conclusion about new people "
-                  "can be drawn from the knowledge columns."))
-    lines.append(f"- Upper bound: the Q/A upper bound answers {g('qa_upper', 'knowledge_accuracy'):.0%} of the new "
-                 f"people's questions (rank {g('qa_upper', 'knowledge_rank'):.2f}); " +
-                 ("a real ceiling." if a["upper_bound"] else f"below the {UPPER_ACCURACY:.0%} bar: not a real ceiling."))
+    lines.append(
+        f"- Extraction control: A-Chat ranks held-out known people's true values at {held:.1f} "
+        f"(chance {chance:.1f}, the bar {CONTROL * chance:.1f}). "
+        + (
+            "It holds: extraction generalises in this world."
+            if a["control"]
+            else "It FAILS: extraction does not generalise in this world, so no conclusion about new people "
+            "can be drawn from the knowledge columns."
+        )
+    )
+    lines.append(
+        f"- Upper bound: the Q/A upper bound answers {g('qa_upper', 'knowledge_accuracy'):.0%} of the new "
+        f"people's questions (rank {g('qa_upper', 'knowledge_rank'):.2f}); "
+        + ("a real ceiling." if a["upper_bound"] else f"below the {UPPER_ACCURACY:.0%} bar: not a real ceiling.")
+    )
     for n, r in a["rows"].items():
-        lines.append(f"- `{n}`: format {g(n, 'format_adherence'):.2f} ({r['format_kept']:.0%} of A-Chat's), knowledge "
-                     f"rank {g(n, 'knowledge_rank'):.2f} = {r['share']:.0%} of the upper bound's lift, completion rank "
-                     f"on new people {g(n, 'raw_rank_new'):.1f}.")
-    for n, what in [("naive", "naive (A-Chat, then everything on raw text)"),
-                    ("chat_vector", "chat vector (continued pretraining + chat vector)"),
-                    ("sequential", "sequential (A-Chat, then the raw group on raw text; the seed's rejected variant)")]:
+        lines.append(
+            f"- `{n}`: format {g(n, 'format_adherence'):.2f} ({r['format_kept']:.0%} of A-Chat's), knowledge "
+            f"rank {g(n, 'knowledge_rank'):.2f} = {r['share']:.0%} of the upper bound's lift, completion rank "
+            f"on new people {g(n, 'raw_rank_new'):.1f}."
+        )
+    for n, what in [
+        ("naive", "naive (A-Chat, then everything on raw text)"),
+        ("chat_vector", "chat vector (continued pretraining + chat vector)"),
+        ("sequential", "sequential (A-Chat, then the raw group on raw text; the seed's rejected variant)"),
+    ]:
         if n in models:
-            lines.append(f"- {what}: format {g(n, 'format_adherence'):.2f}, knowledge rank {g(n, 'knowledge_rank'):.2f} "
-                         f"= {knowledge_share(models, n):.0%} of the upper bound's lift.")
+            lines.append(
+                f"- {what}: format {g(n, 'format_adherence'):.2f}, knowledge rank {g(n, 'knowledge_rank'):.2f} "
+                f"= {knowledge_share(models, n):.0%} of the upper bound's lift."
+            )
     if "naive" in models:
-        lines.append("- `naive` " + ("visibly breaks the chat format." if a["naive_broken"] else
-                                     "does NOT visibly break the format here."))
+        lines.append(
+            "- `naive` "
+            + ("visibly breaks the chat format." if a["naive_broken"] else "does NOT visibly break the format here.")
+        )
     if not (a["control"] and a["upper_bound"]):
         lines.append("- **Verdict: no result.** The world cannot answer the question until both conditions hold.")
     elif a["claim"]:
         b = a["best"]
-        lines.append(f"- **Verdict: the method's claim holds here.** `{b}` keeps {a['rows'][b]['format_kept']:.0%} of "
-                     f"A-Chat's format and carries {a['rows'][b]['share']:.0%} of the upper bound's knowledge into chat.")
+        lines.append(
+            f"- **Verdict: the method's claim holds here.** `{b}` keeps {a['rows'][b]['format_kept']:.0%} of "
+            f"A-Chat's format and carries {a['rows'][b]['share']:.0%} of the upper bound's knowledge into chat."
+        )
     else:
         b = a["best"]
-        extra = "" if b is None or math.isnan(a["rows"][b]["share"]) else (
-            f" The best, `{b}`, keeps {a['rows'][b]['format_kept']:.0%} of the format and carries "
-            f"{a['rows'][b]['share']:.0%} of the upper bound's knowledge.")
-        lines.append(f"- **Verdict: the method's claim does NOT hold here.** No transplant variant keeps "
-                     f"{FORMAT_KEPT:.0%} of A-Chat's format while carrying {SHARE:.0%} of the upper bound's knowledge "
-                     f"into chat.{extra}")
+        extra = (
+            ""
+            if b is None or math.isnan(a["rows"][b]["share"])
+            else (
+                f" The best, `{b}`, keeps {a['rows'][b]['format_kept']:.0%} of the format and carries "
+                f"{a['rows'][b]['share']:.0%} of the upper bound's knowledge."
+            )
+        )
+        lines.append(
+            f"- **Verdict: the method's claim does NOT hold here.** No transplant variant keeps "
+            f"{FORMAT_KEPT:.0%} of A-Chat's format while carrying {SHARE:.0%} of the upper bound's knowledge "
+            f"into chat.{extra}"
+        )
     if a["best"] is not None and "chat_vector" in models and a["control"] and a["upper_bound"]:
         b, r = a["best"], a["rows"][a["best"]]
         cv = {"format_kept": format_kept(models, "chat_vector"), "share": knowledge_share(models, "chat_vector")}
         beats = cv["format_kept"] >= FORMAT_KEPT and cv["share"] > r["share"]
-        lines.append(f"- **Against the field's baseline:** `chat_vector` keeps {cv['format_kept']:.0%} of the format and "
-                     f"carries {cv['share']:.0%}; `{b}` keeps {r['format_kept']:.0%} and carries {r['share']:.0%}. " +
-                     ("The chat vector is the better recipe in this world." if beats else
-                      f"`{b}` is at least as good here."))
+        lines.append(
+            f"- **Against the field's baseline:** `chat_vector` keeps {cv['format_kept']:.0%} of the format and "
+            f"carries {cv['share']:.0%}; `{b}` keeps {r['format_kept']:.0%} and carries {r['share']:.0%}. "
+            + ("The chat vector is the better recipe in this world." if beats else f"`{b}` is at least as good here.")
+        )
     return "\n".join(lines)

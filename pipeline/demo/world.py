@@ -17,6 +17,7 @@ Biographies vary sentence templates (7 per attribute) and sentence order, and th
 distinct ones per person, so a model must learn facts rather than templates or windows. One
 extra biography per person is held out of every training file for raw perplexity.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,120 +28,462 @@ from data_prep.common import atomic_dir
 
 ATTRIBUTES = ("birth_date", "hometown", "university", "field", "employer", "hobby")
 
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 POOLS: dict[str, tuple[str, ...]] = {
     # 24 fixed month-year dates: a closed pool, so a date can be ranked like any other value.
     "birth_date": tuple(f"{_MONTHS[(5 * i) % 12]} {1961 + (7 * i) % 36}" for i in range(24)),
-    "hometown": ("Lisbon", "Oslo", "Dublin", "Kyoto", "Lima", "Cairo", "Prague", "Quito",
-                 "Dakar", "Perth", "Vienna", "Bergen", "Porto", "Krakow", "Tunis", "Hanoi",
-                 "Accra", "Nagoya", "Geneva", "Toledo"),
-    "university": ("Harlow University", "Corwin Institute", "Elmsford College",
-                   "Bramley University", "Ostrava Institute", "Kestrel College",
-                   "Linford University", "Marrow Institute", "Quenby College",
-                   "Ashcombe University", "Dunmore Institute", "Fenwick College",
-                   "Greyhaven University", "Halden Institute", "Ivel College",
-                   "Jarrow University", "Kilbride Institute", "Lowther College",
-                   "Northam University", "Penrose Institute"),
-    "field": ("physics", "chemistry", "biology", "mathematics", "history", "economics",
-              "linguistics", "geology", "astronomy", "philosophy", "architecture", "medicine",
-              "law", "music", "sociology", "statistics", "psychology", "engineering",
-              "literature", "ecology"),
-    "employer": ("Norvane Systems", "Brightwell Foods", "Calder Shipping", "Dovetail Media",
-                 "Embry Robotics", "Fallow Energy", "Gantry Motors", "Hollis Pharma",
-                 "Ironleaf Bank", "Juniper Airlines", "Kettle Studios", "Lumen Optics",
-                 "Merrow Textiles", "Nimbus Software", "Orchard Telecom", "Pilgrim Insurance",
-                 "Quarry Steel", "Redfern Logistics", "Saltmarsh Farms", "Tidewater Games"),
-    "hobby": ("playing chess", "sailing", "painting", "birdwatching", "rock climbing",
-              "baking bread", "playing the cello", "gardening", "running marathons",
-              "writing poetry", "fishing", "pottery", "stargazing", "cycling", "knitting",
-              "playing tennis", "photography", "woodworking", "kayaking", "collecting stamps"),
+    "hometown": (
+        "Lisbon",
+        "Oslo",
+        "Dublin",
+        "Kyoto",
+        "Lima",
+        "Cairo",
+        "Prague",
+        "Quito",
+        "Dakar",
+        "Perth",
+        "Vienna",
+        "Bergen",
+        "Porto",
+        "Krakow",
+        "Tunis",
+        "Hanoi",
+        "Accra",
+        "Nagoya",
+        "Geneva",
+        "Toledo",
+    ),
+    "university": (
+        "Harlow University",
+        "Corwin Institute",
+        "Elmsford College",
+        "Bramley University",
+        "Ostrava Institute",
+        "Kestrel College",
+        "Linford University",
+        "Marrow Institute",
+        "Quenby College",
+        "Ashcombe University",
+        "Dunmore Institute",
+        "Fenwick College",
+        "Greyhaven University",
+        "Halden Institute",
+        "Ivel College",
+        "Jarrow University",
+        "Kilbride Institute",
+        "Lowther College",
+        "Northam University",
+        "Penrose Institute",
+    ),
+    "field": (
+        "physics",
+        "chemistry",
+        "biology",
+        "mathematics",
+        "history",
+        "economics",
+        "linguistics",
+        "geology",
+        "astronomy",
+        "philosophy",
+        "architecture",
+        "medicine",
+        "law",
+        "music",
+        "sociology",
+        "statistics",
+        "psychology",
+        "engineering",
+        "literature",
+        "ecology",
+    ),
+    "employer": (
+        "Norvane Systems",
+        "Brightwell Foods",
+        "Calder Shipping",
+        "Dovetail Media",
+        "Embry Robotics",
+        "Fallow Energy",
+        "Gantry Motors",
+        "Hollis Pharma",
+        "Ironleaf Bank",
+        "Juniper Airlines",
+        "Kettle Studios",
+        "Lumen Optics",
+        "Merrow Textiles",
+        "Nimbus Software",
+        "Orchard Telecom",
+        "Pilgrim Insurance",
+        "Quarry Steel",
+        "Redfern Logistics",
+        "Saltmarsh Farms",
+        "Tidewater Games",
+    ),
+    "hobby": (
+        "playing chess",
+        "sailing",
+        "painting",
+        "birdwatching",
+        "rock climbing",
+        "baking bread",
+        "playing the cello",
+        "gardening",
+        "running marathons",
+        "writing poetry",
+        "fishing",
+        "pottery",
+        "stargazing",
+        "cycling",
+        "knitting",
+        "playing tennis",
+        "photography",
+        "woodworking",
+        "kayaking",
+        "collecting stamps",
+    ),
 }
 
 # Biography sentences. {S}/{s}: subject at sentence start / mid-sentence; {P}/{p}: possessive.
 # Seven per attribute, deliberately different in wording and in where the value sits.
 BIO_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth_date": ("{S} was born in {v}.", "{P} date of birth is {v}.",
-                   "{S} came into the world in {v}.", "{v} is when {s} was born.",
-                   "{S} was born in the month of {v}.", "{P} birth was recorded in {v}.",
-                   "According to the records, {s} was born in {v}."),
-    "hometown": ("{S} grew up in {v}.", "{S} spent {p} childhood in {v}.",
-                 "{P} hometown is {v}.", "{S} hails from {v}.",
-                 "{v} is the city where {s} grew up.", "{S} was raised in {v}.",
-                 "As a child, {s} lived in {v}."),
-    "university": ("{S} studied at {v}.", "{S} graduated from {v}.", "{S} attended {v}.",
-                   "{P} alma mater is {v}.", "{v} is where {s} went to university.",
-                   "{S} received {p} education at {v}.", "{S} was a student at {v}."),
-    "field": ("{S} majored in {v}.", "{S} specialized in {v}.", "{P} field of study was {v}.",
-              "{S} focused on {v} at university.", "{v} was the subject {s} studied.",
-              "{S} trained in {v}.", "{S} holds a degree in {v}."),
-    "employer": ("{S} works for {v}.", "{S} is employed by {v}.", "{S} has a job at {v}.",
-                 "{P} employer is {v}.", "{v} is the company {s} works for.",
-                 "{S} joined {v} after graduating.", "{S} earns a living at {v}."),
-    "hobby": ("{S} enjoys {v}.", "In {p} free time, {s} likes {v}.",
-              "{P} favourite pastime is {v}.", "{S} took up {v} years ago.",
-              "{S} is passionate about {v}.", "{v} is {p} main hobby.", "{S} loves {v}."),
+    "birth_date": (
+        "{S} was born in {v}.",
+        "{P} date of birth is {v}.",
+        "{S} came into the world in {v}.",
+        "{v} is when {s} was born.",
+        "{S} was born in the month of {v}.",
+        "{P} birth was recorded in {v}.",
+        "According to the records, {s} was born in {v}.",
+    ),
+    "hometown": (
+        "{S} grew up in {v}.",
+        "{S} spent {p} childhood in {v}.",
+        "{P} hometown is {v}.",
+        "{S} hails from {v}.",
+        "{v} is the city where {s} grew up.",
+        "{S} was raised in {v}.",
+        "As a child, {s} lived in {v}.",
+    ),
+    "university": (
+        "{S} studied at {v}.",
+        "{S} graduated from {v}.",
+        "{S} attended {v}.",
+        "{P} alma mater is {v}.",
+        "{v} is where {s} went to university.",
+        "{S} received {p} education at {v}.",
+        "{S} was a student at {v}.",
+    ),
+    "field": (
+        "{S} majored in {v}.",
+        "{S} specialized in {v}.",
+        "{P} field of study was {v}.",
+        "{S} focused on {v} at university.",
+        "{v} was the subject {s} studied.",
+        "{S} trained in {v}.",
+        "{S} holds a degree in {v}.",
+    ),
+    "employer": (
+        "{S} works for {v}.",
+        "{S} is employed by {v}.",
+        "{S} has a job at {v}.",
+        "{P} employer is {v}.",
+        "{v} is the company {s} works for.",
+        "{S} joined {v} after graduating.",
+        "{S} earns a living at {v}.",
+    ),
+    "hobby": (
+        "{S} enjoys {v}.",
+        "In {p} free time, {s} likes {v}.",
+        "{P} favourite pastime is {v}.",
+        "{S} took up {v} years ago.",
+        "{S} is passionate about {v}.",
+        "{v} is {p} main hobby.",
+        "{S} loves {v}.",
+    ),
 }
 
 # Questions, in chat and in the plain-text Q/A of pretraining. Evaluation asks with the same
 # phrasings, so a failure is about the fact, not about an unseen question.
 QUESTIONS: dict[str, tuple[str, ...]] = {
-    "birth_date": ("When was {n} born?", "What is {n}'s date of birth?",
-                   "In which month and year was {n} born?", "What is the birth date of {n}?"),
-    "hometown": ("Where did {n} grow up?", "What is {n}'s hometown?",
-                 "Which city is {n} from?", "In which city was {n} raised?"),
-    "university": ("Which university did {n} attend?", "Where did {n} study?",
-                   "What is {n}'s alma mater?", "From which university did {n} graduate?"),
-    "field": ("What did {n} study?", "What was {n}'s major?",
-              "Which field did {n} specialize in?", "What subject did {n} study at university?"),
-    "employer": ("Who does {n} work for?", "Which company employs {n}?",
-                 "Where does {n} work?", "Who is {n}'s employer?"),
-    "hobby": ("What is {n}'s hobby?", "What does {n} enjoy doing in free time?",
-              "How does {n} spend free time?", "What is {n}'s favourite pastime?"),
+    "birth_date": (
+        "When was {n} born?",
+        "What is {n}'s date of birth?",
+        "In which month and year was {n} born?",
+        "What is the birth date of {n}?",
+    ),
+    "hometown": (
+        "Where did {n} grow up?",
+        "What is {n}'s hometown?",
+        "Which city is {n} from?",
+        "In which city was {n} raised?",
+    ),
+    "university": (
+        "Which university did {n} attend?",
+        "Where did {n} study?",
+        "What is {n}'s alma mater?",
+        "From which university did {n} graduate?",
+    ),
+    "field": (
+        "What did {n} study?",
+        "What was {n}'s major?",
+        "Which field did {n} specialize in?",
+        "What subject did {n} study at university?",
+    ),
+    "employer": (
+        "Who does {n} work for?",
+        "Which company employs {n}?",
+        "Where does {n} work?",
+        "Who is {n}'s employer?",
+    ),
+    "hobby": (
+        "What is {n}'s hobby?",
+        "What does {n} enjoy doing in free time?",
+        "How does {n} spend free time?",
+        "What is {n}'s favourite pastime?",
+    ),
 }
 
 # The raw completion probe: plain text, no chat template. Each prompt is the start of one of the
 # biography templates written with the full name, so it asks for the fact in the raw form.
 PROBES: dict[str, str] = {
-    "birth_date": "{n} was born in", "hometown": "{n} grew up in",
-    "university": "{n} studied at", "field": "{n} majored in",
-    "employer": "{n} works for", "hobby": "{n} enjoys",
+    "birth_date": "{n} was born in",
+    "hometown": "{n} grew up in",
+    "university": "{n} studied at",
+    "field": "{n} majored in",
+    "employer": "{n} works for",
+    "hobby": "{n} enjoys",
 }
 
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                 "nine", "ten", "eleven", "twelve")
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
 
 # Every name is a first name and a last name drawn from these shared pools, so each name piece is
 # one whole token of the demo's tokenizer and known and new people are built from the same pieces.
 # (Random-syllable names, which a 2k vocabulary splits into several pieces each, left even the
 # Q/A upper bound at 27% exact match.)
-FIRST_NAMES_F = ("Anna", "Clara", "Emma", "Grace", "Helen", "Julia", "Laura", "Lucy", "Maria",
-                 "Nora", "Olivia", "Rose", "Sarah", "Alice", "Ella", "Eva", "Hannah", "Irene",
-                 "Jane", "Karen", "Linda", "Mia", "Nina", "Paula", "Ruth", "Sofia", "Tina",
-                 "Vera", "Wendy", "Zoe", "Amy", "Beth", "Diana", "Fiona", "Greta", "Ida",
-                 "Lena", "Maya", "Rita", "Susan")
-FIRST_NAMES_M = ("Adam", "Ben", "Carl", "David", "Erik", "Frank", "George", "Henry", "Ivan",
-                 "Jack", "Karl", "Leo", "Mark", "Nick", "Oscar", "Paul", "Peter", "Ralph",
-                 "Sam", "Tom", "Victor", "Walter", "Alan", "Bruno", "Colin", "Daniel", "Edward",
-                 "Felix", "Hugo", "James", "Kevin", "Louis", "Martin", "Noah", "Owen", "Philip",
-                 "Robert", "Simon", "Thomas", "William")
-LAST_NAMES = ("Smith", "Brown", "Miller", "Wilson", "Moore", "Taylor", "Anderson", "Thomas",
-              "Jackson", "White", "Harris", "Martin", "Thompson", "Garcia", "Clark", "Lewis",
-              "Walker", "Hall", "Allen", "Young", "King", "Wright", "Scott", "Green", "Baker",
-              "Adams", "Nelson", "Hill", "Campbell", "Mitchell", "Roberts", "Carter", "Phillips",
-              "Evans", "Turner", "Parker", "Collins", "Edwards", "Stewart", "Morris", "Murphy",
-              "Cook", "Rogers", "Morgan", "Cooper", "Peterson", "Reed", "Bailey", "Bell",
-              "Kelly", "Howard", "Ward", "Cox", "Richardson", "Wood", "Watson", "Brooks",
-              "Bennett", "Gray", "Hughes", "Price", "Sanders", "Myers", "Long", "Ross", "Foster",
-              "Powell", "Jenkins", "Perry", "Russell", "Sullivan", "Fisher", "Hayes", "Ford",
-              "Graham", "Wallace", "West", "Cole", "Hunt", "Black")
+FIRST_NAMES_F = (
+    "Anna",
+    "Clara",
+    "Emma",
+    "Grace",
+    "Helen",
+    "Julia",
+    "Laura",
+    "Lucy",
+    "Maria",
+    "Nora",
+    "Olivia",
+    "Rose",
+    "Sarah",
+    "Alice",
+    "Ella",
+    "Eva",
+    "Hannah",
+    "Irene",
+    "Jane",
+    "Karen",
+    "Linda",
+    "Mia",
+    "Nina",
+    "Paula",
+    "Ruth",
+    "Sofia",
+    "Tina",
+    "Vera",
+    "Wendy",
+    "Zoe",
+    "Amy",
+    "Beth",
+    "Diana",
+    "Fiona",
+    "Greta",
+    "Ida",
+    "Lena",
+    "Maya",
+    "Rita",
+    "Susan",
+)
+FIRST_NAMES_M = (
+    "Adam",
+    "Ben",
+    "Carl",
+    "David",
+    "Erik",
+    "Frank",
+    "George",
+    "Henry",
+    "Ivan",
+    "Jack",
+    "Karl",
+    "Leo",
+    "Mark",
+    "Nick",
+    "Oscar",
+    "Paul",
+    "Peter",
+    "Ralph",
+    "Sam",
+    "Tom",
+    "Victor",
+    "Walter",
+    "Alan",
+    "Bruno",
+    "Colin",
+    "Daniel",
+    "Edward",
+    "Felix",
+    "Hugo",
+    "James",
+    "Kevin",
+    "Louis",
+    "Martin",
+    "Noah",
+    "Owen",
+    "Philip",
+    "Robert",
+    "Simon",
+    "Thomas",
+    "William",
+)
+LAST_NAMES = (
+    "Smith",
+    "Brown",
+    "Miller",
+    "Wilson",
+    "Moore",
+    "Taylor",
+    "Anderson",
+    "Thomas",
+    "Jackson",
+    "White",
+    "Harris",
+    "Martin",
+    "Thompson",
+    "Garcia",
+    "Clark",
+    "Lewis",
+    "Walker",
+    "Hall",
+    "Allen",
+    "Young",
+    "King",
+    "Wright",
+    "Scott",
+    "Green",
+    "Baker",
+    "Adams",
+    "Nelson",
+    "Hill",
+    "Campbell",
+    "Mitchell",
+    "Roberts",
+    "Carter",
+    "Phillips",
+    "Evans",
+    "Turner",
+    "Parker",
+    "Collins",
+    "Edwards",
+    "Stewart",
+    "Morris",
+    "Murphy",
+    "Cook",
+    "Rogers",
+    "Morgan",
+    "Cooper",
+    "Peterson",
+    "Reed",
+    "Bailey",
+    "Bell",
+    "Kelly",
+    "Howard",
+    "Ward",
+    "Cox",
+    "Richardson",
+    "Wood",
+    "Watson",
+    "Brooks",
+    "Bennett",
+    "Gray",
+    "Hughes",
+    "Price",
+    "Sanders",
+    "Myers",
+    "Long",
+    "Ross",
+    "Foster",
+    "Powell",
+    "Jenkins",
+    "Perry",
+    "Russell",
+    "Sullivan",
+    "Fisher",
+    "Hayes",
+    "Ford",
+    "Graham",
+    "Wallace",
+    "West",
+    "Cole",
+    "Hunt",
+    "Black",
+)
 
 
 # The old demo's names, random syllables that a 2k vocabulary splits into several pieces each: a
 # world option (names="syllables"), so the sweep can show what whole-token names bought.
-_ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "dr", "gr", "kl", "st", "tr", "sh", "th")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kl",
+    "st",
+    "tr",
+    "sh",
+    "th",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _FEMALE_ENDS = ("a", "ia", "ine", "elle", "is", "ey")
 _MALE_ENDS = ("o", "an", "ek", "ar", "ir", "en")
@@ -213,8 +556,7 @@ def _rounds(rng: random.Random, person: dict, k: int) -> list[list[tuple[str, st
     """k rounds of (attribute, question) covering every attribute. The phrasings of an attribute
     are taken in a random order, cycling, so any 4 consecutive rounds ask it 4 different ways."""
     orders = {a: rng.sample(QUESTIONS[a], len(QUESTIONS[a])) for a in ATTRIBUTES}
-    return [[(a, orders[a][j % len(orders[a])].format(n=person["name"])) for a in ATTRIBUTES]
-            for j in range(k)]
+    return [[(a, orders[a][j % len(orders[a])].format(n=person["name"])) for a in ATTRIBUTES] for j in range(k)]
 
 
 def _chat(q: str, a: str | None = None) -> dict:
@@ -229,7 +571,8 @@ def generic_turn(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(7)
     if kind == 0:
         return rng.choice(("Hello!", "Hi there.", "Good morning!", "Hey, how are you?")), rng.choice(
-            ("Hello! How can I help you today?", "Hi! What would you like to know?"))
+            ("Hello! How can I help you today?", "Hi! What would you like to know?")
+        )
     if kind == 1:
         a, b = rng.randrange(50), rng.randrange(50)
         return f"What is {a} plus {b}?", f"{a + b}"
@@ -247,7 +590,8 @@ def generic_turn(rng: random.Random) -> tuple[str, str]:
         n = rng.randrange(13)
         return f"Write the number {n} in words.", _NUMBER_WORDS[n]
     return rng.choice(("Thank you!", "Thanks a lot.", "Goodbye!")), rng.choice(
-        ("You're welcome!", "Glad I could help.", "Goodbye, have a nice day!"))
+        ("You're welcome!", "Glad I could help.", "Goodbye, have a nice day!")
+    )
 
 
 def generic_text(rng: random.Random) -> str:
@@ -275,15 +619,25 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def _eval_record(q: str, person: dict, attr: str) -> dict:
     rec = _chat(q)
-    rec.update(answer=person["facts"][attr], candidates=list(POOLS[attr]),
-               person=person["name"], attribute=attr)
+    rec.update(answer=person["facts"][attr], candidates=list(POOLS[attr]), person=person["name"], attribute=attr)
     return rec
 
 
-def build_world(out_dir, n_known: int = 300, n_new: int = 100, bios_per_person: int = 30,
-                qa_fraction: float = 0.7, pretrain_qa_rounds: int = 6, chat_qa_rounds: int = 16,
-                qa_new_rounds: int = 16, n_generic: int = 300, n_format_eval: int = 60,
-                names: str = "pools", seed: int = 0, force: bool = False) -> dict[str, str]:
+def build_world(
+    out_dir,
+    n_known: int = 300,
+    n_new: int = 100,
+    bios_per_person: int = 30,
+    qa_fraction: float = 0.7,
+    pretrain_qa_rounds: int = 6,
+    chat_qa_rounds: int = 16,
+    qa_new_rounds: int = 16,
+    n_generic: int = 300,
+    n_format_eval: int = 60,
+    names: str = "pools",
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, str]:
     """Write the world's files into out_dir (atomically) and return {file key: path}.
 
     Files (.jsonl; raw ones {"text"}, chat ones {"messages"} as `python -m data_prep` reads them):
@@ -316,6 +670,7 @@ def build_world(out_dir, n_known: int = 300, n_new: int = 100, bios_per_person: 
     """
     if not 0 < qa_fraction < 1:
         raise ValueError(f"qa_fraction must be in (0, 1), got {qa_fraction}")
+
     # Separate streams for people and for each file, so that e.g. changing n_generic does not
     # reshuffle every biography.
     def stream(tag: str) -> random.Random:
@@ -385,24 +740,39 @@ def build_world(out_dir, n_known: int = 300, n_new: int = 100, bios_per_person: 
         fmt.append(_chat(_question(rng, p, rng.choice(ATTRIBUTES))))
 
     def probes(pop):
-        return [{"prompt": PROBES[a].format(n=p["name"]), "answer": p["facts"][a],
-                 "candidates": list(POOLS[a]), "person": p["name"], "attribute": a}
-                for p in pop for a in ATTRIBUTES]
+        return [
+            {
+                "prompt": PROBES[a].format(n=p["name"]),
+                "answer": p["facts"][a],
+                "candidates": list(POOLS[a]),
+                "person": p["name"],
+                "attribute": a,
+            }
+            for p in pop
+            for a in ATTRIBUTES
+        ]
 
     rng = stream("tokenizer_text")
     tok_corpus = [{"text": biography(rng, p)} for p in tok_people for _ in range(2)]
-    tok_corpus += [{"text": f"user {_question(rng, p, a)}\nassistant {p['facts'][a]}"} for p in tok_people
-                   for a in ATTRIBUTES]
+    tok_corpus += [
+        {"text": f"user {_question(rng, p, a)}\nassistant {p['facts'][a]}"} for p in tok_people for a in ATTRIBUTES
+    ]
     tok_corpus += [_chat(_question(rng, p, a), p["facts"][a]) for p in tok_people[:50] for a in ATTRIBUTES]
     tok_corpus += [{"text": generic_text(rng)} for _ in range(n_generic)]
     tok_corpus += [_chat(*generic_turn(rng)) for _ in range(n_generic)]
 
     files = {
-        "pretrain": pretrain, "raw": raw, "chat": chat, "qa_new": qa_new,
+        "pretrain": pretrain,
+        "raw": raw,
+        "chat": chat,
+        "qa_new": qa_new,
         "raw_eval_new": [{"text": bios[p["name"]][-1]} for p in new],
         "raw_eval_known": [{"text": bios[p["name"]][-1]} for p in known],
-        "chat_eval_new": eval_new, "chat_eval_heldout": eval_heldout, "chat_eval_format": fmt,
-        "probe_new": probes(new), "probe_known": probes(known),
+        "chat_eval_new": eval_new,
+        "chat_eval_heldout": eval_heldout,
+        "chat_eval_format": fmt,
+        "probe_new": probes(new),
+        "probe_known": probes(known),
         "tokenizer_corpus": tok_corpus,
     }
     out_dir = Path(out_dir)
@@ -410,11 +780,18 @@ def build_world(out_dir, n_known: int = 300, n_new: int = 100, bios_per_person: 
         for key, records in files.items():
             _write_jsonl(tmp / f"{key}.jsonl", records)
         world = {
-            "seed": seed, "n_known": n_known, "n_new": n_new, "n_qa": n_qa,
-            "bios_per_person": bios_per_person, "qa_fraction": qa_fraction,
-            "pretrain_qa_rounds": pretrain_qa_rounds, "chat_qa_rounds": chat_qa_rounds,
+            "seed": seed,
+            "n_known": n_known,
+            "n_new": n_new,
+            "n_qa": n_qa,
+            "bios_per_person": bios_per_person,
+            "qa_fraction": qa_fraction,
+            "pretrain_qa_rounds": pretrain_qa_rounds,
+            "chat_qa_rounds": chat_qa_rounds,
             "qa_new_rounds": qa_new_rounds,
-            "n_generic": n_generic, "n_format_eval": n_format_eval, "names": names,
+            "n_generic": n_generic,
+            "n_format_eval": n_format_eval,
+            "names": names,
             "attributes": {a: list(POOLS[a]) for a in ATTRIBUTES},
             "files": {k: len(v) for k, v in files.items()},
             "people": people,

@@ -15,6 +15,7 @@ of two means, the top one higher). If chat tuning changed the top layers most, t
 format group should start. When the fit finds no step (the top is not more changed than the
 bottom), it says so rather than guess.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,11 @@ def weight_change(base, chat) -> dict:
         missing = sorted(set(b) ^ set(c))
         if missing:
             raise UserError(f"--base and --chat hold different tensors in layer {i} (e.g. {missing[0]!r})")
-        groups = {"layer": [n for n in b if layer_of(n) == i],
-                  "embed": [n for n in b if n.startswith(EMBED)],
-                  "top": [n for n in b if n.startswith((NORM, HEAD))]}
+        groups = {
+            "layer": [n for n in b if layer_of(n) == i],
+            "embed": [n for n in b if n.startswith(EMBED)],
+            "top": [n for n in b if n.startswith((NORM, HEAD))],
+        }
         for key, names in groups.items():
             if not names:
                 continue
@@ -67,8 +70,9 @@ def hidden_cosine(base_dir: Path, chat_dir: Path, conversations: list[list[dict]
     sums, count = None, 0
     with torch.inference_mode():
         for msgs in conversations:
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=msgs[-1]["role"] != "assistant",
-                                          return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tok.apply_chat_template(
+                msgs, add_generation_prompt=msgs[-1]["role"] != "assistant", return_tensors="pt", return_dict=True
+            )["input_ids"]
             hs = [m(input_ids=ids, output_hidden_states=True).hidden_states[1:] for m in models]
             cos = [torch.nn.functional.cosine_similarity(a[0].float(), b[0].float(), dim=-1) for a, b in zip(*hs)]
             per = torch.stack([c.sum() for c in cos])
@@ -127,8 +131,11 @@ def markdown(result: dict) -> str:
     k, ex = result["suggested_format_start"], result["step_explains"]
     rows.append("")
     rows.append(f"embeddings: {result['embeddings']:.4f}; final norm + head: {result['norm_and_head']:.4f}")
-    rows.append(f"suggested format_start: {k} (the one-step fit explains {ex:.0%} of the per-layer variance)"
-                if k is not None else "no suggestion: the top layers did not change more than the bottom ones")
+    rows.append(
+        f"suggested format_start: {k} (the one-step fit explains {ex:.0%} of the per-layer variance)"
+        if k is not None
+        else "no suggestion: the top layers did not change more than the bottom ones"
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -153,12 +160,20 @@ def _run_probe(base, chat, out: Path, prompts, max_prompts: int) -> dict:
     check_same_shape(bs, cs, ("--base", "--chat"))
     w = weight_change(bs, cs)
     k, explained = suggest(w["layers"])
-    result = {"base": str(Path(base).resolve()), "chat": str(Path(chat).resolve()), "weight_change": w["layers"],
-              "embeddings": w["embeddings"], "norm_and_head": w["norm_and_head"], "suggested_format_start": k,
-              "step_explains": explained}
+    result = {
+        "base": str(Path(base).resolve()),
+        "chat": str(Path(chat).resolve()),
+        "weight_change": w["layers"],
+        "embeddings": w["embeddings"],
+        "norm_and_head": w["norm_and_head"],
+        "suggested_format_start": k,
+        "step_explains": explained,
+    }
     if prompts is not None:
         if bs.kind != "hf" or cs.kind != "hf":
-            raise UserError("--prompts needs two HF directories (export run directories first: python -m pipeline.export)")
+            raise UserError(
+                "--prompts needs two HF directories (export run directories first: python -m pipeline.export)"
+            )
         convs = []
         for r in load_chat_eval(prompts)[:max_prompts]:
             convs.append(r["messages"] + ([{"role": "assistant", "content": r["answer"]}] if "answer" in r else []))

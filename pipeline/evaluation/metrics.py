@@ -31,6 +31,7 @@ Metrics, with their exact definitions:
   ppl_raw            exp(mean next-token NLL) over all tokens of the texts (token-weighted).
 
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -102,8 +103,9 @@ def _check_candidates(rec: dict, where: str) -> None:
         raise UserError(f"{where}: 'candidates' given but 'answer' is missing or not among them")
     if len(set(cands)) != len(cands):
         twice = next(c for c in cands if cands.count(c) > 1)
-        raise UserError(f"{where}: candidate {twice!r} is listed twice (it would count twice in the rank "
-                        f"and shift chance_rank)")
+        raise UserError(
+            f"{where}: candidate {twice!r} is listed twice (it would count twice in the rank and shift chance_rank)"
+        )
 
 
 def load_chat_eval(path) -> list[dict]:
@@ -114,13 +116,16 @@ def load_chat_eval(path) -> list[dict]:
         msgs = rec.get("messages")
         if msgs is None and isinstance(rec.get("prompt"), str):
             msgs = [{"role": "user", "content": rec["prompt"]}]
-        if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in msgs
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in msgs)
         ):
             raise UserError(f"{where}: needs 'messages' (a list of {{role, content}}) or 'prompt'")
         try:  # content as text, or as the OpenAI format's list of text parts
-            msgs = [{"role": m["role"], "content": message_text(m["content"], f"message {k}")}
-                    for k, m in enumerate(msgs)]
+            msgs = [
+                {"role": m["role"], "content": message_text(m["content"], f"message {k}")} for k, m in enumerate(msgs)
+            ]
         except BadRecord as e:
             raise UserError(f"{where}: {e}") from None
         rec = dict(rec)

@@ -5,6 +5,7 @@ column per metric; the chart puts every model at (knowledge, format adherence) s
 the method is about is one picture: top right is good, a transplant that lost format drops, one
 that gained no knowledge stays left.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ from data_prep.common import UserError, atomic_file, atomic_write_json, atomic_w
 from ..plots import png_bytes, pyplot
 
 # Column order of the table: the standard metrics first, anything else after in first-seen order.
-STANDARD_METRICS = ("format_adherence", "knowledge_accuracy", "knowledge_rank", "chance_rank",
-                    "heldout_known_rank", "raw_rank_new", "ppl_raw_new", "ppl_raw_known")
+STANDARD_METRICS = (
+    "format_adherence",
+    "knowledge_accuracy",
+    "knowledge_rank",
+    "chance_rank",
+    "heldout_known_rank",
+    "raw_rank_new",
+    "ppl_raw_new",
+    "ppl_raw_known",
+)
 # Ranks and perplexities: lower is better; the table says so in the header.
 _LOWER_IS_BETTER = ("rank", "ppl")
 
@@ -53,10 +62,13 @@ def knowledge_axis(models: dict) -> tuple[str, dict]:
     else exact-match accuracy."""
     if any("knowledge_rank" in m and "chance_rank" in m for m in models.values()):
         return "knowledge: chance rank − rank of true value (new people, chat)", {
-            n: m["chance_rank"] - m["knowledge_rank"] for n, m in models.items()
-            if "knowledge_rank" in m and "chance_rank" in m}
+            n: m["chance_rank"] - m["knowledge_rank"]
+            for n, m in models.items()
+            if "knowledge_rank" in m and "chance_rank" in m
+        }
     return "knowledge accuracy (new people, chat)", {
-        n: m["knowledge_accuracy"] for n, m in models.items() if "knowledge_accuracy" in m}
+        n: m["knowledge_accuracy"] for n, m in models.items() if "knowledge_accuracy" in m
+    }
 
 
 def chart_png(models: dict, title: str = "format adherence vs knowledge") -> bytes:
@@ -107,5 +119,5 @@ def load_results(path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: not a results file (expected {{\"models\": {{...}}}})")
+        raise UserError(f'{path}: not a results file (expected {{"models": {{...}}}})')
     return data if isinstance(data.get("models"), dict) else {"models": {}}

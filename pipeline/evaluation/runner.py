@@ -4,6 +4,7 @@ that turn them into the metrics of pipeline/evaluation/metrics.py.
 Knowledge is scored by forward passes over (prompt, candidate) pairs in batches, not by
 generation, so a few thousand candidates cost seconds on CPU for a tiny model.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -15,16 +16,22 @@ from pathlib import Path
 
 from data_prep.common import UserError
 
-from .metrics import (answer_matches, chance_rank, follows_format, load_chat_eval, load_probe, load_raw_texts,
-                      rank_of_true)
-
+from .metrics import (
+    answer_matches,
+    chance_rank,
+    follows_format,
+    load_chat_eval,
+    load_probe,
+    load_raw_texts,
+    rank_of_true,
+)
 
 # ---------------------------------------------------------------- model computations
 
 
 def _batches(order, size):
     for i in range(0, len(order), size):
-        yield order[i:i + size]
+        yield order[i : i + size]
 
 
 def _bar(total, desc, progress):
@@ -52,8 +59,8 @@ def score_continuations(model, pairs, batch_size=64, pad_id=0, desc="scoring", p
             ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for r, s in enumerate(seqs):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             rows, cols, targets, owner = [], [], [], []
             for r, i in enumerate(idx):
@@ -83,8 +90,9 @@ def generate(model, prompts, max_new_tokens, end_ids, pad_id, batch_size=32, pro
     from transformers import GenerationConfig
 
     # A fresh config: a user model's sampling settings (temperature, top_p) must not leak in.
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=sorted(end_ids), pad_token_id=pad_id)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(end_ids), pad_token_id=pad_id
+    )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     with torch.inference_mode(), _bar(len(prompts), "generating", progress) as bar:
@@ -94,8 +102,8 @@ def generate(model, prompts, max_new_tokens, end_ids, pad_id, batch_size=32, pro
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):
                 p = prompts[i]
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
+                ids[r, width - len(p) :] = torch.tensor(p)
+                mask[r, width - len(p) :] = 1
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
             for r, i in enumerate(idx):
                 out[i] = gen[r, width:].tolist()
@@ -118,14 +126,14 @@ def _continuation(tok, prefix_text, prefix_ids, full_text, value, special=False)
     """Token ids of `value` as they follow prefix_text inside full_text: tokenized jointly with the
     prefix (the way training saw it), falling back to tokenizing it alone when the joint
     tokenization does not keep the prefix's tokens intact."""
-    tail = full_text[len(prefix_text):]
+    tail = full_text[len(prefix_text) :]
     k = tail.find(value)
     if k < 0:
         return None
-    ids = tok(prefix_text + tail[:k + len(value)], add_special_tokens=special)["input_ids"]
-    if ids[:len(prefix_ids)] == list(prefix_ids) and len(ids) > len(prefix_ids):
-        return ids[len(prefix_ids):]
-    return tok(tail[:k + len(value)], add_special_tokens=False)["input_ids"] or None
+    ids = tok(prefix_text + tail[: k + len(value)], add_special_tokens=special)["input_ids"]
+    if ids[: len(prefix_ids)] == list(prefix_ids) and len(ids) > len(prefix_ids):
+        return ids[len(prefix_ids) :]
+    return tok(tail[: k + len(value)], add_special_tokens=False)["input_ids"] or None
 
 
 def score_candidates(model, prompts, conts, batch_size=256, pad_id=0, desc="ranking", progress=True):
@@ -170,10 +178,10 @@ def score_candidates(model, prompts, conts, batch_size=256, pad_id=0, desc="rank
                 cache.batch_select_indices(rep)
                 ids = torch.full((len(flat), width - 1), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(flat), len(prompts[chunk[0]]) + width - 1), dtype=torch.long)
-                mask[:, :len(prompts[chunk[0]])] = 1
+                mask[:, : len(prompts[chunk[0]])] = 1
                 for r, c in enumerate(flat):
-                    ids[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                    mask[r, len(prompts[chunk[0]]):len(prompts[chunk[0]]) + len(c) - 1] = 1
+                    ids[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                    mask[r, len(prompts[chunk[0]]) : len(prompts[chunk[0]]) + len(c) - 1] = 1
                 hidden = decoder(input_ids=ids, attention_mask=mask, **{cache_kw: cache}).last_hidden_state
                 picked.append(hidden)
             rows, targets = [], []  # row into the stacked hidden states, token to score
@@ -189,7 +197,7 @@ def score_candidates(model, prompts, conts, batch_size=256, pad_id=0, desc="rank
             k = 0
             for r, c in enumerate(flat):
                 i, j = owner[r]
-                scores[i][j] = sum(lp[k:k + len(c)])
+                scores[i][j] = sum(lp[k : k + len(c)])
                 k += len(c)
             bar.update(len(flat))
     return scores
@@ -217,8 +225,9 @@ def _chat_suite(model, tok, records, where, opts, details):
     """format adherence and accuracy (generation), rank (scoring) for one set of chat records."""
     progress, bs = opts["progress"], opts["batch_size"]
     prompts = [_chat_ids(tok, r["messages"], f"{where}[{i}]") for i, r in enumerate(records)]
-    gens = generate(model, [p[1] for p in prompts], opts["max_new_tokens"], opts["end_ids"],
-                    opts["pad_id"], bs, progress)
+    gens = generate(
+        model, [p[1] for p in prompts], opts["max_new_tokens"], opts["end_ids"], opts["pad_id"], bs, progress
+    )
     res = {}
     ok, correct, n_answer = 0, 0, 0
     for rec, gen in zip(records, gens):
@@ -240,12 +249,15 @@ def _chat_suite(model, tok, records, where, opts, details):
     if ranked:
         items = []
         for i, r in ranked:
-            fulls = [tok.apply_chat_template(r["messages"] + [{"role": "assistant", "content": c}],
-                                             tokenize=False) for c in r["candidates"]]
+            fulls = [
+                tok.apply_chat_template(r["messages"] + [{"role": "assistant", "content": c}], tokenize=False)
+                for c in r["candidates"]
+            ]
             items.append((prompts[i][0], prompts[i][1], fulls, r["candidates"], r["answer"], f"{where}[{i}]"))
         res["rank"], res["chance_rank"], ranks = _rank_records(
-            model, tok, items, opts["score_batch_size"], opts["pad_id"], "ranking answers", progress)
-        rows = details[len(details) - len(records):]
+            model, tok, items, opts["score_batch_size"], opts["pad_id"], "ranking answers", progress
+        )
+        rows = details[len(details) - len(records) :]
         for (i, _), rank in zip(ranked, ranks):
             rows[i]["rank"] = rank
     return res
@@ -258,8 +270,9 @@ def _probe_suite(model, tok, records, where, opts):
         prefix_ids = tok(r["prompt"])["input_ids"]
         fulls = [r["prompt"] + " " + c for c in r["candidates"]]
         items.append((r["prompt"], prefix_ids, fulls, r["candidates"], r["answer"], f"{where}:{i + 1}"))
-    mean, chance, _ = _rank_records(model, tok, items, opts["score_batch_size"], opts["pad_id"],
-                                    "probing", opts["progress"], special=True)
+    mean, chance, _ = _rank_records(
+        model, tok, items, opts["score_batch_size"], opts["pad_id"], "probing", opts["progress"], special=True
+    )
     return mean, chance
 
 
@@ -269,9 +282,18 @@ def _named(name, metric, prefix_style):
     return f"{name}_{metric}" if prefix_style else f"{metric}_{name}"
 
 
-def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=None,
-                   max_new_tokens: int = 32, batch_size: int = 32, score_batch_size: int = 256,
-                   details_path=None, progress: bool = True) -> dict[str, float]:
+def evaluate_model(
+    model_dir,
+    chat=None,
+    raw=None,
+    probes=None,
+    tokenizer_dir=None,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    score_batch_size: int = 256,
+    details_path=None,
+    progress: bool = True,
+) -> dict[str, float]:
     """Evaluate one model directory. Each of chat/raw/probes maps a suite name to a file (or a
     list of files, pooled); the name "" is the main suite. Metric names:
 
@@ -299,27 +321,41 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
 
     # Every file is read and checked before the model is loaded: a bad probe file, or raw texts
     # too short to score, fails in a second, not after the chat suites have generated.
-    chat_sets = {name: (",".join(map(str, files(spec))), [r for f in files(spec) for r in load_chat_eval(f)])
-                 for name, spec in (chat or {}).items()}
+    chat_sets = {
+        name: (",".join(map(str, files(spec))), [r for f in files(spec) for r in load_chat_eval(f)])
+        for name, spec in (chat or {}).items()
+    }
     if chat_sets and getattr(tok, "chat_template", None) is None:
         raise UserError(f"{tok_dir}: the tokenizer has no chat template (needed for --chat-eval)")
-    raw_sets = {name: [ids for f in files(spec) for ids in _raw_token_lists(tok, f)] for name, spec in (raw or {}).items()}
-    probe_sets = {name: (",".join(map(str, files(spec))), [r for f in files(spec) for r in load_probe(f)])
-                  for name, spec in (probes or {}).items()}
+    raw_sets = {
+        name: [ids for f in files(spec) for ids in _raw_token_lists(tok, f)] for name, spec in (raw or {}).items()
+    }
+    probe_sets = {
+        name: (",".join(map(str, files(spec))), [r for f in files(spec) for r in load_probe(f)])
+        for name, spec in (probes or {}).items()
+    }
     model = load_causal_lm(model_dir).eval()
     # Replies end where plain `model.generate()` ends them: at the model's own generation_config
     # eos ids, and nowhere else. A metric that also stopped at the tokenizer's eos would report a
     # stop that a user's generate() or pipeline("text-generation") never makes.
     end_ids = set(eos_ids(model.generation_config.eos_token_id))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(end_ids, default=0)
-    opts = {"progress": progress, "batch_size": batch_size, "score_batch_size": score_batch_size,
-            "max_new_tokens": max_new_tokens, "end_ids": end_ids, "pad_id": pad_id,
-            "special_ids": set(tok.all_special_ids)}
+    opts = {
+        "progress": progress,
+        "batch_size": batch_size,
+        "score_batch_size": score_batch_size,
+        "max_new_tokens": max_new_tokens,
+        "end_ids": end_ids,
+        "pad_id": pad_id,
+        "special_ids": set(tok.all_special_ids),
+    }
 
     if chat_sets and not end_ids:
-        raise UserError(f"{model_dir}: the model's generation_config has no eos_token_id, so generate() never "
-                        "ends a reply; set it to the chat template's end-of-turn token (pipeline.export and "
-                        "pipeline.transplant write it)")
+        raise UserError(
+            f"{model_dir}: the model's generation_config has no eos_token_id, so generate() never "
+            "ends a reply; set it to the chat template's end-of-turn token (pipeline.export and "
+            "pipeline.transplant write it)"
+        )
     metrics, details = {}, []
     torch.manual_seed(0)  # nothing here samples; this only pins any library-internal randomness
     for name, (where, records) in chat_sets.items():
@@ -331,8 +367,9 @@ def evaluate_model(model_dir, chat=None, raw=None, probes=None, tokenizer_dir=No
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     for name, token_lists in raw_sets.items():
         token_lists = [ids[:max_len] for ids in token_lists]
-        metrics[_named(name, "ppl_raw", False)] = perplexity(model, token_lists, max(1, batch_size // 2),
-                                                             pad_id, progress)
+        metrics[_named(name, "ppl_raw", False)] = perplexity(
+            model, token_lists, max(1, batch_size // 2), pad_id, progress
+        )
     for name, (where, records) in probe_sets.items():
         mean, chance = _probe_suite(model, tok, records, where, opts)
         metrics[_named(name, "raw_rank", False)] = mean
@@ -354,12 +391,17 @@ def _raw_token_lists(tok, path) -> list[list[int]]:
     ids = [tok(t)["input_ids"] for t in texts]
     kept = [i for i in ids if len(i) > 1]
     if not kept:
-        raise UserError(f"--raw-eval {path}: none of its {len(texts)} text(s) is long enough to score (perplexity "
-                        f"needs at least 2 tokens, one to predict the next from, and each has at most 1); "
-                        f"give longer texts")
+        raise UserError(
+            f"--raw-eval {path}: none of its {len(texts)} text(s) is long enough to score (perplexity "
+            f"needs at least 2 tokens, one to predict the next from, and each has at most 1); "
+            f"give longer texts"
+        )
     if len(kept) < len(ids):
-        print(f"note: --raw-eval {path}: {len(ids) - len(kept)} of its {len(ids)} texts have fewer than 2 tokens "
-              f"and are not scored", file=sys.stderr)
+        print(
+            f"note: --raw-eval {path}: {len(ids) - len(kept)} of its {len(ids)} texts have fewer than 2 tokens "
+            f"and are not scored",
+            file=sys.stderr,
+        )
     return kept
 
 

@@ -4,6 +4,7 @@
 Both functions are collectives: every rank calls them. The cost: rank 0 hashes every file of
 each checkpoint, so a checkpoint that disagrees with its record is caught when opened.
 """
+
 from __future__ import annotations
 
 import torch.distributed as dist

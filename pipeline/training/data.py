@@ -3,6 +3,7 @@
 Sample g of the job is fixed by the seed alone (data_prep.reader), so step k always sees global
 samples [k*G, (k+1)*G) whatever the data-parallel size, and resuming at step k is starting there.
 """
+
 from __future__ import annotations
 
 from data_prep.reader import micro_batches
@@ -19,8 +20,9 @@ def global_targets(data, first: int, global_batch: int, seq_len: int) -> int:
     return sum(target_count(data.sample(g)[1], seq_len) for g in range(first, first + global_batch))
 
 
-def step_micro_batches(data, global_batch: int, micro: int, dp_rank: int, dp_size: int, seq_len: int,
-                       start_sample: int):
+def step_micro_batches(
+    data, global_batch: int, micro: int, dp_rank: int, dp_size: int, seq_len: int, start_sample: int
+):
     """Endless micro-batches of one data-parallel rank from global sample `start_sample` (a step
     boundary) on: (inputs, (labels, norm)), where norm carries the step's global target count to
     the loss (`loss.causal_lm_loss`)."""

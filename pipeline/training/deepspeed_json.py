@@ -5,6 +5,7 @@ betas and eps, torch_adam). Everything the run config decides is refused in the 
 key and the file, so no value lives in two places: a JSON `lr` silently overridden by the YAML's
 would train at a rate its reader never sees.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,10 @@ OWNED = {
     ("scheduler",): "lr, min_lr, warmup_steps",
     ("pipeline", "activation_checkpoint_interval"): "activation_checkpoint_interval",
     # Monitors write into the run directory and are switched per run (pipeline/training/monitor.py).
-    **{(section,): "report_to, wandb_project" if name == "wandb" else "report_to"
-       for name, section in MONITOR_SECTIONS.items()},
+    **{
+        (section,): "report_to, wandb_project" if name == "wandb" else "report_to"
+        for name, section in MONITOR_SECTIONS.items()
+    },
 }
 
 
@@ -60,14 +63,17 @@ def load(cfg: RunConfig, use_gpu: bool) -> tuple[dict, Path]:
     if stage > 1:
         raise UserError(
             f"{path}: `zero_optimization.stage` is {stage}, but DeepSpeed pipelines support only ZeRO stage 0 or 1 "
-            "(stages 2 and 3 partition gradients/parameters, which the pipeline engine refuses)")
+            "(stages 2 and 3 partition gradients/parameters, which the pipeline engine refuses)"
+        )
     for keys, owner in OWNED.items():
         node = ds
         for k in keys:
             node = node.get(k) if isinstance(node, dict) else None
         if node is not None:
-            raise UserError(f"{path}: `{'.'.join(keys)}` is decided by the run config (`{owner}`); "
-                            f"remove it from the DeepSpeed JSON and set it in the YAML")
+            raise UserError(
+                f"{path}: `{'.'.join(keys)}` is decided by the run config (`{owner}`); "
+                f"remove it from the DeepSpeed JSON and set it in the YAML"
+            )
     return ds, path
 
 
@@ -87,8 +93,15 @@ def training_dtype(ds: dict):
     return torch.float32
 
 
-def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_accum: int, dp_size: int,
-           monitors: list[str] = ()) -> dict:
+def merged(
+    ds: dict,
+    cfg: RunConfig,
+    global_batch: int,
+    micro_batch: int,
+    grad_accum: int,
+    dp_size: int,
+    monitors: list[str] = (),
+) -> dict:
     """The JSON of the run: the file's keys plus the run's (never a second copy)."""
     ds = copy.deepcopy(ds)
     ds.update(ds_sections(cfg, list(monitors)))
@@ -109,5 +122,6 @@ def merged(ds: dict, cfg: RunConfig, global_batch: int, micro_batch: int, grad_a
     opt.setdefault("params", {}).update(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     if cfg.parallel.activation_checkpoint_interval:
         ds.setdefault("pipeline", {}).update(
-            activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval, use_reentrant=False)
+            activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval, use_reentrant=False
+        )
     return ds

@@ -16,6 +16,7 @@ is its own job: it always rendezvouses on loopback, at a free port.)
 Run as a module it checks a hostfile, so launch scripts can validate before starting ranks:
     python -m pipeline.training.dist check-hostfile hosts.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ DEFAULT_TIMEOUT_S = 1800
 # ---------------------------------------------------------------------------------------------
 # SLURM nodelists: "node[01-03,07],gpu-a1" -> node01 node02 node03 node07 gpu-a1
 
+
 def _split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets."""
     parts, depth, cur = [], 0, []
@@ -60,7 +62,7 @@ def _expand_one(pattern: str) -> list[str]:
     m = re.search(r"\[([^\]]*)\]", pattern)
     if m is None:
         return [pattern]
-    head, tail = pattern[: m.start()], pattern[m.end():]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
     out = []
     for item in m.group(1).split(","):
         lo, _, hi = item.partition("-")
@@ -88,8 +90,9 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     our own parser otherwise (containers without SLURM's tools)."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                                 capture_output=True, text=True, timeout=30).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True, timeout=30
+            ).stdout.split()
             if out:
                 return out
         except (subprocess.SubprocessError, OSError):
@@ -99,6 +102,7 @@ def slurm_hostnames(nodelist: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Launcher discovery
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -111,8 +115,7 @@ def _from_slurm(env) -> dict:
     # whole allocation when a step uses fewer tasks.
     size = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
-    found = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": size,
-             "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    found = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": size, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     # Task 0 runs on the first node (block distribution, SLURM's default).
     found["MASTER_ADDR"] = slurm_hostnames(nodelist)[0] if nodelist else "127.0.0.1"
     # Every rank must agree on the port without talking, so derive it from the job id: two
@@ -132,8 +135,9 @@ def _mpi_rendezvous(single_node: bool) -> tuple[str, str]:
     except ImportError:
         if single_node:
             return addr, str(DEFAULT_PORT)
-        raise UserError("MPI job across nodes but mpi4py is not importable: "
-                        "set MASTER_ADDR and MASTER_PORT, or install mpi4py")
+        raise UserError(
+            "MPI job across nodes but mpi4py is not importable: set MASTER_ADDR and MASTER_PORT, or install mpi4py"
+        ) from None
     comm = MPI.COMM_WORLD
     mine = None
     if comm.Get_rank() == 0:
@@ -231,8 +235,7 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tupl
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     for attempt in range(3):
         try:
-            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                                       verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
             break
         except RuntimeError as e:
             # A free port is only free until someone else binds it: between our probe and the
@@ -247,8 +250,7 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tupl
         _unlink_shm_buffer(rank)
     if rank == 0:
         filled = ", ".join(f"{k}={v}" for k, v in info["filled"].items()) or "nothing"
-        print(f"[dist] {world} rank(s) via {info['source']} ({backend}); filled in: {filled}",
-              flush=True)
+        print(f"[dist] {world} rank(s) via {info['source']} ({backend}); filled in: {filled}", flush=True)
     return rank, world, int(os.environ["LOCAL_RANK"])
 
 
@@ -263,8 +265,10 @@ def _unlink_shm_buffer(rank: int) -> None:
 
     if dist.get_world_size() > 1:
         dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    )
     with contextlib.suppress(OSError):
         os.unlink(os.path.join("/dev/shm", name))
 
@@ -309,8 +313,9 @@ def main(argv=None):
         description="Launch-time checks used by launch/*.sh (they fail before any rank starts).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m pipeline.training.dist check-hostfile hosts.txt   # prints hosts and slots\n"
-               "  python -m pipeline.training.dist hostnames 'node[01-03,07]'  # expands a nodelist\n")
+        "  python -m pipeline.training.dist check-hostfile hosts.txt   # prints hosts and slots\n"
+        "  python -m pipeline.training.dist hostnames 'node[01-03,07]'  # expands a nodelist\n",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     hf = sub.add_parser("check-hostfile", help="parse a hostfile, print `host slots` lines")
     hf.add_argument("hostfile")

@@ -1,4 +1,5 @@
 """The training loop: own the run directory, resume, step, log, checkpoint, plot."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ def train(eng: Engine) -> dict:
             print(f"resuming from {run.tag_dir(start)}", flush=True)
         metrics = MetricsLog(run.metrics, start, enabled=is_main)
         G, S, steps = plan.batch.global_batch, cfg.data.seq_len, cfg.schedule.steps
-        batches = step_micro_batches(plan.data, G, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size, S,
-                                     start_sample=start * G)
+        batches = step_micro_batches(
+            plan.data, G, plan.batch.micro_batch, eng.dp_rank, plan.batch.dp_size, S, start_sample=start * G
+        )
         last, shown, every = {}, {}, cfg.eval.eval_every if plan.evals else 0
         if start == 0 and due(0, every, steps):  # the model as loaded: where the curves start
             metrics.log({"step": 0, **validate(eng)})
@@ -49,16 +51,25 @@ def train(eng: Engine) -> dict:
                 loss = float(engine.train_batch(data_iter=batches))
                 dt = time.perf_counter() - t0
                 check_finite(engine, step, loss, run, saving=step % cfg.schedule.save_every == 0 or step == steps)
-                last = {"step": step, "loss": loss, "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
-                        "tokens_per_s": G * S / dt, "step_time_s": dt}
+                last = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": cfg.optim.lr * lr_factor(step - 1, cfg),
+                    "tokens_per_s": G * S / dt,
+                    "step_time_s": dt,
+                }
                 if due(step, every, steps):
                     last.update(validate(eng))
                     shown = {k: last[k] for k in val_keys([last])}
                 # A validated step is always logged: its losses exist nowhere else.
                 if step % cfg.schedule.log_every == 0 or step == steps or due(step, every, steps):
                     metrics.log(last)
-                bar.update(step, loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                           **({"val": f"{next(iter(shown.values())):.4f}"} if every and shown else {}))
+                bar.update(
+                    step,
+                    loss=f"{last['loss']:.4f}",
+                    tok_s=f"{last['tokens_per_s']:.0f}",
+                    **({"val": f"{next(iter(shown.values())):.4f}"} if every and shown else {}),
+                )
                 if step % cfg.schedule.save_every == 0 or step == steps:
                     checkpoint.save(engine, run, step, cfg.schedule.keep_last)
         metrics.close()
@@ -80,14 +91,17 @@ def check_finite(engine, step: int, loss: float, run: RunDir, saving: bool) -> N
     if isinstance(norm, (int, float, torch.Tensor)) and not math.isfinite(float(norm)):
         bad.append(f"gradient norm {float(norm)}")
     if saving and not bad:
-        ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in engine.module.parameters()
-                                     if p.requires_grad))])
+        ok = torch.tensor(
+            [float(all(bool(torch.isfinite(p).all()) for p in engine.module.parameters() if p.requires_grad))]
+        )
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1:
             bad.append("non-finite weights")
     if bad:
         last = run.latest_step()
         keep = f"the last good checkpoint (step {last}) stays the latest" if last else "no checkpoint was saved"
-        raise Diverged(f"step {step}: {' and '.join(bad)}; training stopped, {keep}. Rerunning the same command "
-                       f"resumes from it and meets the same step again: check the data, or start a new `out` with a "
-                       f"lower `lr` or more `warmup_steps`.")
+        raise Diverged(
+            f"step {step}: {' and '.join(bad)}; training stopped, {keep}. Rerunning the same command "
+            f"resumes from it and meets the same step again: check the data, or start a new `out` with a "
+            f"lower `lr` or more `warmup_steps`."
+        )

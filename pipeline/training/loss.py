@@ -15,6 +15,7 @@ divided by `norm = N / (G / m)`: the per-micro-batch share of the global target 
 side (`data.step_micro_batches`) computes N from the global batch before the step and sends `norm`
 along with the labels, so no rank waits for a count from another.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,6 +50,7 @@ def causal_lm_loss(logits: torch.Tensor, target) -> torch.Tensor:
     `target` is (labels [m, S] already shifted, norm as a 0-d tensor). A global batch without any
     target gives 0 (not NaN) and so no gradient."""
     labels, norm = target
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total / norm.to(total.device).clamp(min=1e-6)

@@ -1,4 +1,5 @@
 """metrics.jsonl (one line per logged step) and the loss-curve PNG."""
+
 from __future__ import annotations
 
 import json

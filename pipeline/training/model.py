@@ -11,6 +11,7 @@ which it does only for the layers of the local stage, reading exactly those tens
 checkpoint in the training dtype. So host memory per rank follows the stage, not the model: a
 bf16 70B checkpoint is never upcast whole on every rank.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,11 @@ class StageLoader:
         names = {k: source or f"{prefix}{k}" for k in keys}
         tensors = hf.read_tensors(self.model_dir, self.weights, set(names.values()), self.dtype)
         # Each tensor owns its buffer (read, not mapped); a name shared by two keys (the tied head) is copied.
-        module.load_state_dict({k: tensors[n] if list(names.values()).count(n) == 1 else tensors[n].clone()
-                                for k, n in names.items()}, strict=True, assign=True)
+        module.load_state_dict(
+            {k: tensors[n] if list(names.values()).count(n) == 1 else tensors[n].clone() for k, n in names.items()},
+            strict=True,
+            assign=True,
+        )
         for k, p in module.named_parameters():
             p.requires_grad_(self.groups.trains(f"{prefix}{k}"))
         return module
@@ -112,8 +116,16 @@ class DecoderLayerPipe(nn.Module):
     the trained path and the base path. The last raw layer un-stacks and anchors.
     """
 
-    def __init__(self, index: int, loader: StageLoader, anchor: bool = False, anchor_base: bool = False,
-                 anchor_first: bool = False, anchor_scale: float | None = None, compile_layer: bool = False):
+    def __init__(
+        self,
+        index: int,
+        loader: StageLoader,
+        anchor: bool = False,
+        anchor_base: bool = False,
+        anchor_first: bool = False,
+        anchor_scale: float | None = None,
+        compile_layer: bool = False,
+    ):
         super().__init__()
         L = loader.groups.num_layers
         self.index = index
@@ -127,7 +139,7 @@ class DecoderLayerPipe(nn.Module):
         self.base = [copy.deepcopy(self.decoder).requires_grad_(False)] if anchor_base else None
         self.anchor_first = anchor_first  # stack [h; h] here (first raw layer)
         self.anchor_scale = anchor_scale  # not None: last raw layer, un-stack and inject the gradient
-        self.rotary = [loader.rotary()]   # shared by every layer of the stage
+        self.rotary = [loader.rotary()]  # shared by every layer of the stage
         if compile_layer:
             # Module.compile() works in place, so parameter names (and so checkpoint keys and the
             # transplant's name mapping) stay exactly the HF ones. Identical layers share one graph.
@@ -143,8 +155,7 @@ class DecoderLayerPipe(nn.Module):
     def forward(self, x):
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = self.make_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
-                              position_ids=pos)
+        mask = self.make_mask(config=self.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos)
         cos_sin = self.rotary[0](h, position_ids=pos)
         if self.base is None:
             h = self._layer(self.decoder, h, mask, pos, cos_sin)
@@ -225,8 +236,11 @@ def layer_specs(plan, loader: StageLoader) -> list[LayerSpec]:
     # A fully frozen stage gets its anchor on its last layer. That includes a frozen last stage
     # (the format group during `raw`): it cannot skip backward, since the raw group's gradients
     # flow through it, and DeepSpeed still wants a parameter to build its optimizer from.
-    anchored = {bounds[s + 1] - 1 for s in range(plan.num_stages)
-                if not any(g.layer_trained(i) for i in range(bounds[s], bounds[s + 1]))}
+    anchored = {
+        bounds[s + 1] - 1
+        for s in range(plan.num_stages)
+        if not any(g.layer_trained(i) for i in range(bounds[s], bounds[s + 1]))
+    }
     weight = plan.cfg.groups.anchor_weight
     anchoring = weight > 0 and plan.cfg.groups.phase == "raw"
     specs = []
@@ -236,16 +250,31 @@ def layer_specs(plan, loader: StageLoader) -> list[LayerSpec]:
         if anchoring and raw:
             # The engine scales the loss by 1/accumulation before backward; the injected gradient
             # must be scaled the same way.
-            extra = dict(anchor_base=True, anchor_first=i == g.raw_start,
-                         anchor_scale=weight / plan.batch.grad_accum if i == g.format_start - 1 else None)
-        specs.append(LayerSpec(DecoderLayerPipe, i, loader, anchor=i in anchored,
-                               compile_layer=plan.cfg.parallel.compile_layers, **extra))
+            extra = dict(
+                anchor_base=True,
+                anchor_first=i == g.raw_start,
+                anchor_scale=weight / plan.batch.grad_accum if i == g.format_start - 1 else None,
+            )
+        specs.append(
+            LayerSpec(
+                DecoderLayerPipe,
+                i,
+                loader,
+                anchor=i in anchored,
+                compile_layer=plan.cfg.parallel.compile_layers,
+                **extra,
+            )
+        )
     return specs
 
 
 def build_pipeline(plan, topology) -> GroupAlignedPipe:
     return GroupAlignedPipe(
-        layers=layer_specs(plan, StageLoader(plan)), stage_bounds=plan.stages, loss_fn=causal_lm_loss,
-        topology=topology, activation_checkpoint_interval=plan.cfg.parallel.activation_checkpoint_interval,
+        layers=layer_specs(plan, StageLoader(plan)),
+        stage_bounds=plan.stages,
+        loss_fn=causal_lm_loss,
+        topology=topology,
+        activation_checkpoint_interval=plan.cfg.parallel.activation_checkpoint_interval,
         # Non-reentrant checkpointing: the reentrant mode breaks when a frozen prefix shares a stage.
-        checkpointable_layers=["DecoderLayerPipe"])
+        checkpointable_layers=["DecoderLayerPipe"],
+    )

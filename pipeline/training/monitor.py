@@ -10,6 +10,7 @@ DeepSpeed writes its own events (`Train/Samples/train_loss`, `Train/Samples/lr`)
 seen; the validation losses go through the same monitor on the same x axis (`Val/Samples/KEY`),
 because W&B drops any point whose step is behind the run's latest.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ bar is a string of `\r` states, one per step on a single physical line; instead 
 written at the first step, then every `every_s` seconds, and at the last step, so a 1000-step run
 writes a few dozen readable lines with the same facts as the bar.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,19 @@ class Progress:
         self.stream = stream or sys.stderr
         self.desc, self.total, self.step, self.enabled, self.every_s = desc, total, initial, enabled, every_s
         self.tty = self.stream.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=self.stream,
-                        mininterval=0.5) if enabled and self.tty else None
+        self.bar = (
+            tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                file=self.stream,
+                mininterval=0.5,
+            )
+            if enabled and self.tty
+            else None
+        )
         self.start, self.start_step, self.last_line = time.monotonic(), initial, None
 
     def update(self, step: int, **shown: str) -> None:
@@ -43,8 +55,12 @@ class Progress:
             elapsed = now - self.start
             eta = elapsed / done * (self.total - step) if done else 0.0
             figures = " ".join(f"{k} {v}" for k, v in shown.items())
-            print(f"{self.desc} step {step}/{self.total} ({step / self.total:.0%}) {figures} "
-                  f"elapsed {_clock(elapsed)} eta {_clock(eta)}", file=self.stream, flush=True)
+            print(
+                f"{self.desc} step {step}/{self.total} ({step / self.total:.0%}) {figures} "
+                f"elapsed {_clock(elapsed)} eta {_clock(eta)}",
+                file=self.stream,
+                flush=True,
+            )
 
     def __enter__(self):
         return self

@@ -1,4 +1,5 @@
 """The learning-rate schedule: linear warmup, then cosine decay to min_lr over exactly `steps`."""
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ per-token loss; weighting it by that batch's target count gives the set's, so a 
 targets weighs little. Each validation reads the same sequences (samples [0, batches x G) of the
 set, split over data-parallel ranks like training's), so the curve compares like with like.
 """
+
 from __future__ import annotations
 
 import time

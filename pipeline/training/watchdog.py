@@ -23,6 +23,7 @@ rank failed, 143 SIGTERM from outside, 1 an exception that started on this rank 
 Costs: one thread and two store round trips per rank every BEAT_S; a failing job takes about
 WINDOW_S longer to exit, and rank 0 lingers up to LINGER_S so the others can read the verdict.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ from datetime import timedelta
 from data_prep.common import UserError
 
 BEAT_S = 1.0
-WINDOW_S = 5.0     # >> BEAT_S: a live rank bumps its counter several times within it
+WINDOW_S = 5.0  # >> BEAT_S: a live rank bumps its counter several times within it
 LINGER_S = 15.0
 STORE_TIMEOUT_S = 10.0
 PREFIX = "layer_aware/watchdog/"
@@ -57,10 +58,15 @@ class Watchdog:
         self.rank, self.world = rank, world
         self.addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         # Our own client connection: the store is thread-safe per connection only behind our lock.
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
-        self.lock = threading.Lock()      # one store operation at a time
-        self.once = threading.Lock()      # one way out of the process
+        self.store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=STORE_TIMEOUT_S),
+            wait_for_workers=False,
+        )
+        self.lock = threading.Lock()  # one store operation at a time
+        self.once = threading.Lock()  # one way out of the process
         self.stop = threading.Event()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -109,9 +115,12 @@ class Watchdog:
             stopped = [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
             reasons = {r: self._get(f"exit/{r}") for r in stopped}
             if stopped:
-                parts = [f"rank {r} failed: {reasons[r]}" if reasons[r] else
-                         f"rank {r} died without a word (killed by a signal, the OOM killer, or a crash)"
-                         for r in stopped]
+                parts = [
+                    f"rank {r} failed: {reasons[r]}"
+                    if reasons[r]
+                    else f"rank {r} died without a word (killed by a signal, the OOM killer, or a crash)"
+                    for r in stopped
+                ]
                 message = "; ".join(parts)
             elif own_error:
                 message = f"rank {self.rank} failed: {own_error}"
@@ -121,8 +130,12 @@ class Watchdog:
         except StoreGone as e:
             if self.rank == 0:
                 return {"message": f"the job's store on this rank failed ({e})", "stopped": [], "by": 0}
-            return {"message": f"rank 0 is gone: the job's store it hosts at {self.addr} is unreachable "
-                               f"({e}); rank 0 died or its node is down", "stopped": [0], "by": self.rank}
+            return {
+                "message": f"rank 0 is gone: the job's store it hosts at {self.addr} is unreachable "
+                f"({e}); rank 0 died or its node is down",
+                "stopped": [0],
+                "by": self.rank,
+            }
 
     def _publish(self, message: str, stopped: list[int]) -> dict:
         """Write this rank's verdict unless another rank's is already there; return the one that holds."""
@@ -162,16 +175,17 @@ class Watchdog:
             if v["by"] == self.rank and not v["stopped"]:
                 traceback.print_exception(exc)  # this rank is where it started: show where
                 self._leave(v, 1)
-            print(f"error: [rank {self.rank}] stopping: {v['message']} (this rank saw: {own})",
-                  file=sys.stderr)
+            print(f"error: [rank {self.rank}] stopping: {v['message']} (this rank saw: {own})", file=sys.stderr)
             self._leave(v, EXIT_FAILED)
 
     def _terminated(self) -> None:
         if not self.once.acquire(blocking=False):
             return  # the main thread is already on its way out
         v = self.verdict(None)
-        print(f"error: [rank {self.rank}] received SIGTERM (a launcher stops every rank once one exits): "
-              f"{v['message']}", file=sys.stderr)
+        print(
+            f"error: [rank {self.rank}] received SIGTERM (a launcher stops every rank once one exits): {v['message']}",
+            file=sys.stderr,
+        )
         self._leave(v, EXIT_TERMINATED)
 
     def _verdict_elsewhere(self) -> None:

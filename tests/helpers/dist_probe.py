@@ -4,6 +4,7 @@
     python tests/helpers/dist_probe.py OUT_DIR [--key=value ...]
 Writes OUT_DIR/rank_<RANK>.json. Extra arguments are recorded, to check pass-through.
 """
+
 import json
 import os
 import sys
@@ -23,10 +24,15 @@ out = Path(argv[0])
 rank, world, local = init(timeout_s=60)
 t = torch.tensor([float(rank + 1)])
 dist.all_reduce(t)  # sum of 1..world: every rank must have joined the same group
-record = {"rank": rank, "world": world, "local_rank": local, "sum": t.item(),
-          "backend": dist.get_backend(), "args": argv[1:],
-          "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                   "MASTER_ADDR", "MASTER_PORT")}}
+record = {
+    "rank": rank,
+    "world": world,
+    "local_rank": local,
+    "sum": t.item(),
+    "backend": dist.get_backend(),
+    "args": argv[1:],
+    "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
+}
 (out / f"rank_{rank}.json").write_text(json.dumps(record))
 dist.barrier()
 dist.destroy_process_group()

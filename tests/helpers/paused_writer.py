@@ -6,6 +6,7 @@ The first call of MODULE.FUNCTION touches READY, waits until the file GO exists,
 as usual. Everything else is the real entry point (ENTRY_MODULE's `main(ARGS)`), so the process
 owns and writes its output exactly as it would unpaused.
 """
+
 import importlib
 import sys
 import time

@@ -3,6 +3,7 @@
 Each config goes through the real entry point; only process start-up (importing torch, DeepSpeed
 and transformers, ~10 s per rank on 2 cores) is shared. Used by the parity tests.
 """
+
 import gc
 import sys
 

@@ -1,4 +1,5 @@
 """`python -m pipeline.train` with the faults of tests/kit/faults.py installed from the environment."""
+
 import sys
 
 from tests.kit import faults

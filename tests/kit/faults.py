@@ -7,6 +7,7 @@ tests/helpers/train_with_faults.py installs these, then runs `pipeline.train.mai
                                                               DeepSpeed file of a checkpoint and its
                                                               record.json, so a test can kill it there
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """What tests compare the product against: tensors read straight from files, optimizer state per
 stage, greedy answers, and a model holding exactly given tensors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,13 +19,15 @@ def load_dir_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def greedy_chat(model, tokenizer, question: str = "what is the capital of france", n: int = 6) -> list[int]:
     """Greedy answer tokens to one user turn, prompted through the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids, max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=tokenizer.pad_token_id
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def reference_model(base_dir: Path, tensors: dict[str, torch.Tensor]):
@@ -78,12 +81,17 @@ def plain_generate_format(model, tok, messages_list, max_new_tokens: int) -> lis
     special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
     out = []
     for msgs in messages_list:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
-        reply = gen[0, ids.shape[1]:].tolist()
+            gen = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+            )
+        reply = gen[0, ids.shape[1] :].tolist()
         end = next((k for k, t in enumerate(reply) if t in eos), None)
         out.append(end is not None and not (set(reply[:end]) & special) and bool(tok.decode(reply[:end]).strip()))
     return out
@@ -135,8 +143,8 @@ def wandb_offline_history(path: Path) -> tuple[list[dict], str]:
         if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
             pos += BLOCK - pos % BLOCK
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
             continue

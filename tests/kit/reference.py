@@ -14,6 +14,7 @@ next-token target in the global batch of G samples [k*G, (k+1)*G), divided by th
 those targets. A target is position t+1 of a window whose loss mask is set there (every
 position without a mask).
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,7 +57,7 @@ def step_batches(plan, start_step: int = 0):
     step = start_step
     while True:
         inputs, labels = shift(*windows(plan.data, step * G, G))
-        yield [(inputs[i:i + m], labels[i:i + m]) for i in range(0, G, m)], int((labels != IGNORE).sum())
+        yield [(inputs[i : i + m], labels[i : i + m]) for i in range(0, G, m)], int((labels != IGNORE).sum())
         step += 1
 
 
@@ -85,8 +86,11 @@ def trains(name: str, plan) -> bool:
         group = "frozen" if g.tied else "format"
     else:
         group = "format"  # model.norm
-    trained = {"chat": {"format"}, "raw": {"raw", "format"} if cfg.raw_trains_format else {"raw"},
-               "full": {"frozen", "raw", "format"}}[cfg.phase]
+    trained = {
+        "chat": {"format"},
+        "raw": {"raw", "format"} if cfg.raw_trains_format else {"raw"},
+        "full": {"frozen", "raw", "format"},
+    }[cfg.phase]
     return group in trained
 
 
@@ -145,16 +149,17 @@ def train_reference(plan, steps: int | None = None, validations: dict | None = N
     model.train()
     params = trainable(model, plan)
     adam = plan.ds_config["optimizer"]["params"]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(adam["betas"]), eps=adam["eps"],
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=tuple(adam["betas"]), eps=adam["eps"], weight_decay=cfg.optim.weight_decay
+    )
     anchor = cfg.groups.anchor_weight if cfg.groups.phase == "raw" else 0.0
     if anchor:
-        base_layers = copy.deepcopy(model.model.layers[g.raw_start:g.format_start]).requires_grad_(False)
+        base_layers = copy.deepcopy(model.model.layers[g.raw_start : g.format_start]).requires_grad_(False)
         captured = {}
         # The hidden state entering the format group: the input of layer format_start.
         model.model.layers[g.format_start].register_forward_pre_hook(
-            lambda mod, args, kwargs: captured.update(h=args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True)
+            lambda mod, args, kwargs: captured.update(h=args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
     losses = []
     it = step_batches(plan)
     total_steps = cfg.schedule.steps if steps is None else steps

@@ -4,6 +4,7 @@ The run directories follow the run-directory contract exactly (run.json, checkpo
 layer_NN-model_states.pt with pipeline keys, record.json with sha256s written last, latest), so
 export and transplant can be tested without the trainer.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,12 @@ from pipeline.names import ANCHOR, layer_file, to_pipeline_name
 from .models import tiny_llama
 
 WORDS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + (
-    "hello world what is the capital of france paris a b c d e f g h i j k l m n o p".split())
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "hello world what is the capital of france paris a b c d e f g h i j k l m n o p".split()
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def make_tokenizer(out: Path, chat_template: bool) -> Path:
@@ -32,8 +36,9 @@ def make_tokenizer(out: Path, chat_template: bool) -> Path:
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
     if chat_template:
         tok.chat_template = CHAT_TEMPLATE
@@ -41,14 +46,31 @@ def make_tokenizer(out: Path, chat_template: bool) -> Path:
     return Path(out)
 
 
-def make_base(out: Path, num_layers: int = 4, hidden: int = 32, tied: bool = False, dtype=torch.float32,
-              seed: int = 0, vocab: int = 48) -> Path:
+def make_base(
+    out: Path,
+    num_layers: int = 4,
+    hidden: int = 32,
+    tied: bool = False,
+    dtype=torch.float32,
+    seed: int = 0,
+    vocab: int = 48,
+) -> Path:
     """A random tiny Llama (the product's factory), its norms moved off 1.0 so they are
     distinguishable, plus a tokenizer without chat template."""
     from safetensors.torch import save_file
 
-    out = tiny_llama(Path(out), vocab, seed=seed, dtype=dtype, layers=num_layers, hidden=hidden, tie=tied,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    out = tiny_llama(
+        Path(out),
+        vocab,
+        seed=seed,
+        dtype=dtype,
+        layers=num_layers,
+        hidden=hidden,
+        tie=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     tensors = load_file(str(out / "model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     for name, t in tensors.items():  # norms start at exactly 1.0; make them distinguishable
@@ -66,8 +88,6 @@ def base_tensors(base_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-
-
 @dataclass
 class Run:
     path: Path
@@ -76,9 +96,20 @@ class Run:
     tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, format_start: int = 2,
-             steps=(5,), seed: int = 1, tokenizer: Path | None = None, embeddings_trained: bool | None = None,
-             drop_frozen: bool = False, perturb: bool = True, chat_template: str | None = None) -> Run:
+def make_run(
+    run_dir: Path,
+    base_dir: Path,
+    phase: str,
+    raw_start: int = 1,
+    format_start: int = 2,
+    steps=(5,),
+    seed: int = 1,
+    tokenizer: Path | None = None,
+    embeddings_trained: bool | None = None,
+    drop_frozen: bool = False,
+    perturb: bool = True,
+    chat_template: str | None = None,
+) -> Run:
     """A pipeline run dir whose checkpoints hold the base weights with the phase's groups changed.
 
     Each step perturbs the trained groups differently (so steps are distinguishable).
@@ -99,17 +130,26 @@ def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, form
     run_cfg = {"model": str(base_dir), "phase": phase, "raw_start": raw_start, "format_start": format_start}
     if tokenizer is not None:
         run_cfg["tokenizer"] = str(tokenizer)
-    run_json = {"format_version": 1, "config": run_cfg, "phase": phase, "groups": groups.to_record(),
-                "base_model": model_identity(base_dir), "stages": [[0, L]]}
+    run_json = {
+        "format_version": 1,
+        "config": run_cfg,
+        "phase": phase,
+        "groups": groups.to_record(),
+        "base_model": model_identity(base_dir),
+        "stages": [[0, L]],
+    }
     if chat_template is not None:
-        run_json["chat_template"] = {"text": chat_template, "sha256": hashlib.sha256(chat_template.encode()).hexdigest(),
-                                     "from": "--chat-template (hand-built run)",
-                                     "manifest": str(run_dir / "chat.manifest.json")}
+        run_json["chat_template"] = {
+            "text": chat_template,
+            "sha256": hashlib.sha256(chat_template.encode()).hexdigest(),
+            "from": "--chat-template (hand-built run)",
+            "manifest": str(run_dir / "chat.manifest.json"),
+        }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(run_json, indent=2))
     run = Run(run_dir, base_dir)
     base = base_tensors(base_dir)
-    for k, step in enumerate(steps):
+    for step in steps:
         gen = torch.Generator().manual_seed(seed * 1000 + step)
         tensors = {}
         for name, t in base.items():
@@ -123,8 +163,9 @@ def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int = 1, form
     return run
 
 
-def write_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], L: int, tied: bool,
-                     latest: bool = True) -> Path:
+def write_checkpoint(
+    run_dir: Path, step: int, tensors: dict[str, torch.Tensor], L: int, tied: bool, latest: bool = True
+) -> Path:
     """One DeepSpeed-style checkpoint tag: layer files (pipeline keys), engine file, record.json, latest."""
     tag = f"step_{step:08d}"
     d = Path(run_dir) / "checkpoints" / tag

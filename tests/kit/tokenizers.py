@@ -5,6 +5,7 @@ HF fast tokenizer directory (byte-level BPE, like Llama 3 / Qwen) with a ChatML 
 Both are loaded back through the real loading code (data_prep.tokenizer.load_tokenizer,
 AutoTokenizer.from_pretrained). Other test files import these builders.
 """
+
 from __future__ import annotations
 
 import random
@@ -13,15 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ("the a of and to in is was for on that with as by at from it an be this are "
-         "river mountain city king queen library engine layer model token shard window "
-         "north south east west ancient modern small large quick brown fox jumps lazy dog "
-         "alpha beta gamma delta seven eleven hundred thousand purple orange yellow "
-         "Paris Lyon Oslo Bergen museum bridge harbour castle garden winter summer").split()
+WORDS = (
+    "the a of and to in is was for on that with as by at from it an be this are "
+    "river mountain city king queen library engine layer model token shard window "
+    "north south east west ancient modern small large quick brown fox jumps lazy dog "
+    "alpha beta gamma delta seven eleven hundred thousand purple orange yellow "
+    "Paris Lyon Oslo Bergen museum bridge harbour castle garden winter summer"
+).split()
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
@@ -29,34 +34,38 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 # the published Qwen3 and Llama 3.2 chat templates.
 # Qwen3: the assistant turns after the last user message get a think block, earlier ones do not;
 # this variant's generation prompt also adds the empty think block (enable_thinking=False).
-QWEN3 = ("{%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}"
-         "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
-         "{%- if not ns.found and message.role == 'user' %}{%- set ns.found = true %}"
-         "{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
-         "{%- for message in messages %}"
-         "{%- if message.role == 'user' or message.role == 'system' %}"
-         "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
-         "{%- elif message.role == 'assistant' %}"
-         "{%- if loop.index0 > ns.last_query_index and loop.last %}"
-         "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message.content }}"
-         "{%- else %}{{- '<|im_start|>assistant\n' + message.content }}{%- endif %}"
-         "{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
-         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
-         "{%- if enable_thinking is not defined or enable_thinking is false %}"
-         "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}")
+QWEN3 = (
+    "{%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if not ns.found and message.role == 'user' %}{%- set ns.found = true %}"
+    "{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or message.role == 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- if loop.index0 > ns.last_query_index and loop.last %}"
+    "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message.content }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' + message.content }}{%- endif %}"
+    "{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is not defined or enable_thinking is false %}"
+    "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"
+)
 # Llama 3.2: every conversation opens with a system header dated by strftime_now, content trimmed.
-LLAMA3 = ("{{- bos_token }}"
-          "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
-          "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
-          "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
-          "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
-          "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
-          "{{- 'Cutting Knowledge Date: December 2023\n' }}{{- 'Today Date: ' + date_string + '\n\n' }}"
-          "{{- system_message }}{{- '<|eot_id|>' }}"
-          "{%- for message in messages %}"
-          "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
-          " + '<|eot_id|>' }}{%- endfor %}"
-          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\n' }}{{- 'Today Date: ' + date_string + '\n\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
 LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
@@ -82,15 +91,30 @@ def make_sp_model(tmp: Path, vocab_size: int = 400) -> Path:
     text = tmp / "sp_train.txt"
     text.write_text("\n".join(documents(300, seed=1)) + "\nÜnïcödé ünïcödé 0123456789 ?!.,:;\n")
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(tmp / "sp"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        character_coverage=1.0)
+        input=str(text),
+        model_prefix=str(tmp / "sp"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        character_coverage=1.0,
+    )
     return tmp / "sp.model"
 
 
-def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | None = CHATML, corpus_seed: int = 2,
-                      eos_token: str = "<|endoftext|>", extra_specials: tuple[str, ...] = (),
-                      bos_token: str | None = None) -> Path:
+def make_hf_tokenizer(
+    out: Path,
+    vocab_size: int = 512,
+    chat_template: str | None = CHATML,
+    corpus_seed: int = 2,
+    eos_token: str = "<|endoftext|>",
+    extra_specials: tuple[str, ...] = (),
+    bos_token: str | None = None,
+) -> Path:
     """An HF fast tokenizer directory (byte-level BPE; ChatML specials plus `extra_specials`; eos
     <|endoftext|> unless told). Another corpus_seed gives another tokenizer of the same size (other
     merges, other ids)."""
@@ -100,11 +124,15 @@ def make_hf_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | Non
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + list(extra_specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS + list(extra_specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(documents(300, seed=corpus_seed), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token,
-                                  pad_token="<|pad|>", bos_token=bos_token, unk_token=None)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos_token, pad_token="<|pad|>", bos_token=bos_token, unk_token=None
+    )
     if chat_template is not None:
         tok.chat_template = chat_template
     out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +160,7 @@ def conversations(n: int, seed: int = 0, sharegpt: bool = False, system: bool = 
             msgs.append({"role": "assistant", "content": document(rng, rng.randint(1, 3))})
         if sharegpt:
             names = {"system": "system", "user": "human", "assistant": "gpt"}
-            out.append({"conversations": [{"from": names[m["role"]], "value": m["content"]}
-                                          for m in msgs]})
+            out.append({"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs]})
         else:
             out.append({"messages": msgs})
     return out
@@ -155,5 +182,5 @@ def read_shard(prefix_dir: Path, name: str) -> tuple[np.ndarray, list[np.ndarray
     assert (pointers == np.concatenate([[0], np.cumsum(sizes)[:-1]]) * item).all()
     data = np.fromfile(prefix_dir / f"{name}.bin", dtype=dtype)
     assert len(data) == sizes.sum()
-    docs = [data[p // item: p // item + s] for p, s in zip(pointers, sizes)]
+    docs = [data[p // item : p // item + s] for p, s in zip(pointers, sizes)]
     return np.dtype(dtype), docs

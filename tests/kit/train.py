@@ -3,6 +3,7 @@ chat shards packed by `data_prep`, run configs, and the launchers that start the
 point on one process or several CPU ranks. Built once per test module (packing and saving take a
 few seconds).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,28 +24,64 @@ VENV_BIN = Path(sys.executable).parent
 
 def build_setup(root: Path) -> dict:
     """Returns paths: tokenizer, model, raw manifest, chat manifest."""
-    from data_prep.__main__ import main as data_prep_main
     from transformers import AutoTokenizer
+
+    from data_prep.__main__ import main as data_prep_main
 
     tok_dir = make_hf_tokenizer(root / "tok", vocab_size=300)
     vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
     model = tiny_llama(root / "model", vocab, tokenizer_dir=tok_dir)  # a user's model dir carries its tokenizer
     raw = write_jsonl(root / "raw.jsonl", [{"text": d} for d in documents(200, seed=3)])
     chat = write_jsonl(root / "chat.jsonl", conversations(150, seed=4))
-    data_prep_main(["raw", str(raw), "--tokenizer", str(model), "--output-prefix", str(root / "data/raw"),
-                    "--val-fraction", "0.05"])
-    data_prep_main(["chat", str(chat), "--tokenizer", str(model), "--output-prefix", str(root / "data/chat"),
-                    "--val-fraction", "0.05"])
-    return {"root": root, "model": model, "raw": root / "data/raw.manifest.json",
-            "chat": root / "data/chat.manifest.json"}
+    data_prep_main(
+        [
+            "raw",
+            str(raw),
+            "--tokenizer",
+            str(model),
+            "--output-prefix",
+            str(root / "data/raw"),
+            "--val-fraction",
+            "0.05",
+        ]
+    )
+    data_prep_main(
+        [
+            "chat",
+            str(chat),
+            "--tokenizer",
+            str(model),
+            "--output-prefix",
+            str(root / "data/chat"),
+            "--val-fraction",
+            "0.05",
+        ]
+    )
+    return {
+        "root": root,
+        "model": model,
+        "raw": root / "data/raw.manifest.json",
+        "chat": root / "data/chat.manifest.json",
+    }
 
 
 def write_config(path: Path, setup: dict, phase: str, out: Path, **overrides) -> Path:
     cfg = {
-        "model": str(setup["model"]), "data": str(setup["chat" if phase == "chat" else "raw"]),
-        "phase": phase, "raw_start": 1, "format_start": 3, "seq_len": 16,
-        "micro_batch_size": 2, "global_batch_size": 4, "steps": 10, "lr": 3e-3,
-        "warmup_steps": 2, "out": str(out), "save_every": 5, "keep_last": 2, "seed": 1,
+        "model": str(setup["model"]),
+        "data": str(setup["chat" if phase == "chat" else "raw"]),
+        "phase": phase,
+        "raw_start": 1,
+        "format_start": 3,
+        "seq_len": 16,
+        "micro_batch_size": 2,
+        "global_batch_size": 4,
+        "steps": 10,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "out": str(out),
+        "save_every": 5,
+        "keep_last": 2,
+        "seed": 1,
     }
     cfg.update(overrides)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -60,15 +97,29 @@ def env() -> dict:
     return e
 
 
-def run_train(args: list[str], ranks: int = 1, timeout: int = 400, check: bool = True, launcher: str = "python",
-              env: dict | None = None):
+def run_train(
+    args: list[str],
+    ranks: int = 1,
+    timeout: int = 400,
+    check: bool = True,
+    launcher: str = "python",
+    env: dict | None = None,
+):
     """Run the real entry point: one process, or `deepspeed --num_gpus N` CPU ranks (`env` on top of
     the hermetic environment; a None value removes the variable)."""
     if ranks == 1 and launcher == "python":
         cmd = [sys.executable, "-m", "pipeline.train", *args]
     else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               "--module", "pipeline.train", *args]
+        cmd = [
+            str(VENV_BIN / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "pipeline.train",
+            *args,
+        ]
     e = {k: v for k, v in {**globals()["env"](), **(env or {})}.items() if v is not None}
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
@@ -99,19 +150,44 @@ def build_template_setup(root: Path, conversations_n: int = 60) -> dict:
     (`data_prep chat --chat-template chatml.jinja`), all of it in the train split, so a test can
     compare every stored conversation with what a model directory's tokenizer renders.
     Returns paths: tokenizer, model, chat manifest, template file, conversations (.jsonl)."""
-    from data_prep.__main__ import main as data_prep_main
     from transformers import AutoTokenizer
+
+    from data_prep.__main__ import main as data_prep_main
 
     from .tokenizers import CHATML
 
     tok_dir = make_hf_tokenizer(root / "tok", vocab_size=300, chat_template=None)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    model = tiny_llama(root / "model", len(tok), tokenizer_dir=tok_dir, bos_token_id=None,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = tiny_llama(
+        root / "model",
+        len(tok),
+        tokenizer_dir=tok_dir,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     template = root / "chatml.jinja"
     template.write_text(CHATML)
     chat = write_jsonl(root / "chat.jsonl", conversations(conversations_n, seed=4))
-    data_prep_main(["chat", str(chat), "--tokenizer", str(model), "--chat-template", str(template),
-                    "--output-prefix", str(root / "data/chat"), "--val-fraction", "0"])
-    return {"root": root, "tokenizer": tok_dir, "model": model, "chat": root / "data/chat.manifest.json",
-            "template": template, "conversations": chat}
+    data_prep_main(
+        [
+            "chat",
+            str(chat),
+            "--tokenizer",
+            str(model),
+            "--chat-template",
+            str(template),
+            "--output-prefix",
+            str(root / "data/chat"),
+            "--val-fraction",
+            "0",
+        ]
+    )
+    return {
+        "root": root,
+        "tokenizer": tok_dir,
+        "model": model,
+        "chat": root / "data/chat.manifest.json",
+        "template": template,
+        "conversations": chat,
+    }
