@@ -188,6 +188,21 @@ class RunDir:
                 f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
                 f"this run started (base_model.fingerprint); use a new `out`"
             )
+        # A resized job: ZeRO-1 keeps each rank's slice of the optimizer state in its own file, and
+        # DeepSpeed cannot load them on another data-parallel size (it fails deep in its checkpoint
+        # load, after run.json was rewritten). Until that state is re-partitioned on load, refuse
+        # here, before anything in the directory changes.
+        if self.latest_step() is not None and (old.get("world_size"), old.get("stages")) != (
+            record.get("world_size"),
+            record.get("stages"),
+        ):
+            raise UserError(
+                f"{self.run_json}: this run's checkpoints were written by {old.get('world_size')} rank(s) "
+                f"({len(old.get('stages') or [])} pipeline stage(s)); this job has {record.get('world_size')} "
+                f"({len(record.get('stages') or [])} stage(s)), and a resume on another layout is not supported: "
+                f"resume with {old.get('world_size')} rank(s), or export the latest checkpoint "
+                f"(python -m pipeline.export) and start a new run from it (the optimizer state starts afresh)"
+            )
         # The same manifest path repacked with another template: the checkpoints learned the old
         # format, the rest of the run would learn the new one, and the model could ship only one.
         sha = lambda r: (r.get("chat_template") or {}).get("sha256")  # noqa: E731

@@ -549,3 +549,22 @@ def test_an_empty_train_split_is_refused(setup, tmp_path, capsys, kind):
     )
     names(err, "--val-fraction 0.99", "train split is empty")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.multiproc
+def test_a_resized_resume_is_refused_at_preflight_and_changes_nothing(setup, tmp_path):
+    """A run made on 1 process, resumed on 2 data-parallel ranks: before, a ZeRORuntimeException
+    traceback at checkpoint load after run.json was rewritten; now one line at preflight that
+    names both layouts and the way out, with run.json untouched."""
+    from data_prep.common import UserError
+    from pipeline.config import load_config
+    from pipeline.training.plan import build_plan
+
+    run = tmp_path / "run"
+    cfg = ft.write_config(tmp_path / "c.yaml", setup, "raw", run, steps=2, save_every=2)
+    ft.run_train([str(cfg)])
+    before = (run / "run.json").read_bytes()
+    with pytest.raises(UserError, match=r"written by 1 rank\(s\).*this job has 2.*resume with 1 rank"):
+        build_plan(load_config(cfg), world_size=2)
+    assert (run / "run.json").read_bytes() == before
+    build_plan(load_config(cfg), world_size=1)  # the same layout still resumes
