@@ -146,7 +146,7 @@ def run(size: str = "small") -> list[dict]:
         secs: dict[str, list[float]] = {k: [] for k in methods}
         cpu: dict[str, list[float]] = {k: [] for k in methods}
         load = [os.getloadavg()[0]]
-        for name, f in methods.items():  # warm-up: imports, page cache, thread pool
+        for f in methods.values():  # warm-up: imports, page cache, thread pool
             _fresh(out)
             f()
         order = list(methods)

@@ -17,6 +17,7 @@ final checkpoint (written to /dev/shm when it has room).
 `--tiny` runs the same script end to end on CPU with a toy model (a smoke test, no figures worth
 reading).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,30 +49,51 @@ def log(msg: str) -> None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(
-        prog="python -m bench.gpu", description=__doc__.splitlines()[0],
+        prog="python -m bench.gpu",
+        description=__doc__.splitlines()[0],
         epilog="examples:\n"
-               "  python -m bench.gpu                         # H100/H200: ~3 min, writes runs/bench/gpu.*\n"
-               "  python -m bench.gpu --micro-batch 8 --global-batch 32\n"
-               "  python -m bench.gpu --tiny --out /tmp/g     # CPU smoke run of the whole script\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  python -m bench.gpu                         # H100/H200: ~3 min, writes runs/bench/gpu.*\n"
+        "  python -m bench.gpu --micro-batch 8 --global-batch 32\n"
+        "  python -m bench.gpu --tiny --out /tmp/g     # CPU smoke run of the whole script\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--tiny", action="store_true", help="toy model on CPU: checks the script, measures nothing")
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench",
-                    help="where gpu.json and gpu.md go (default runs/bench, untracked; bench/results holds the "
-                         "committed reference copy)")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="model, shards and run dir (default: a temp dir in /dev/shm if it has ~24 GB free, else $TMPDIR)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "runs" / "bench",
+        help="where gpu.json and gpu.md go (default runs/bench, untracked; bench/results holds the "
+        "committed reference copy)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="model, shards and run dir (default: a temp dir in /dev/shm if it has ~24 GB free, else $TMPDIR)",
+    )
     ap.add_argument("--seq-len", type=int, default=None, help="default 2048 (tiny: 32)")
-    ap.add_argument("--micro-batch", type=int, default=None,
-                    help="sequences per forward/backward; 4 x 2048 tokens fits an 80 GB card without activation "
-                         "checkpointing (default 4; tiny: 2)")
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per forward/backward; 4 x 2048 tokens fits an 80 GB card without activation "
+        "checkpointing (default 4; tiny: 2)",
+    )
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 16; tiny: 4)")
     ap.add_argument("--warmup", type=int, default=3, help="steps dropped from each side (default 3, at least 1)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per side (default 8)")
-    ap.add_argument("--compile", action="store_true",
-                    help="compile_layers: true for the pipeline, and the same per-layer torch.compile for the "
-                         "plain loop, so the ratio stays like for like (fuses the elementwise kernels)")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the card's dense bf16 peak for MFU (default: 989 for H100/H200; required for others)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile_layers: true for the pipeline, and the same per-layer torch.compile for the "
+        "plain loop, so the ratio stays like for like (fuses the elementwise kernels)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the card's dense bf16 peak for MFU (default: 989 for H100/H200; required for others)",
+    )
     return ap.parse_args(argv)
 
 
@@ -126,8 +148,7 @@ def run_pipeline(cfg_path: Path, metrics: Path, env: dict, timeout: float) -> li
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         bufsize=1)
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     deadline = time.monotonic() + timeout
     try:
         for line in p.stdout:
@@ -144,8 +165,9 @@ def run_pipeline(cfg_path: Path, metrics: Path, env: dict, timeout: float) -> li
     return stamps
 
 
-def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
-                        compile_layers: bool = False) -> tuple[list[float], dict]:
+def baseline_step_times(
+    cfg_path: Path, steps: int, device: str, bf16: bool, compile_layers: bool = False
+) -> tuple[list[float], dict]:
     """The plain loop of tests.kit.reference on the GPU: same model, batches, optimizer settings.
 
     Mixed precision the way plain PyTorch does it (fp32 weights, autocast to bf16), the honest
@@ -170,8 +192,13 @@ def baseline_step_times(cfg_path: Path, steps: int, device: str, bf16: bool,
             layer.compile()
     params = trainable(model, plan)
     ds_params = plan.ds_config["optimizer"]["params"]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(ds_params["betas"]), eps=ds_params["eps"],
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=tuple(ds_params["betas"]),
+        eps=ds_params["eps"],
+        weight_decay=cfg.optim.weight_decay,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -235,18 +262,33 @@ def pipeline_mask_is_causal(model_dir: Path, device: str) -> bool:
 
 def fig(name, value, baseline, goal, met, unit="", **extra) -> dict:
     ratio = value / baseline if baseline else None
-    return {"name": name, "value": value, "baseline": baseline, "ratio": None if ratio is None else round(ratio, 4),
-            "goal": goal, "met": met, "unit": unit, **extra}
+    return {
+        "name": name,
+        "value": value,
+        "baseline": baseline,
+        "ratio": None if ratio is None else round(ratio, 4),
+        "goal": goal,
+        "met": met,
+        "unit": unit,
+        **extra,
+    }
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"# GPU benchmark: {res['device']}", "",
-             f"`{res['command']}`; {res['model_desc']}; {res.get('seconds', 0):.0f} s total.", "",
-             "| figure | value | baseline | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU benchmark: {res['device']}",
+        "",
+        f"`{res['command']}`; {res['model_desc']}; {res.get('seconds', 0):.0f} s total.",
+        "",
+        "| figure | value | baseline | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for f in res.get("figures", []):
         met = {True: "yes", False: "**no**", None: "-"}[f["met"]]
-        lines.append(f"| {f['name']} | {f['value']:,.1f} {f['unit']} | {f['baseline']:,.1f} | {f['ratio']} | "
-                     f"{f['goal']} | {met} |")
+        lines.append(
+            f"| {f['name']} | {f['value']:,.1f} {f['unit']} | {f['baseline']:,.1f} | {f['ratio']} | "
+            f"{f['goal']} | {met} |"
+        )
     lines += ["", "```", json.dumps({k: v for k, v in res.items() if k not in ("figures",)}, indent=2), "```"]
     return "\n".join(lines) + "\n"
 
@@ -271,8 +313,11 @@ def main(argv=None) -> int:
     from tests.kit.models import tiny_llama
 
     if not tiny and not torch.cuda.is_available():
-        print("error: no CUDA device visible (torch.cuda.is_available() is False); this script measures a GPU. "
-              "Use --tiny for a CPU smoke run.", file=sys.stderr)
+        print(
+            "error: no CUDA device visible (torch.cuda.is_available() is False); this script measures a GPU. "
+            "Use --tiny for a CPU smoke run.",
+            file=sys.stderr,
+        )
         return 2
     device = "cpu" if tiny else "cuda"
     dev_name = "cpu (--tiny smoke run)" if tiny else torch.cuda.get_device_name(0)
@@ -294,10 +339,20 @@ def main(argv=None) -> int:
         print(f"error: --global-batch {G} must be a multiple of --micro-batch {micro}", file=sys.stderr)
         return 2
     work = pick_workdir(args.workdir, need_gb=0 if tiny else 24)
-    res = {"device": dev_name, "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "workdir": str(work),
-           "seq_len": S, "micro_batch": micro, "global_batch": G, "warmup_steps": W, "timed_steps": K,
-           "peak_tflops": peak, "compile_layers": args.compile}
+    res = {
+        "device": dev_name,
+        "command": "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "workdir": str(work),
+        "seq_len": S,
+        "micro_batch": micro,
+        "global_batch": G,
+        "warmup_steps": W,
+        "timed_steps": K,
+        "peak_tflops": peak,
+        "compile_layers": args.compile,
+    }
     try:
         _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, write_random_shards)
         code = 0
@@ -327,24 +382,42 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, wr
     from tests.kit.tokenizers import make_hf_tokenizer
 
     tok = make_hf_tokenizer(work / "tok", vocab_size=300)
-    model_dir = tiny_llama(work / "model", **m, dtype=None if tiny else torch.bfloat16, tokenizer_dir=tok,
-                           device="cpu" if tiny else "cuda")
+    model_dir = tiny_llama(
+        work / "model", **m, dtype=None if tiny else torch.bfloat16, tokenizer_dir=tok, device="cpu" if tiny else "cuda"
+    )
     if device == "cuda":
         torch.cuda.empty_cache()
     n = count_params(model_dir)
     res["params"] = n
-    res["model_desc"] = (f"Llama {n['total'] / 1e9:.2f}B ({m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads / "
-                         f"{m['kv_heads']} KV, MLP {m['intermediate']}, vocab {m['vocab_size']}), seq {S}, "
-                         f"batch {G} (micro {micro}), bf16" if not tiny else "toy model on CPU (fp32)")
+    res["model_desc"] = (
+        f"Llama {n['total'] / 1e9:.2f}B ({m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads / "
+        f"{m['kv_heads']} KV, MLP {m['intermediate']}, vocab {m['vocab_size']}), seq {S}, "
+        f"batch {G} (micro {micro}), bf16"
+        if not tiny
+        else "toy model on CPU (fp32)"
+    )
     log(f"model: {res['model_desc']}")
     tokens = (W + K + 2) * G * (S + 1) * 2
     manifest = write_random_shards(work / "data" / "raw", m["vocab_size"], tokens, tok, seed=1)
     log(f"random token shards: {tokens:,} tokens")
-    cfg = {"model": str(model_dir), "data": str(manifest), "phase": "full", "seq_len": S,
-           "micro_batch_size": micro, "global_batch_size": G, "steps": W + K, "lr": 1e-4, "warmup_steps": 0,
-           "out": str(work / "run"), "save_every": 100_000, "keep_last": 1, "seed": 1,
-           "ds_config": str(REPO / "ds_configs" / ("cpu_fp32_zero1.json" if tiny else "gpu_bf16_zero1.json")),
-           "activation_checkpoint_interval": 0, "compile_layers": res.get("compile_layers", False)}
+    cfg = {
+        "model": str(model_dir),
+        "data": str(manifest),
+        "phase": "full",
+        "seq_len": S,
+        "micro_batch_size": micro,
+        "global_batch_size": G,
+        "steps": W + K,
+        "lr": 1e-4,
+        "warmup_steps": 0,
+        "out": str(work / "run"),
+        "save_every": 100_000,
+        "keep_last": 1,
+        "seed": 1,
+        "ds_config": str(REPO / "ds_configs" / ("cpu_fp32_zero1.json" if tiny else "gpu_bf16_zero1.json")),
+        "activation_checkpoint_interval": 0,
+        "compile_layers": res.get("compile_layers", False),
+    }
     cfg_path = work / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -354,14 +427,15 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, wr
     own_times = [r["step_time_s"] for r in read_metrics(metrics)][W:]
     if len(stamps) != W + K:
         raise RuntimeError(f"{metrics}: saw {len(stamps)} lines appear, expected {W + K}")
-    pipe_times = [b - a for a, b in zip(stamps, stamps[1:])][W - 1:]  # step k+2 lies between lines k, k+1
+    pipe_times = [b - a for a, b in zip(stamps, stamps[1:])][W - 1 :]  # step k+2 lies between lines k, k+1
     shutil.rmtree(work / "run" / "checkpoints", ignore_errors=True)  # frees /dev/shm before the baseline
     log(f"pipeline step times after warm-up (wall clock between metrics lines): {[round(t, 3) for t in pipe_times]}")
     log(f"  (the trainer's own step_time_s: {[round(t, 3) for t in own_times]})")
 
     log("plain PyTorch baseline on the same batches")
-    base_all, info = baseline_step_times(cfg_path, W + K, device, bf16=not tiny,
-                                         compile_layers=res.get("compile_layers", False))
+    base_all, info = baseline_step_times(
+        cfg_path, W + K, device, bf16=not tiny, compile_layers=res.get("compile_layers", False)
+    )
     base_times = base_all[W:]
     log(f"baseline step times after warm-up: {[round(t, 3) for t in base_times]}")
     res.update(info)
@@ -375,12 +449,32 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, wr
     flops_per_token = 6 * n["matmul"]
     tf_pipe, tf_base = flops_per_token * tps_pipe / 1e12, flops_per_token * tps_base / 1e12
     res["figures"] = [
-        fig("GPU tokens/s, pipeline.train 1 stage bf16 vs plain PyTorch (autocast bf16, AdamW)", round(tps_pipe, 1),
-            round(tps_base, 1), f">= {GOAL_SPEED}", tps_pipe / tps_base >= GOAL_SPEED, "tokens/s"),
-        fig("MFU, pipeline.train: 6·N·tokens/s vs peak dense bf16", round(tf_pipe, 3), peak, f">= {GOAL_MFU}",
-            tf_pipe / peak >= GOAL_MFU, "TFLOP/s", N=n["matmul"]),
-        fig("MFU, plain PyTorch baseline (reference)", round(tf_base, 3), peak, "reference", None, "TFLOP/s",
-            N=n["matmul"]),
+        fig(
+            "GPU tokens/s, pipeline.train 1 stage bf16 vs plain PyTorch (autocast bf16, AdamW)",
+            round(tps_pipe, 1),
+            round(tps_base, 1),
+            f">= {GOAL_SPEED}",
+            tps_pipe / tps_base >= GOAL_SPEED,
+            "tokens/s",
+        ),
+        fig(
+            "MFU, pipeline.train: 6·N·tokens/s vs peak dense bf16",
+            round(tf_pipe, 3),
+            peak,
+            f">= {GOAL_MFU}",
+            tf_pipe / peak >= GOAL_MFU,
+            "TFLOP/s",
+            N=n["matmul"],
+        ),
+        fig(
+            "MFU, plain PyTorch baseline (reference)",
+            round(tf_base, 3),
+            peak,
+            "reference",
+            None,
+            "TFLOP/s",
+            N=n["matmul"],
+        ),
     ]
     for f in res["figures"]:
         log(f"{f['name']}: {f['value']} / {f['baseline']} = {f['ratio']} (goal {f['goal']})")

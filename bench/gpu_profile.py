@@ -4,6 +4,7 @@ Profiles one step of the plain loop on the same ~1.1B Llama (bf16 autocast, torc
 groups CUDA kernel time into matmul, attention, elementwise/norm, optimizer and other.
 `python -m bench.gpu_profile [--micro-batch 4] [--out DIR]` -> gpu_profile.md. GPU only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,12 @@ from pathlib import Path
 
 from bench.gpu import MODEL_1B  # same model as the benchmark
 
-CATEGORIES = [("attention", ("flash", "sdpa", "fmha", "attention")),
-              ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
-              ("optimizer", ("multi_tensor", "foreach", "adam")),
-              ("elementwise/norm/rotary", ("elementwise", "vectorized", "reduce", "softmax", "cat", "copy", "fill"))]
+CATEGORIES = [
+    ("attention", ("flash", "sdpa", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
+    ("optimizer", ("multi_tensor", "foreach", "adam")),
+    ("elementwise/norm/rotary", ("elementwise", "vectorized", "reduce", "softmax", "cat", "copy", "fill")),
+]
 
 
 def category(name: str) -> str:
@@ -74,9 +77,15 @@ def main(argv=None) -> int:
         by_cat[category(e.key)] += t
         total += t
         top.append((t, e.key))
-    lines = [f"# GPU step profile: {torch.cuda.get_device_name()}", "",
-             f"micro batch {a.micro_batch} x seq {a.seq_len}: {dt * 1e3:.0f} ms/step, {tflops:.0f} TFLOP/s (6N), "
-             f"MFU {tflops / 989:.2f}", "", "| kernels | share of GPU time |", "|---|---|"]
+    lines = [
+        f"# GPU step profile: {torch.cuda.get_device_name()}",
+        "",
+        f"micro batch {a.micro_batch} x seq {a.seq_len}: {dt * 1e3:.0f} ms/step, {tflops:.0f} TFLOP/s (6N), "
+        f"MFU {tflops / 989:.2f}",
+        "",
+        "| kernels | share of GPU time |",
+        "|---|---|",
+    ]
     lines += [f"| {c} | {t / total:.1%} |" for c, t in sorted(by_cat.items(), key=lambda kv: -kv[1])]
     lines += ["", "top kernels:", ""] + [f"- {t / total:.1%} {k[:110]}" for t, k in sorted(top, reverse=True)[:12]]
     text = "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ written through data_prep's own writer, and the statistics of repeated timings.
 Random weights and random tokens cost the same FLOPs as real ones, so speed figures need no
 download; loss values from these runs mean nothing and are never reported.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -14,8 +15,9 @@ import numpy as np
 from data_prep.common import UserError
 
 
-def write_random_shards(prefix: Path, vocab: int, tokens: int, tokenizer: Path, seed: int = 0,
-                        chat: bool = False) -> Path:
+def write_random_shards(
+    prefix: Path, vocab: int, tokens: int, tokenizer: Path, seed: int = 0, chat: bool = False
+) -> Path:
     """Random-token documents as a data-prep shard set (train + a small val split); returns the manifest.
 
     `chat=True` adds a loss mask in which roughly half of each document (its second half, as an
@@ -24,10 +26,10 @@ def write_random_shards(prefix: Path, vocab: int, tokens: int, tokenizer: Path, 
     The manifest records `tokenizer`'s identity (the model directory's own), as data_prep would, so
     the trainer's data checks pass; the ids themselves are random over the model's whole vocabulary.
     """
-    from data_prep.tokenizer import tokenizer_identity
     from data_prep.manifest import totals, write_manifest
     from data_prep.mmidx import token_dtype
     from data_prep.shards import OutputSet
+    from data_prep.tokenizer import tokenizer_identity
 
     rng = np.random.default_rng(seed)
     dtype = token_dtype(vocab)
@@ -43,13 +45,18 @@ def write_random_shards(prefix: Path, vocab: int, tokens: int, tokenizer: Path, 
         if chat:
             mask = np.zeros(len(ids), dtype=np.uint8)
             for s, e in zip(np.concatenate([[0], ends[:-1]]), ends):
-                mask[(s + e) // 2: e] = 1
+                mask[(s + e) // 2 : e] = 1
         out.writers["train"].add(ids[:split_at], sizes[:-val], None if mask is None else mask[:split_at])
         out.writers["val"].add(ids[split_at:], sizes[-val:], None if mask is None else mask[split_at:])
         records = out.finish()
-    body = {"kind": "chat" if chat else "raw", "dtype": np.dtype(dtype).name, "vocab_size": vocab,
-            "eod_token_id": None, "tokenizer": tokenizer_identity(tokenizer),
-            "command": "bench.synth.write_random_shards"}
+    body = {
+        "kind": "chat" if chat else "raw",
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab,
+        "eod_token_id": None,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "command": "bench.synth.write_random_shards",
+    }
     return write_manifest(Path(prefix), {**body, "totals": totals(records), "shards": records})
 
 
@@ -60,12 +67,28 @@ def median_spread(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), (max(xs) - min(xs)) / 2
 
 
-def figure(name: str, value: float, baseline: float, goal: str, met: bool | None, unit: str = "",
-           spread: float | None = None, notes: str = "", **extra) -> dict:
+def figure(
+    name: str,
+    value: float,
+    baseline: float,
+    goal: str,
+    met: bool | None,
+    unit: str = "",
+    spread: float | None = None,
+    notes: str = "",
+    **extra,
+) -> dict:
     """One row of latest.json; ratio is always value / baseline, so a reader can recompute it."""
     ratio = value / baseline if baseline else None
-    row = {"name": name, "value": value, "baseline": baseline,
-           "ratio": None if ratio is None else round(ratio, 4), "goal": goal, "met": met, "unit": unit}
+    row = {
+        "name": name,
+        "value": value,
+        "baseline": baseline,
+        "ratio": None if ratio is None else round(ratio, 4),
+        "goal": goal,
+        "met": met,
+        "unit": unit,
+    }
     if spread is not None:
         row["spread"] = round(spread, 4)
     if notes:

@@ -19,6 +19,7 @@ per-rep ratios.
 
     python -m bench.train_speed --size small        # ~3 min on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,39 @@ from tests.kit.train import free_port  # noqa: E402
 # Model and batch per size. `small` is big enough that per-step framework overhead does not
 # dominate a CPU step (~0.6 s), small enough that 5 interleaved reps take ~2 min on 2 cores.
 SIZES = {
-    "tiny": dict(model=dict(vocab_size=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=176, max_position=64),
-                 seq=32, micro=2, batch=4, warmup=1, steps=3, reps=2, dp=1, loader_steps=10),
-    "small": dict(model=dict(vocab_size=4096, hidden=256, layers=8, heads=4, kv_heads=2, intermediate=688, max_position=256),
-                  seq=128, micro=4, batch=8, warmup=2, steps=6, reps=5, dp=2, loader_steps=40),
-    "medium": dict(model=dict(vocab_size=8192, hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376,
-                              max_position=512),
-                   seq=256, micro=4, batch=8, warmup=2, steps=6, reps=5, dp=2, loader_steps=40),
+    "tiny": dict(
+        model=dict(vocab_size=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=176, max_position=64),
+        seq=32,
+        micro=2,
+        batch=4,
+        warmup=1,
+        steps=3,
+        reps=2,
+        dp=1,
+        loader_steps=10,
+    ),
+    "small": dict(
+        model=dict(vocab_size=4096, hidden=256, layers=8, heads=4, kv_heads=2, intermediate=688, max_position=256),
+        seq=128,
+        micro=4,
+        batch=8,
+        warmup=2,
+        steps=6,
+        reps=5,
+        dp=2,
+        loader_steps=40,
+    ),
+    "medium": dict(
+        model=dict(vocab_size=8192, hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376, max_position=512),
+        seq=256,
+        micro=4,
+        batch=8,
+        warmup=2,
+        steps=6,
+        reps=5,
+        dp=2,
+        loader_steps=40,
+    ),
 }
 GOAL_SPEED, GOAL_FLOP_SLACK, GOAL_OPT_BYTES, GOAL_LOADER = 0.95, 1.10, 1.05, 0.01
 # A validation batch is a forward pass; a raw-phase step is a forward pass plus backward through
@@ -80,8 +107,9 @@ class Setup:
         tok = make_hf_tokenizer(root / "tok", vocab_size=300)
         self.model = tiny_llama(root / "model", **m, tokenizer_dir=tok)
         self.raw = write_random_shards(root / "data" / "raw", m["vocab_size"], max(tokens, 50_000), tok, seed=1)
-        self.chat = write_random_shards(root / "data" / "chat", m["vocab_size"], max(tokens, 50_000), tok, seed=2,
-                                        chat=True)
+        self.chat = write_random_shards(
+            root / "data" / "chat", m["vocab_size"], max(tokens, 50_000), tok, seed=2, chat=True
+        )
         # What was tried for figure 1: the same DeepSpeed JSON with ZeRO stage 0. With one rank ZeRO-1
         # partitions nothing, yet still flattens every gradient into one buffer, runs Adam on that
         # flat fp32 copy and copies the result back into the parameters each step.
@@ -93,13 +121,26 @@ class Setup:
     def config(self, name: str, phase: str, steps: int, **over) -> Path:
         """A run config as a user writes it; format group = last 25% of layers."""
         L = self.p["model"]["layers"]
-        cfg = {"model": str(self.model), "data": str(self.chat if phase == "chat" else self.raw), "phase": phase,
-               "raw_start": L // 4, "format_start": L - L // 4, "seq_len": self.p["seq"],
-               "micro_batch_size": self.p["micro"], "global_batch_size": self.p["batch"], "steps": steps,
-               "lr": 1e-4, "warmup_steps": 0, "out": str(self.root / "runs" / name),
-               "save_every": 10_000, "keep_last": 1, "seed": 1, "log_every": 1,
-               # The CPU figures run on CPU even on a GPU machine (bench/gpu.py measures the GPU).
-               "ds_config": str(CPU_DS_CONFIG)}
+        cfg = {
+            "model": str(self.model),
+            "data": str(self.chat if phase == "chat" else self.raw),
+            "phase": phase,
+            "raw_start": L // 4,
+            "format_start": L - L // 4,
+            "seq_len": self.p["seq"],
+            "micro_batch_size": self.p["micro"],
+            "global_batch_size": self.p["batch"],
+            "steps": steps,
+            "lr": 1e-4,
+            "warmup_steps": 0,
+            "out": str(self.root / "runs" / name),
+            "save_every": 10_000,
+            "keep_last": 1,
+            "seed": 1,
+            "log_every": 1,
+            # The CPU figures run on CPU even on a GPU machine (bench/gpu.py measures the GPU).
+            "ds_config": str(CPU_DS_CONFIG),
+        }
         cfg.update(over)
         path = self.root / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +156,9 @@ def quiet():
         try:
             yield
         except SystemExit as e:  # fail_cleanly turns a UserError into exit 2: surface its message
-            raise RuntimeError(f"pipeline.train exited {e.code}: {err.getvalue()[-2000:]}{out.getvalue()[-1000:]}")
+            raise RuntimeError(
+                f"pipeline.train exited {e.code}: {err.getvalue()[-2000:]}{out.getvalue()[-1000:]}"
+            ) from None
 
 
 def pipeline_step_times(cfg_path: Path, warmup: int) -> list[float]:
@@ -159,7 +202,7 @@ def reference_step_times(cfg_path: Path, warmup: int, steps: int) -> list[float]
     with mock.patch.object(reference, "step_batches", timed):
         reference.train_reference(plan, steps=warmup + steps + 1)
     gc.collect()
-    return [b - a for a, b in zip(stamps, stamps[1:])][warmup:warmup + steps]
+    return [b - a for a, b in zip(stamps, stamps[1:])][warmup : warmup + steps]
 
 
 def validation_times(cfg_path: Path, warmup: int) -> tuple[float, float]:
@@ -195,6 +238,7 @@ def flop_ratio(cfg_path: Path) -> tuple[float, dict]:
     from pipeline.config import load_config
     from pipeline.names import to_pipeline_name
     from pipeline.training.plan import build_plan
+
     cfg = load_config(cfg_path)
     plan = build_plan(cfg, 1, use_gpu=False)
     hf_cfg, groups, tied = plan.hf_config, plan.groups, plan.groups.tied
@@ -245,6 +289,7 @@ def loader_step_times(cfg_path: Path, steps: int) -> list[float]:
 # ------------------------------------------------------------------------------------------------
 # Optimizer state, from the checkpoint files of a P=2 run
 
+
 def _stage_trained_numel(cfg_path: Path, run_dir: Path) -> dict[int, int]:
     """Trained parameters per stage, from the HF model, the run's groups and its stage bounds
     (independent of what DeepSpeed stored)."""
@@ -277,15 +322,20 @@ def measured_optimizer_bytes(tag_dir: Path) -> dict[tuple[int, int], int]:
         dp = int(f.name.split("zero_pp_rank_")[1].split("_")[0])
         stage = int(f.stem.split("_mp_rank_")[1].split("_")[0])
         osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        n = sum(t.numel() * t.element_size() for st in osd["base_optimizer_state"]["state"].values()
-                for t in st.values() if torch.is_tensor(t))
+        n = sum(
+            t.numel() * t.element_size()
+            for st in osd["base_optimizer_state"]["state"].values()
+            for t in st.values()
+            if torch.is_tensor(t)
+        )
         n += sum(t.numel() * t.element_size() for t in osd["single_partition_of_fp32_groups"])
         out[(stage, dp)] = n
     if not out:
         for f in sorted(tag_dir.glob("mp_rank_*_model_states.pt")):
             opt = torch.load(f, map_location="cpu", weights_only=False)["optimizer"]
-            out[(int(f.stem.split("_")[2]), 0)] = sum(t.numel() * t.element_size() for st in opt["state"].values()
-                                                      for t in st.values() if torch.is_tensor(t))
+            out[(int(f.stem.split("_")[2]), 0)] = sum(
+                t.numel() * t.element_size() for st in opt["state"].values() for t in st.values() if torch.is_tensor(t)
+            )
     return out
 
 
@@ -297,8 +347,15 @@ def optimizer_state_figures(setup: Setup) -> list[dict]:
     cfgs = {phase: setup.config(f"zero_{phase}", phase, 1, pipeline_stages=2) for phase in ("raw", "chat")}
     helper = REPO / "tests" / "helpers" / "train_phases.py"  # runs several configs in one set of ranks
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(2 * dp), "--master_port", str(free_port()), str(helper),
-           *map(str, cfgs.values())]
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        str(2 * dp),
+        "--master_port",
+        str(free_port()),
+        str(helper),
+        *map(str, cfgs.values()),
+    ]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -312,28 +369,43 @@ def optimizer_state_figures(setup: Setup) -> list[dict]:
         measured = measured_optimizer_bytes(run_dir / "checkpoints" / tag_for(1))
         # ZeRO-1 with data parallelism: 2 fp32 moments + an fp32 master partition, split over DP;
         # one data-parallel rank in fp32 runs ZeRO-0 and torch's AdamW: the 2 moments only.
-        per_param, how = (ADAM_BYTES_PER_PARAM / dp, "2 moments + fp32 master, ZeRO-1") if dp > 1 else \
-            (8, "2 moments, ZeRO-0")
+        per_param, how = (
+            (ADAM_BYTES_PER_PARAM / dp, "2 moments + fp32 master, ZeRO-1") if dp > 1 else (8, "2 moments, ZeRO-0")
+        )
         for stage, numel in trained.items():
             per_rank = max(v for (s, _), v in measured.items() if s == stage)
             if numel:
                 need = numel * per_param
-                rows.append(figure(
-                    f"optimizer bytes per rank, {phase} phase, stage {stage} (P=2, DP={dp})",
-                    per_rank, round(need), f"<= {GOAL_OPT_BYTES}", per_rank / need <= GOAL_OPT_BYTES, "bytes",
-                    notes=f"{numel:,} trained params x {per_param:g} B ({how}); measured from the stage's "
-                          f"optimizer files"))
+                rows.append(
+                    figure(
+                        f"optimizer bytes per rank, {phase} phase, stage {stage} (P=2, DP={dp})",
+                        per_rank,
+                        round(need),
+                        f"<= {GOAL_OPT_BYTES}",
+                        per_rank / need <= GOAL_OPT_BYTES,
+                        "bytes",
+                        notes=f"{numel:,} trained params x {per_param:g} B ({how}); measured from the stage's "
+                        f"optimizer files",
+                    )
+                )
             else:
-                rows.append(figure(
-                    f"optimizer bytes per rank, {phase} phase, stage {stage}: fully frozen (P=2, DP={dp})",
-                    per_rank, 0, f"<= {FROZEN_STAGE_MAX_BYTES} bytes (the 1-element anchor only)",
-                    per_rank <= FROZEN_STAGE_MAX_BYTES, "bytes",
-                    notes="frozen parameters add nothing; ratio undefined (nothing trains here)"))
+                rows.append(
+                    figure(
+                        f"optimizer bytes per rank, {phase} phase, stage {stage}: fully frozen (P=2, DP={dp})",
+                        per_rank,
+                        0,
+                        f"<= {FROZEN_STAGE_MAX_BYTES} bytes (the 1-element anchor only)",
+                        per_rank <= FROZEN_STAGE_MAX_BYTES,
+                        "bytes",
+                        notes="frozen parameters add nothing; ratio undefined (nothing trains here)",
+                    )
+                )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
 # Profiles, written into the notes when a goal is missed
+
 
 def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     """torch.profiler over a few steady-state steps of the pipeline and of the reference loop:
@@ -386,14 +458,17 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     tables.append(("plain PyTorch loop (as tests.kit.reference)", prof))
     out = [_profile_delta(tables[0][1], tables[1][1], steps)]
     for title, prof in tables:
-        out.append(f"{title}, {steps} steps, top ops by self CPU time:\n```\n"
-                   + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
-                   + "```")
+        out.append(
+            f"{title}, {steps} steps, top ops by self CPU time:\n```\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=48)
+            + "```"
+        )
     return "\n".join(out)
 
 
 def _profile_delta(pipe, ref, steps: int) -> str:
     """The ops whose self CPU time per step grew most from the plain loop to the pipeline."""
+
     def by_op(prof):
         return {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}  # ms per step
 
@@ -401,11 +476,14 @@ def _profile_delta(pipe, ref, steps: int) -> str:
     total_a, total_b = sum(a.values()), sum(b.values())
     deltas = sorted(((a.get(k, 0.0) - b.get(k, 0.0), k) for k in set(a) | set(b)), reverse=True)[:6]
     parts = ", ".join(f"{k} +{d:.1f}" for d, k in deltas if d > 0)
-    return (f"Where the time goes: self CPU {total_a:.1f} ms/step in the pipeline vs {total_b:.1f} ms/step in the "
-            f"plain loop; largest increases (ms/step): {parts}.")
+    return (
+        f"Where the time goes: self CPU {total_a:.1f} ms/step in the pipeline vs {total_b:.1f} ms/step in the "
+        f"plain loop; largest increases (ms/step): {parts}."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
+
 
 def run(size: str = "small", root: Path | None = None, profile_on_miss: bool = True) -> list[dict]:
     """All training figures for `size`; the model and shards are built in a temp dir (or `root`)."""
@@ -425,75 +503,135 @@ def _run(setup: Setup, profile_on_miss: bool) -> list[dict]:
     zero0 = setup.config("full_zero0", "full", W + K, ds_config=str(setup.ds_zero0))
     G, S = p["batch"], p["seq"]
     m = p["model"]
-    what = (f"{m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab_size']}, seq {S}, "
-            f"batch {G} (micro {p['micro']}), {K} steps after {W} warm-up, {R} reps")
+    what = (
+        f"{m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab_size']}, seq {S}, "
+        f"batch {G} (micro {p['micro']}), {K} steps after {W} warm-up, {R} reps"
+    )
     print(f"train speed: {what}", flush=True)
 
-    sides = {"pipe": lambda: pipeline_step_times(full, W), "ref": lambda: reference_step_times(full, W, K),
-             "chat": lambda: pipeline_step_times(chat, W), "zero0": lambda: pipeline_step_times(zero0, W)}
+    sides = {
+        "pipe": lambda: pipeline_step_times(full, W),
+        "ref": lambda: reference_step_times(full, W, K),
+        "chat": lambda: pipeline_step_times(chat, W),
+        "zero0": lambda: pipeline_step_times(zero0, W),
+    }
     times = {k: [] for k in sides}
     order = list(sides)
     for r in range(R):
-        for side in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+        for side in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
             times[side].append(statistics.median(sides[side]()))
-        print(f"  rep {r + 1}/{R}: s/step  pipeline {times['pipe'][-1]:.3f}  reference {times['ref'][-1]:.3f}  "
-              f"chat {times['chat'][-1]:.3f}  pipeline+ZeRO-0 {times['zero0'][-1]:.3f}", flush=True)
+        print(
+            f"  rep {r + 1}/{R}: s/step  pipeline {times['pipe'][-1]:.3f}  reference {times['ref'][-1]:.3f}  "
+            f"chat {times['chat'][-1]:.3f}  pipeline+ZeRO-0 {times['zero0'][-1]:.3f}",
+            flush=True,
+        )
     rows = []
 
     # 1. tokens/s, pipeline vs plain loop (per-rep ratios pair runs that were neighbours in time)
     tps = {k: [G * S / t for t in v] for k, v in times.items()}
     speed_ratios = [a / b for a, b in zip(tps["pipe"], tps["ref"])]
     v, b = statistics.median(tps["pipe"]), statistics.median(tps["ref"])
-    rows.append(figure(
-        "tokens/s, pipeline.train 1 stage (phase full) vs plain PyTorch loop", round(v, 1), round(b, 1),
-        f">= {GOAL_SPEED}", v / b >= GOAL_SPEED, "tokens/s", spread=median_spread(speed_ratios)[1],
-        paired_ratio=round(statistics.median(speed_ratios), 4), per_rep_ratios=[round(x, 4) for x in speed_ratios],
-        notes=what))
+    rows.append(
+        figure(
+            "tokens/s, pipeline.train 1 stage (phase full) vs plain PyTorch loop",
+            round(v, 1),
+            round(b, 1),
+            f">= {GOAL_SPEED}",
+            v / b >= GOAL_SPEED,
+            "tokens/s",
+            spread=median_spread(speed_ratios)[1],
+            paired_ratio=round(statistics.median(speed_ratios), 4),
+            per_rep_ratios=[round(x, 4) for x in speed_ratios],
+            notes=what,
+        )
+    )
     z_ratios = [a / b for a, b in zip([G * S / t for t in times["zero0"]], tps["ref"])]
     v = statistics.median(G * S / t for t in times["zero0"])
-    rows.append(figure(
-        "tokens/s, pipeline.train 1 stage with a ZeRO stage-0 ds_config (tried) vs plain PyTorch loop",
-        round(v, 1), round(b, 1), f"(reference for the row above; >= {GOAL_SPEED})", None, "tokens/s",
-        spread=median_spread(z_ratios)[1], paired_ratio=round(statistics.median(z_ratios), 4),
-        notes="same run, `ds_config` = ds_configs/cpu_fp32_zero1.json with zero_optimization.stage 0"))
+    rows.append(
+        figure(
+            "tokens/s, pipeline.train 1 stage with a ZeRO stage-0 ds_config (tried) vs plain PyTorch loop",
+            round(v, 1),
+            round(b, 1),
+            f"(reference for the row above; >= {GOAL_SPEED})",
+            None,
+            "tokens/s",
+            spread=median_spread(z_ratios)[1],
+            paired_ratio=round(statistics.median(z_ratios), 4),
+            notes="same run, `ds_config` = ds_configs/cpu_fp32_zero1.json with zero_optimization.stage 0",
+        )
+    )
 
     # 2. chat-phase step vs full step, against the FLOP model
     fr, info = flop_ratio(chat)
     chat_ratios = [c / f for c, f in zip(times["chat"], times["pipe"])]
     v, b = statistics.median(times["chat"]), statistics.median(times["pipe"])
-    rows.append(figure(
-        "step time, chat phase (last 25% of layers + head) vs full fine-tune, same pipeline", round(v, 4), round(b, 4),
-        f"<= {GOAL_FLOP_SLACK} x FLOP ratio = {GOAL_FLOP_SLACK * fr:.3f}", v / b <= GOAL_FLOP_SLACK * fr, "s/step",
-        spread=median_spread(chat_ratios)[1], flop_ratio=round(fr, 4),
-        paired_ratio=round(statistics.median(chat_ratios), 4),
-        notes=f"FLOP model: forward of all + backward of trained part ({info['forward_flops_per_token'] / 1e6:.1f} "
-              f"MFLOP/token forward); {what}"))
+    rows.append(
+        figure(
+            "step time, chat phase (last 25% of layers + head) vs full fine-tune, same pipeline",
+            round(v, 4),
+            round(b, 4),
+            f"<= {GOAL_FLOP_SLACK} x FLOP ratio = {GOAL_FLOP_SLACK * fr:.3f}",
+            v / b <= GOAL_FLOP_SLACK * fr,
+            "s/step",
+            spread=median_spread(chat_ratios)[1],
+            flop_ratio=round(fr, 4),
+            paired_ratio=round(statistics.median(chat_ratios), 4),
+            notes=f"FLOP model: forward of all + backward of trained part ({info['forward_flops_per_token'] / 1e6:.1f} "
+            f"MFLOP/token forward); {what}",
+        )
+    )
 
     # 4. loader share (before 3: it reuses this process's warm page cache, not the launch's)
     for name, cfg_path, step_s in (("raw shards, full step", full, b), ("chat shards, chat step", chat, v)):
         lt, lspread = median_spread(loader_step_times(cfg_path, p["loader_steps"]))
-        rows.append(figure(f"loader time per step ({name}) vs step time", round(lt, 6), round(step_s, 4),
-                           f"< {GOAL_LOADER}", lt / step_s < GOAL_LOADER, "s", spread=round(lspread, 6),
-                           notes=f"data_prep.reader.micro_batches making {G // p['micro']} micro-batches of {p['micro']}"))
+        rows.append(
+            figure(
+                f"loader time per step ({name}) vs step time",
+                round(lt, 6),
+                round(step_s, 4),
+                f"< {GOAL_LOADER}",
+                lt / step_s < GOAL_LOADER,
+                "s",
+                spread=round(lspread, 6),
+                notes=f"data_prep.reader.micro_batches making {G // p['micro']} micro-batches of {p['micro']}",
+            )
+        )
 
     # 5. a validation batch vs a training step, raw phase (what A-Raw pays per eval batch)
     val = setup.config("raw_validated", "raw", W + K, eval_every=2, eval_batches=1)
     pairs = [validation_times(val, W) for _ in range(R)]
     shares = [e / t for e, t in pairs]
     e, t = statistics.median(e for e, _ in pairs), statistics.median(t for _, t in pairs)
-    rows.append(figure(
-        "validation batch (eval_batch, forward only) vs training step, raw phase, same run", round(e, 4), round(t, 4),
-        f"< {GOAL_EVAL_SHARE}", e / t < GOAL_EVAL_SHARE, "s", spread=median_spread(shares)[1],
-        paired_ratio=round(statistics.median(shares), 4),
-        notes=f"one validation costs eval_batches x this ratio of a step, per set; eval_every=2, "
-              f"eval_batches=1, on the raw shards' val split; {what}"))
+    rows.append(
+        figure(
+            "validation batch (eval_batch, forward only) vs training step, raw phase, same run",
+            round(e, 4),
+            round(t, 4),
+            f"< {GOAL_EVAL_SHARE}",
+            e / t < GOAL_EVAL_SHARE,
+            "s",
+            spread=median_spread(shares)[1],
+            paired_ratio=round(statistics.median(shares), 4),
+            notes=f"one validation costs eval_batches x this ratio of a step, per set; eval_every=2, "
+            f"eval_batches=1, on the raw shards' val split; {what}",
+        )
+    )
 
     # 3. optimizer state per stage
     try:
         rows += optimizer_state_figures(setup)
     except Exception as e:  # a failed launch is a failed figure, not a crashed bench
-        rows.append(figure("optimizer bytes per stage (P=2, ZeRO-1)", None, None, f"<= {GOAL_OPT_BYTES}", False,
-                           "bytes", notes=f"failed: {e}"[:3000]))
+        rows.append(
+            figure(
+                "optimizer bytes per stage (P=2, ZeRO-1)",
+                None,
+                None,
+                f"<= {GOAL_OPT_BYTES}",
+                False,
+                "bytes",
+                notes=f"failed: {e}"[:3000],
+            )
+        )
 
     if profile_on_miss and not rows[0]["met"]:
         rows[0]["profile"] = profile_steps(full)
@@ -503,10 +641,13 @@ def _run(setup: Setup, profile_on_miss: bool) -> list[dict]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.splitlines()[0],
-                                 epilog="examples:\n  python -m bench.train_speed --size small\n"
-                                        "  python -m bench.train_speed --size tiny --keep /tmp/bench-train",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.train_speed",
+        description=__doc__.splitlines()[0],
+        epilog="examples:\n  python -m bench.train_speed --size small\n"
+        "  python -m bench.train_speed --size tiny --keep /tmp/bench-train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--size", choices=list(SIZES), default="small")
     ap.add_argument("--keep", type=Path, help="build model, shards and runs here and keep them (default: temp dir)")
     args = ap.parse_args(argv)

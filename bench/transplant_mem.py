@@ -10,6 +10,7 @@ tiny model: the Python + torch + transformers imports and bookkeeping that any r
     python -m bench.transplant_mem            # size=small: 8 MB layers, 16 MB shards
     python -c "from bench.transplant_mem import run; print(run('full'))"   # 32 MB layers, 64 MB shards
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,17 @@ def build_base(out: Path, layers: int, hidden: int, inter: int, vocab: int) -> i
     from tests.kit.models import tiny_llama
     from tests.kit.runs import make_tokenizer
 
-    tiny_llama(out, vocab, seed=layers, dtype=torch.bfloat16, layers=layers, hidden=hidden, intermediate=inter,
-               heads=hidden // 64, kv_heads=hidden // 64)
+    tiny_llama(
+        out,
+        vocab,
+        seed=layers,
+        dtype=torch.bfloat16,
+        layers=layers,
+        hidden=hidden,
+        intermediate=inter,
+        heads=hidden // 64,
+        kv_heads=hidden // 64,
+    )
     make_tokenizer(out, chat_template=False)
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
@@ -70,11 +80,28 @@ finally:
 
 def peak_rss_mb(raw: Path, chat: Path, out: Path, shard: str) -> float:
     """Peak RSS (MB) of `python -m pipeline.transplant ...` run in a fresh child process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     report = out.with_suffix(".hwm")
-    cmd = [sys.executable, "-c", _CHILD, str(report), "--raw", str(raw), "--chat", str(chat),
-           "--out", str(out), "--max-shard-size", shard]
+    cmd = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(report),
+        "--raw",
+        str(raw),
+        "--chat",
+        str(chat),
+        "--out",
+        str(out),
+        "--max-shard-size",
+        shard,
+    ]
     p = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"transplant failed: {p.stderr[-2000:]}")
@@ -93,17 +120,41 @@ def run(size: str = "small") -> list[dict]:
             t0 = time.time()
             peaks[layers] = peak_rss_mb(raw, chat, tmp / f"out-{layers}", shard) - baseline
             sizes[layers] = nbytes / 2**20
-            results.append({"name": f"transplant_peak_rss_above_baseline_{layers}_layers", "value": round(peaks[layers], 1),
-                            "baseline": round(sizes[layers], 1), "ratio": round(peaks[layers] / sizes[layers], 3),
-                            "goal": f"about one shard ({shard}), not the model (baseline = model weights, MB)",
-                            "met": None, "unit": "MB", "seconds": round(time.time() - t0, 1)})
+            results.append(
+                {
+                    "name": f"transplant_peak_rss_above_baseline_{layers}_layers",
+                    "value": round(peaks[layers], 1),
+                    "baseline": round(sizes[layers], 1),
+                    "ratio": round(peaks[layers] / sizes[layers], 3),
+                    "goal": f"about one shard ({shard}), not the model (baseline = model weights, MB)",
+                    "met": None,
+                    "unit": "MB",
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
         growth = peaks[LAYERS[1]] / peaks[LAYERS[0]]
-        results.append({"name": "transplant_peak_rss_growth_16_vs_4_layers", "value": round(growth, 3),
-                        "baseline": round(sizes[LAYERS[1]] / sizes[LAYERS[0]], 2), "ratio": round(growth, 3),
-                        "goal": f"<= {GOAL_GROWTH} while the model grows {sizes[LAYERS[1]] / sizes[LAYERS[0]]:.1f}x",
-                        "met": growth <= GOAL_GROWTH, "unit": "x"})
-        results.append({"name": "transplant_baseline_rss_tiny_model", "value": round(baseline, 1), "baseline": None,
-                        "ratio": None, "goal": "reference (python + torch + transformers)", "met": None, "unit": "MB"})
+        results.append(
+            {
+                "name": "transplant_peak_rss_growth_16_vs_4_layers",
+                "value": round(growth, 3),
+                "baseline": round(sizes[LAYERS[1]] / sizes[LAYERS[0]], 2),
+                "ratio": round(growth, 3),
+                "goal": f"<= {GOAL_GROWTH} while the model grows {sizes[LAYERS[1]] / sizes[LAYERS[0]]:.1f}x",
+                "met": growth <= GOAL_GROWTH,
+                "unit": "x",
+            }
+        )
+        results.append(
+            {
+                "name": "transplant_baseline_rss_tiny_model",
+                "value": round(baseline, 1),
+                "baseline": None,
+                "ratio": None,
+                "goal": "reference (python + torch + transformers)",
+                "met": None,
+                "unit": "MB",
+            }
+        )
         return results
 
 
