@@ -21,6 +21,7 @@ see the same drift. `spread` is the half-range of those per-round ratios.
     python -m bench.dataprep            # size=small: ~19 MB of text (~4M tokens), 5 rounds
     python -c "from bench.dataprep import run; print(run('full'))"   # ~76 MB
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,7 @@ def make_corpus(d: Path, n_docs: int) -> tuple[Path, list[str]]:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
-    syll = np.array("ka to ri men sa lo vi tra pe qu an el or is un de ba zo fi ne st ch ar ou"
-                    .split())
+    syll = np.array("ka to ri men sa lo vi tra pe qu an el or is un de ba zo fi ne st ch ar ou".split())
     lex = np.array(["".join(rng.choice(syll, rng.integers(1, 5))) for _ in range(30_000)])
     cdf = np.cumsum(1.0 / np.arange(1, len(lex) + 1))
     cdf /= cdf[-1]
@@ -77,9 +77,12 @@ def make_tokenizer(d: Path, docs: list[str]) -> Path:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=16_384, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=16_384,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(docs[:3000], trainer)
     out = d / "tokenizer"
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(out)
@@ -92,13 +95,14 @@ def _ceiling(tok, docs: list[str], batch: int = BATCH) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     encode = tok.backend_tokenizer.encode_batch_fast
     for i in range(0, len(docs), batch):
-        encode(docs[i: i + batch], add_special_tokens=False)
+        encode(docs[i : i + batch], add_special_tokens=False)
 
 
 def _baseline(tok, ds, out: Path) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    mapped = ds.map(lambda b: tok(b["text"], add_special_tokens=False), batched=True,
-                    remove_columns=["text"], keep_in_memory=True)
+    mapped = ds.map(
+        lambda b: tok(b["text"], add_special_tokens=False), batched=True, remove_columns=["text"], keep_in_memory=True
+    )
     ids = mapped.data.column("input_ids").combine_chunks().flatten().to_numpy()
     ids.astype(np.uint16).tofile(out)
 
@@ -106,8 +110,19 @@ def _baseline(tok, ds, out: Path) -> None:
 def _data_prep(corpus: Path, tokenizer: Path, out: Path) -> None:
     from data_prep import raw
 
-    args = raw.parser().parse_args([str(corpus), "--tokenizer", str(tokenizer), "--output-prefix",
-                                    str(out / "bench"), "--workers", str(CORES), "--batch-docs", str(BATCH)])
+    args = raw.parser().parse_args(
+        [
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer),
+            "--output-prefix",
+            str(out / "bench"),
+            "--workers",
+            str(CORES),
+            "--batch-docs",
+            str(BATCH),
+        ]
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         raw.run(args, argv=[])
 
@@ -151,7 +166,7 @@ def run(size: str = "small") -> list[dict]:
             f()
         order = list(methods)
         for r in range(rounds):
-            for name in order[r % len(order):] + order[: r % len(order)]:
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 _fresh(out)
                 t, c = time.perf_counter(), time.process_time()
                 methods[name]()
@@ -165,8 +180,10 @@ def run(size: str = "small") -> list[dict]:
     stored = m["totals"]["train"]["tokens"] + m["totals"]["val"]["tokens"]
     assert stored == n_tokens + n_docs, "data_prep stored a different number of tokens"
 
-    note = (f"{n_docs} docs, {n_tokens:,} tokens, {CORES} cores, load average "
-            f"{min(load):.1f}-{max(load):.1f} during the rounds (> {CORES} means other work shared the cores)")
+    note = (
+        f"{n_docs} docs, {n_tokens:,} tokens, {CORES} cores, load average "
+        f"{min(load):.1f}-{max(load):.1f} during the rounds (> {CORES} means other work shared the cores)"
+    )
 
     def figure(name, num, den, goal, clock=secs, unit="tokens/s"):
         # ratio = value / baseline (medians over rounds); spread = half-range of the ratios
@@ -174,18 +191,31 @@ def run(size: str = "small") -> list[dict]:
         value, base = (n_tokens / statistics.median(clock[k]) for k in (num, den))
         per_round = [clock[den][i] / clock[num][i] for i in range(rounds)]
         ratio = value / base
-        return {"name": name, "value": round(value), "baseline": round(base),
-                "ratio": round(round(value) / round(base), 4), "goal": goal,
-                "met": None if goal is None else ratio >= goal, "unit": unit,
-                "spread": round((max(per_round) - min(per_round)) / 2, 3), "notes": note}
+        return {
+            "name": name,
+            "value": round(value),
+            "baseline": round(base),
+            "ratio": round(round(value) / round(base), 4),
+            "goal": goal,
+            "met": None if goal is None else ratio >= goal,
+            "unit": unit,
+            "spread": round((max(per_round) - min(per_round)) / 2, 3),
+            "notes": note,
+        }
 
     return [
         figure("dataprep_raw_vs_tokenizer_ceiling", "data_prep", "ceiling", GOAL_CEILING),
         figure("dataprep_raw_vs_datasets_map", "data_prep", "baseline", GOAL_BASELINE),
         figure("datasets_map_vs_tokenizer_ceiling (reference)", "baseline", "ceiling", None),
         # CPU seconds (all threads) per token: blind to idle cores, but steady on a busy machine.
-        figure("dataprep_raw_vs_tokenizer_ceiling_cpu_time (reference)", "data_prep", "ceiling",
-               None, clock=cpu, unit="tokens per CPU-second"),
+        figure(
+            "dataprep_raw_vs_tokenizer_ceiling_cpu_time (reference)",
+            "data_prep",
+            "ceiling",
+            None,
+            clock=cpu,
+            unit="tokens per CPU-second",
+        ),
     ]
 
 
