@@ -34,7 +34,7 @@ export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: setup lock test test-fast demo sweep bench bench-gpu data chat raw transplant eval clean help
+.PHONY: setup lock lint test test-fast demo sweep bench bench-gpu data chat raw transplant eval clean help
 
 help:  ## list targets
 	@grep -hE '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | column -t -s '	'
@@ -68,7 +68,12 @@ lock:  ## rewrite constraints.txt from the venv's versions (after `make test` pa
 PYTEST_ARGS ?=
 # pytest exits 5 when it collected no test: that is a broken suite (a bad path or a lost
 # conftest), not a pass, so it fails with a message instead of passing quietly.
-test: setup  ## run the test suite (CPU, real DeepSpeed multi-process runs included)
+# ruff first: a lint or format slip fails in a second, before a quarter hour of tests.
+lint: setup  ## ruff lint and format check ([tool.ruff] in pyproject.toml)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint  ## lint, then the test suite (CPU, real DeepSpeed multi-process runs included)
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (PYTEST_ARGS='$(PYTEST_ARGS)')" >&2; exit 1; fi; \
 	exit $$rc

@@ -16,6 +16,7 @@ Host RAM per node: each rank reads only its stage's tensors (bf16) before they m
 plus ~3 GB of process (torch, DeepSpeed, CUDA context): 8 ranks per node. Before stage-only loading,
 every rank loaded the whole model in fp32 first.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,12 +27,28 @@ from pipeline.groups import LayerGroups
 from pipeline.training.plan import layer_cost, partition, stage_memory
 
 MODELS = {
-    "Llama-3-8B": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       tie_word_embeddings=False),
-    "Llama-3-70B": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=8192,
-                        intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                        tie_word_embeddings=False),
+    "Llama-3-8B": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "Llama-3-70B": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 # (model, GPUs, pipeline stages P): one node of 8 GPUs for 8B, two for 70B
 LAYOUTS = [("Llama-3-8B", 8, 2), ("Llama-3-8B", 8, 4), ("Llama-3-70B", 16, 8), ("Llama-3-70B", 16, 16)]
@@ -60,7 +77,8 @@ def row(name: str, gpus: int, P: int, phase: str, checkpointing: bool) -> dict:
         lo, hi = bounds[s], bounds[s + 1]
         params = per_layer * (hi - lo) + (emb if lo == 0 else 0) + (head if hi == L else 0)
         trained = per_layer * sum(g.layer_trained(i) for i in range(lo, hi)) + (
-            head if hi == L and g.layer_trained(L - 1) else 0)
+            head if hi == L and g.layer_trained(L - 1) else 0
+        )
         m = stage_memory(params, trained, torch.bfloat16, 1, dp)
         graph_layers = sum(layer_cost(g, i) > 1 for i in range(lo, hi))  # trained, or backprop through
         in_flight = P - s
@@ -68,20 +86,33 @@ def row(name: str, gpus: int, P: int, phase: str, checkpointing: bool) -> dict:
         act = in_flight * per_mb
         total = m["total"] + act
         if worst is None or total > worst["total"]:
-            worst = {**m, "activations": act, "total": total, "stage": s, "layers": (lo, hi - 1),
-                     "host": params * 2}
+            worst = {**m, "activations": act, "total": total, "stage": s, "layers": (lo, hi - 1), "host": params * 2}
     host_node = min(GPUS_PER_NODE, gpus) * (worst["host"] / 2**30 + PROCESS_GB)
     whole_fp32 = (per_layer * L + emb + head) * 4 / 2**30
-    return {"model": name, "gpus": gpus, "P": P, "dp": dp, "phase": phase, "checkpointing": checkpointing,
-            "stage": worst["stage"], "layers": worst["layers"],
-            "gpu_gb": worst["total"] / 2**30, "weights_gb": worst["weights"] / 2**30,
-            "state_gb": (worst["gradients"] + worst["optimizer"]) / 2**30, "act_gb": worst["activations"] / 2**30,
-            "host_node_gb": host_node, "host_node_before_gb": min(GPUS_PER_NODE, gpus) * (whole_fp32 + PROCESS_GB)}
+    return {
+        "model": name,
+        "gpus": gpus,
+        "P": P,
+        "dp": dp,
+        "phase": phase,
+        "checkpointing": checkpointing,
+        "stage": worst["stage"],
+        "layers": worst["layers"],
+        "gpu_gb": worst["total"] / 2**30,
+        "weights_gb": worst["weights"] / 2**30,
+        "state_gb": (worst["gradients"] + worst["optimizer"]) / 2**30,
+        "act_gb": worst["activations"] / 2**30,
+        "host_node_gb": host_node,
+        "host_node_before_gb": min(GPUS_PER_NODE, gpus) * (whole_fp32 + PROCESS_GB),
+    }
 
 
 def table() -> str:
-    lines = ["| model | GPUs | P x DP | phase | act. ckpt | worst stage (layers) | per GPU: weights + grad/optim + "
-             "activations = total | host RAM per node (was) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | GPUs | P x DP | phase | act. ckpt | worst stage (layers) | per GPU: weights + grad/optim + "
+        "activations = total | host RAM per node (was) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, gpus, P in LAYOUTS:
         for phase in ("chat", "raw"):
             for ckpt in (False, True):
@@ -90,7 +121,8 @@ def table() -> str:
                     f"| {name} | {gpus} | {P} x {r['dp']} | {phase} | {'yes' if ckpt else 'no'} | {r['stage']} "
                     f"({r['layers'][0]}-{r['layers'][1]}) | {r['weights_gb']:.1f} + {r['state_gb']:.1f} + "
                     f"{r['act_gb']:.1f} = **{r['gpu_gb']:.1f} GB** | {r['host_node_gb']:.0f} GB "
-                    f"({r['host_node_before_gb']:.0f} GB) |")
+                    f"({r['host_node_before_gb']:.0f} GB) |"
+                )
     return "\n".join(lines) + f"\n\nseq_len {SEQ}, micro batch {MICRO}, bf16 weights, ZeRO-1; GB = 2^30 bytes.\n"
 
 

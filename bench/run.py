@@ -13,6 +13,7 @@ A part that fails is recorded as a failed figure carrying its error; the others 
 Writes runs/bench/latest.json (the figures), latest.md (a table, the notes and any profiles)
 and latest.meta.json (machine, versions, command, duration), then prints the markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,10 @@ import time
 import traceback
 from pathlib import Path
 
+from data_prep.common import atomic_write_json, atomic_write_text, fail_cleanly
+
 REPO = Path(__file__).resolve().parents[1]
 
-from data_prep.common import atomic_write_json, atomic_write_text, fail_cleanly
 
 PARTS = ("train", "dataprep", "transplant", "memory")
 # bench sizes -> the sizes the other modules know. `tiny` is for the test suite: seconds, and the
@@ -76,10 +78,19 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"device": "cpu", "cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": cores,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "load_average_at_start": _load()}
+    return {
+        "device": "cpu",
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "usable_cores": cores,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "load_average_at_start": _load(),
+    }
 
 
 def _load():
@@ -92,22 +103,35 @@ def _load():
 def failed(part: str, err: BaseException) -> dict:
     """A part that crashed, as a figure: nothing measured, goal missed, the error kept."""
     tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-3000:]
-    return {"name": f"{part}: failed", "value": None, "baseline": None, "ratio": None, "goal": "runs",
-            "met": False, "unit": "", "notes": f"{type(err).__name__}: {err}"[:2000], "traceback": tb}
+    return {
+        "name": f"{part}: failed",
+        "value": None,
+        "baseline": None,
+        "ratio": None,
+        "goal": "runs",
+        "met": False,
+        "unit": "",
+        "notes": f"{type(err).__name__}: {err}"[:2000],
+        "traceback": tb,
+    }
 
 
 def run_part(part: str, size: str) -> list[dict]:
     if part == "train":
         from bench import train_speed
+
         return train_speed.run(size)
     if part == "dataprep":
         from bench import dataprep
+
         return dataprep.run(PART_SIZE[size])
     if part == "transplant":
         from bench import transplant_mem
+
         return transplant_mem.run(PART_SIZE[size])
     if part == "memory":
         from bench import stage_memory
+
         return stage_memory.run("tiny" if size == "tiny" else "small")
     raise ValueError(part)
 
@@ -143,17 +167,24 @@ def _fmt(x) -> str:
 
 def to_markdown(figures: list[dict], meta: dict) -> str:
     m = meta["machine"]
-    lines = [f"# Benchmark ({meta['size']})", "",
-             f"`{meta['command']}` on {m['cpu']} ({m['usable_cores']} usable cores, OMP_NUM_THREADS="
-             f"{m['omp_num_threads']}), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
-             f"{m['transformers']}; {meta['seconds']:.0f} s; load average {m['load_average_at_start']} at start, "
-             f"{meta['load_average_at_end']} at end (above the core count means other work shared the cores).", "",
-             "| figure | value | baseline | ratio | spread | goal | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark ({meta['size']})",
+        "",
+        f"`{meta['command']}` on {m['cpu']} ({m['usable_cores']} usable cores, OMP_NUM_THREADS="
+        f"{m['omp_num_threads']}), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
+        f"{m['transformers']}; {meta['seconds']:.0f} s; load average {m['load_average_at_start']} at start, "
+        f"{meta['load_average_at_end']} at end (above the core count means other work shared the cores).",
+        "",
+        "| figure | value | baseline | ratio | spread | goal | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in figures:
         unit = f" {f['unit']}" if f.get("unit") else ""
         met = {True: "yes", False: "**no**", None: "-"}[f.get("met")]
-        lines.append(f"| {f['name']} | {_fmt(f.get('value'))}{unit} | {_fmt(f.get('baseline'))} | "
-                     f"{_fmt(f.get('ratio'))} | {_fmt(f.get('spread'))} | {f.get('goal')} | {met} |")
+        lines.append(
+            f"| {f['name']} | {_fmt(f.get('value'))}{unit} | {_fmt(f.get('baseline'))} | "
+            f"{_fmt(f.get('ratio'))} | {_fmt(f.get('spread'))} | {f.get('goal')} | {met} |"
+        )
     notes = [f for f in figures if f.get("notes") or f.get("note") or f.get("profile")]
     if notes:
         lines += ["", "## Notes", ""]
@@ -169,14 +200,26 @@ def to_markdown(figures: list[dict], meta: dict) -> str:
 
 @fail_cleanly
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0], epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=list(PART_SIZE), default=os.environ.get("BENCH_SIZE", "small"),
-                    help="small: < 10 min on 2 CPU cores (default, or $BENCH_SIZE); medium: bigger model and "
-                         "corpus; tiny: seconds, for the tests")
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench",
-                    help="results directory (default runs/bench, untracked; `--out bench/results` updates the "
-                         "committed reference copy, on purpose)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--size",
+        choices=list(PART_SIZE),
+        default=os.environ.get("BENCH_SIZE", "small"),
+        help="small: < 10 min on 2 CPU cores (default, or $BENCH_SIZE); medium: bigger model and "
+        "corpus; tiny: seconds, for the tests",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "runs" / "bench",
+        help="results directory (default runs/bench, untracked; `--out bench/results` updates the "
+        "committed reference copy, on purpose)",
+    )
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
@@ -187,9 +230,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     machine = machine_info()
     figures = collect(args.size, parts)
-    meta = {"size": args.size, "parts": parts, "machine": machine, "seconds": round(time.perf_counter() - t0, 1),
-            "load_average_at_end": _load(),
-            "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = {
+        "size": args.size,
+        "parts": parts,
+        "machine": machine,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_average_at_end": _load(),
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     md = to_markdown(figures, meta)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "latest.json", figures)

@@ -11,6 +11,7 @@ dtype, plus gradients and optimizer state for its trained parameters: RunPlan.me
 
     python -m bench.stage_memory            # ~4 min on 2 CPU cores
 """
+
 from __future__ import annotations
 
 import json
@@ -66,10 +67,24 @@ def _model(root: Path, name: str, tok: Path, **shape) -> Path:
 
 
 def _config(root: Path, name: str, model: Path, data: Path, layers: int, P: int) -> Path:
-    cfg = {"model": str(model), "data": str(data), "phase": "raw", "raw_start": layers // 4,
-           "format_start": layers - layers // 4, "pipeline_stages": P, "seq_len": 64, "micro_batch_size": 1,
-           "global_batch_size": 2, "steps": 2, "lr": 1e-4, "out": str(root / "runs" / name), "save_every": 2,
-           "keep_last": 1, "ds_config": str(REPO / "ds_configs" / "cpu_fp32_zero1.json"), "verify_data": "size"}
+    cfg = {
+        "model": str(model),
+        "data": str(data),
+        "phase": "raw",
+        "raw_start": layers // 4,
+        "format_start": layers - layers // 4,
+        "pipeline_stages": P,
+        "seq_len": 64,
+        "micro_batch_size": 1,
+        "global_batch_size": 2,
+        "steps": 2,
+        "lr": 1e-4,
+        "out": str(root / "runs" / name),
+        "save_every": 2,
+        "keep_last": 1,
+        "ds_config": str(REPO / "ds_configs" / "cpu_fp32_zero1.json"),
+        "verify_data": "size",
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -86,8 +101,17 @@ def peak_rss_per_rank(cfg: Path, P: int, out: Path) -> list[dict]:
     if P == 1:
         cmd = [sys.executable, str(child), str(out), str(cfg)]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(P), "--master_port",
-               str(free_port()), "--no_local_rank", str(child), str(out), str(cfg)]
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(P),
+            "--master_port",
+            str(free_port()),
+            "--no_local_rank",
+            str(child),
+            str(out),
+            str(cfg),
+        ]
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=1200)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
@@ -109,8 +133,10 @@ def run(size: str = "small") -> list[dict]:
         model = _model(root, "model", tok, **shape)
         idle = _model(root, "idle", tok, layers=L, **IDLE)
         whole_fp32 = 2 * sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20  # bf16 on disk x 2
-        data = {v: write_random_shards(root / f"data{v}" / "raw", v, 20_000, tok, seed=1)
-                for v in (shape["vocab_size"], IDLE["vocab_size"])}
+        data = {
+            v: write_random_shards(root / f"data{v}" / "raw", v, 20_000, tok, seed=1)
+            for v in (shape["vocab_size"], IDLE["vocab_size"])
+        }
         for P in STAGES:
             cfg = _config(root, f"p{P}", model, data[shape["vocab_size"]], L, P)
             base_cfg = _config(root, f"idle{P}", idle, data[IDLE["vocab_size"]], L, P)
@@ -123,14 +149,23 @@ def run(size: str = "small") -> list[dict]:
                 held = peaks[r]["held_mb"] - idle_peaks[r]["held_mb"]
                 lo, hi = plan.stages[r], plan.stages[r + 1]
                 trains = "trains" if any(plan.groups.layer_trained(i) for i in range(lo, hi)) else "frozen"
-                rows.append(figure(
-                    f"peak RSS above an idle rank, P={P}, rank {r} (layers {lo}-{hi - 1}, {trains})",
-                    round(above, 1), round(held, 1), f"<= {GOAL} x what the stage holds", above <= GOAL * held,
-                    "MB", notes=f"peak {peaks[r]['hwm_mb']:.0f} MB, idle rank {idle_peaks[r]['hwm_mb']:.0f} MB; the stage "
-                                f"holds {held:.0f} MB of tensors (the plan estimated {shares[r]:.0f} MB); whole "
-                                f"model in fp32 {whole_fp32:.0f} MB (x{above / whole_fp32:.2f} of it)",
-                    whole_model_fp32_mb=round(whole_fp32, 1), idle_rank_mb=round(idle_peaks[r]["hwm_mb"], 1),
-                    plan_estimate_mb=round(shares[r], 1)))
+                rows.append(
+                    figure(
+                        f"peak RSS above an idle rank, P={P}, rank {r} (layers {lo}-{hi - 1}, {trains})",
+                        round(above, 1),
+                        round(held, 1),
+                        f"<= {GOAL} x what the stage holds",
+                        above <= GOAL * held,
+                        "MB",
+                        notes=f"peak {peaks[r]['hwm_mb']:.0f} MB, idle rank {idle_peaks[r]['hwm_mb']:.0f} MB; "
+                        f"the stage "
+                        f"holds {held:.0f} MB of tensors (the plan estimated {shares[r]:.0f} MB); whole "
+                        f"model in fp32 {whole_fp32:.0f} MB (x{above / whole_fp32:.2f} of it)",
+                        whole_model_fp32_mb=round(whole_fp32, 1),
+                        idle_rank_mb=round(idle_peaks[r]["hwm_mb"], 1),
+                        plan_estimate_mb=round(shares[r], 1),
+                    )
+                )
     return rows
 
 

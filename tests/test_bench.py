@@ -4,6 +4,7 @@ written, a crashed part recorded as a failed figure, and bench/gpu.py end to end
 The tiny figures measure nothing worth reading; what must hold at any size is checked: optimizer
 state exists only for trained parameters (read from real checkpoint files of a P=2 run).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ def check_schema(figures: list[dict]) -> None:
 @pytest.mark.multiproc
 def test_bench_run_tiny(tmp_path):
     out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--size", "tiny", "--parts", "train", "--out", str(out)],
-                       cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--size", "tiny", "--parts", "train", "--out", str(out)],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     figures = json.loads((out / "latest.json").read_text())
     check_schema(figures)
@@ -71,19 +78,51 @@ def test_crashed_part_is_a_failed_figure(monkeypatch):
     for f in figures:
         assert f["met"] is False and "exploded" in f["notes"] and f["value"] is None
     check_schema(figures)
-    md = bench_run.to_markdown(figures, {"size": "tiny", "command": "x", "seconds": 0, "load_average_at_end": None,
-                                         "machine": {"cpu": "c", "usable_cores": 2, "omp_num_threads": "1",
-                                                     "torch": "t", "deepspeed": "d", "transformers": "tr",
-                                                     "load_average_at_start": None}})
+    md = bench_run.to_markdown(
+        figures,
+        {
+            "size": "tiny",
+            "command": "x",
+            "seconds": 0,
+            "load_average_at_end": None,
+            "machine": {
+                "cpu": "c",
+                "usable_cores": 2,
+                "omp_num_threads": "1",
+                "torch": "t",
+                "deepspeed": "d",
+                "transformers": "tr",
+                "load_average_at_start": None,
+            },
+        },
+    )
     assert "dataprep: failed" in md and "**no**" in md
 
 
 @pytest.mark.multiproc
 def test_gpu_script_tiny_on_cpu(tmp_path):
     """The GPU script, end to end on CPU: model + shards built, pipeline.train run, baseline timed."""
-    p = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--warmup", "1", "--steps", "2",
-                        "--out", str(tmp_path), "--workdir", str(tmp_path / "work")],
-                       cwd=ft.REPO, env=ft.env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu",
+            "--tiny",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ft.REPO,
+        env=ft.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert "error" not in res and res["device"].startswith("cpu")

@@ -1,6 +1,7 @@
 """Memory-related guarantees that a CPU can check: in bf16 the weights are bf16 and only trained
 parameters get an fp32 master copy and Adam moments; activation checkpointing changes nothing
 but memory; the plan's per-stage estimate counts exactly the parameters each stage holds."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,13 @@ def runs(tmp_path_factory):
     root = setup["root"]
     common = dict(pipeline_stages=2, seq_len=32, steps=6, save_every=6)
     cfgs = {
-        "bf16": ft.write_config(root / "bf16.yaml", setup, "raw", root / "runs/bf16", ds_config="gpu_bf16_zero1.json",
-                                **common),
+        "bf16": ft.write_config(
+            root / "bf16.yaml", setup, "raw", root / "runs/bf16", ds_config="gpu_bf16_zero1.json", **common
+        ),
         "fp32": ft.write_config(root / "fp32.yaml", setup, "raw", root / "runs/fp32", **common),
-        "ckpt": ft.write_config(root / "ckpt.yaml", setup, "raw", root / "runs/ckpt", activation_checkpoint_interval=1,
-                                **common),
+        "ckpt": ft.write_config(
+            root / "ckpt.yaml", setup, "raw", root / "runs/ckpt", activation_checkpoint_interval=1, **common
+        ),
     }
     ft.run_deepspeed_script(str(ft.REPO / "tests/helpers/train_phases.py"), [str(c) for c in cfgs.values()], ranks=2)
     return {"setup": setup, "cfgs": cfgs, "root": root}

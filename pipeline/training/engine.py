@@ -1,4 +1,5 @@
 """The DeepSpeed pipeline engine of a plan: topology, this rank's stage, optimizer, LR schedule."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from .schedule import lr_factor
 @dataclass
 class Engine:
     plan: RunPlan
-    engine: object      # deepspeed.runtime.pipe.engine.PipelineEngine
+    engine: object  # deepspeed.runtime.pipe.engine.PipelineEngine
     rank: int
     dp_rank: int
     stage: int
@@ -36,8 +37,11 @@ class GlobalNormAdamW(torch.optim.AdamW):
 
         if self.max_norm > 0:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            sq = torch.stack([torch.linalg.vector_norm(x, 2.0) for x in grads]).square().sum() if grads \
+            sq = (
+                torch.stack([torch.linalg.vector_norm(x, 2.0) for x in grads]).square().sum()
+                if grads
                 else torch.zeros((), dtype=torch.float32)
+            )
             dist.all_reduce(sq, group=self.group)
             coef = torch.clamp(self.max_norm / (sq.sqrt() + 1e-6), max=1.0)
             for x in grads:
@@ -59,12 +63,22 @@ def build_engine(plan: RunPlan, rank: int) -> Engine:
     ds, optimizer = plan.ds_config, None
     if plan.clips_globally:
         adam = ds["optimizer"]["params"]
-        optimizer = GlobalNormAdamW(trainable, lr=plan.cfg.optim.lr, betas=tuple(adam["betas"]), eps=adam["eps"],
-                                    weight_decay=plan.cfg.optim.weight_decay, max_norm=plan.cfg.optim.grad_clip,
-                                    group=pipe._grid.get_pipe_parallel_group())
+        optimizer = GlobalNormAdamW(
+            trainable,
+            lr=plan.cfg.optim.lr,
+            betas=tuple(adam["betas"]),
+            eps=adam["eps"],
+            weight_decay=plan.cfg.optim.weight_decay,
+            max_norm=plan.cfg.optim.grad_clip,
+            group=pipe._grid.get_pipe_parallel_group(),
+        )
         ds = {**{k: v for k, v in ds.items() if k != "optimizer"}, "gradient_clipping": 0.0}
     prepare_wandb(plan.cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=pipe, model_parameters=trainable, config=ds, optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan.cfg)))
+        model=pipe,
+        model_parameters=trainable,
+        config=ds,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan.cfg)),
+    )
     return Engine(plan, engine, rank, engine.grid.get_data_parallel_rank(), engine.grid.get_stage_id())

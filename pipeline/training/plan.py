@@ -6,6 +6,7 @@ data, checking each against the others. Every rank builds the same plan before a
 DeepSpeed, so a mistake fails in seconds with one message naming the config line; after that,
 nothing is re-derived: the engine, the loop and run.json all read the plan.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,8 +24,18 @@ from ..rundir import RunDir
 from . import deepspeed_json
 
 # Keys that may change between a run and its resumption without changing what it computes.
-RESUMABLE = {"save_every", "keep_last", "log_every", "dist_timeout_s", "verify_data",
-             "eval_every", "eval_batches", "eval_data", "report_to", "wandb_project"}
+RESUMABLE = {
+    "save_every",
+    "keep_last",
+    "log_every",
+    "dist_timeout_s",
+    "verify_data",
+    "eval_every",
+    "eval_batches",
+    "eval_data",
+    "report_to",
+    "wandb_project",
+}
 
 # Relative cost of one layer per micro-batch, in units of one forward pass. A trained layer does
 # forward + backward for activations + backward for weights (~3x). A frozen layer that gradients
@@ -41,19 +52,22 @@ class BatchPlan:
     grad_accum: int
 
     def describe(self) -> str:
-        return (f"global batch {self.global_batch} = micro {self.micro_batch} x accumulation {self.grad_accum} "
-                f"x data-parallel {self.dp_size}")
+        return (
+            f"global batch {self.global_batch} = micro {self.micro_batch} x accumulation {self.grad_accum} "
+            f"x data-parallel {self.dp_size}"
+        )
 
 
 @dataclass
 class EvalSet:
     """One set validated during training: `batches` eval batches of the global batch size, always
     samples [0, batches * G) of `data` under the run's seed (distinct windows: no set repeats one)."""
-    key: str                         # metrics.jsonl key: val_loss or val_loss_NAME
-    what: str                        # for the layer map: manifest(s) and split
+
+    key: str  # metrics.jsonl key: val_loss or val_loss_NAME
+    what: str  # for the layer map: manifest(s) and split
     data: object = field(repr=False)  # TokenWindows or Mixture
     batches: int
-    note: str = ""                   # set when fewer batches than eval_batches fit
+    note: str = ""  # set when fewer batches than eval_batches fit
 
 
 @dataclass
@@ -63,18 +77,18 @@ class RunPlan:
     tokenizer_dir: Path
     hf_config: dict
     base_model: dict
-    weights: dict[str, str]          # HF tensor name -> safetensors file of the base model
-    shapes: dict[str, tuple]         # HF tensor name -> shape (tied: no lm_head)
+    weights: dict[str, str]  # HF tensor name -> safetensors file of the base model
+    shapes: dict[str, tuple]  # HF tensor name -> shape (tied: no lm_head)
     groups: LayerGroups
     world_size: int
-    stages: list[int]                # [0, b1, ..., L]: stage s holds layers [stages[s], stages[s+1])
+    stages: list[int]  # [0, b1, ..., L]: stage s holds layers [stages[s], stages[s+1])
     batch: BatchPlan
-    ds_config: dict                  # what DeepSpeed receives
+    ds_config: dict  # what DeepSpeed receives
     ds_path: Path
-    dtype: object                    # torch dtype the stage's weights are held in
+    dtype: object  # torch dtype the stage's weights are held in
     data: Mixture = field(repr=False)
-    evals: list[EvalSet] = field(default_factory=list)   # empty: no validation
-    eval_note: str = ""              # why the run's own val split is not validated, if it is not
+    evals: list[EvalSet] = field(default_factory=list)  # empty: no validation
+    eval_note: str = ""  # why the run's own val split is not validated, if it is not
     chat_template: dict | None = None  # the template the chat data was rendered with (data_template)
 
     @property
@@ -140,8 +154,9 @@ class RunPlan:
             "world_size": self.world_size,
             "batch": vars(self.batch),
             "ds_config": self.ds_config,
-            "clipping": "global norm over the pipeline stages, by the engine's AdamW" if self.clips_globally
-                        else "DeepSpeed's",
+            "clipping": "global norm over the pipeline stages, by the engine's AdamW"
+            if self.clips_globally
+            else "DeepSpeed's",
             # What the trained model must ship: export, transplant and chat vector read it here.
             "chat_template": self.chat_template,
         }
@@ -155,12 +170,17 @@ class RunPlan:
             return "trained" if g.trains(name) else "frozen"
 
         emb = EMBED_WEIGHT
-        rows.append(f"{'embeddings':<16}{g.group_of(emb):<8}{self.stage_of_layer(0):<7}{self.numel([emb]):>12,}  {state(emb)}")
+        rows.append(
+            f"{'embeddings':<16}{g.group_of(emb):<8}{self.stage_of_layer(0):<7}{self.numel([emb]):>12,}  {state(emb)}"
+        )
         i = 0
         while i < g.num_layers:  # consecutive layers with the same group and stage share one row
             j = i
-            while (j + 1 < g.num_layers and g.group_of_layer(j + 1) == g.group_of_layer(i)
-                   and self.stage_of_layer(j + 1) == self.stage_of_layer(i)):
+            while (
+                j + 1 < g.num_layers
+                and g.group_of_layer(j + 1) == g.group_of_layer(i)
+                and self.stage_of_layer(j + 1) == self.stage_of_layer(i)
+            ):
                 j += 1
             rng = f"{i}" if i == j else f"{i}-{j}"
             n = self.numel([k for k in self.shapes if layer_of(k) in range(i, j + 1)])
@@ -174,29 +194,38 @@ class RunPlan:
             head = "trained" if g.trains(HEAD_WEIGHT) else "frozen (tied to the embeddings)"
             rows.append(f"{'lm_head':<16}{FROZEN:<8}{last:<7}{'(tied)':>12}  {head}")
         else:
-            rows.append(f"{'lm_head':<16}{FORMAT:<8}{last:<7}{self.numel(['lm_head.weight']):>12,}  "
-                        f"{state('lm_head.weight')}")
+            rows.append(
+                f"{'lm_head':<16}{FORMAT:<8}{last:<7}{self.numel(['lm_head.weight']):>12,}  {state('lm_head.weight')}"
+            )
         rows.append(self.batch.describe() + f"; {self.num_stages} pipeline stage(s), bounds {self.stages}")
         gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
         for s, m in enumerate(self.memory_per_stage()):
-            rows.append(f"stage {s}: {gb(m['total'])} per rank before activations (weights {gb(m['weights'])}, "
-                        f"gradients {gb(m['gradients'])}, optimizer {gb(m['optimizer'])})")
+            rows.append(
+                f"stage {s}: {gb(m['total'])} per rank before activations (weights {gb(m['weights'])}, "
+                f"gradients {gb(m['gradients'])}, optimizer {gb(m['optimizer'])})"
+            )
         rows.extend(self.validation_lines())
         if self.chat_template:
             t = self.chat_template
-            rows.append(f"chat template: the one {Path(t['manifest']).name} was rendered with ({t['from']}; sha256 "
-                        f"{t['sha256'][:12]}); export, transplant and chat vector ship it")
+            rows.append(
+                f"chat template: the one {Path(t['manifest']).name} was rendered with ({t['from']}; sha256 "
+                f"{t['sha256'][:12]}); export, transplant and chat vector ship it"
+            )
         return "\n".join(rows)
 
     def validation_lines(self) -> list[str]:
         every = self.cfg.eval.eval_every
         if not every:
             return ["validation: off (eval_every 0)"]
-        rows = [f"validation every {every} steps, before the first and after the last"
-                + (f"; {self.eval_note}" if self.eval_note else "")]
+        rows = [
+            f"validation every {every} steps, before the first and after the last"
+            + (f"; {self.eval_note}" if self.eval_note else "")
+        ]
         for e in self.evals:
-            rows.append(f"  {e.key}: {e.batches} x {self.batch.global_batch} sequences of {e.what}"
-                        + (f" ({e.note})" if e.note else ""))
+            rows.append(
+                f"  {e.key}: {e.batches} x {self.batch.global_batch} sequences of {e.what}"
+                + (f" ({e.note})" if e.note else "")
+            )
         return rows
 
 
@@ -221,6 +250,7 @@ def stage_memory(params: int, trained: int, dtype, zero_stage: int, dp: int) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Stages that follow the groups
+
 
 def layer_cost(groups: LayerGroups, i: int) -> float:
     if groups.layer_trained(i):
@@ -271,20 +301,25 @@ def partition(groups: LayerGroups, stages: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Building the plan
 
+
 def batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
     P = cfg.parallel.pipeline_stages
     if world_size % P:
         where = cfg.where.get("pipeline_stages", "config")
         ranks = "1 process" if world_size == 1 else f"world size {world_size}"
-        raise UserError(f"{where}: `pipeline_stages` ({P}) needs a multiple of {P} ranks, but this is {ranks}. "
-                        f"Either run it with --pipeline_stages=1 (or a divisor of {world_size}), or launch "
-                        f"{P}k ranks, e.g. `deepspeed --num_gpus {P} --module pipeline.train CONFIG`")
+        raise UserError(
+            f"{where}: `pipeline_stages` ({P}) needs a multiple of {P} ranks, but this is {ranks}. "
+            f"Either run it with --pipeline_stages=1 (or a divisor of {world_size}), or launch "
+            f"{P}k ranks, e.g. `deepspeed --num_gpus {P} --module pipeline.train CONFIG`"
+        )
     dp = world_size // P
     G, m = cfg.data.global_batch_size, cfg.data.micro_batch_size
     if G % (m * dp):
-        raise UserError(f"{cfg.where.get('global_batch_size', 'config')}: `global_batch_size` ({G}) must be a "
-                        f"multiple of micro_batch_size x data-parallel size ({m} x {dp} = {m * dp}) so every step "
-                        f"sees the same {G} sequences on any world size")
+        raise UserError(
+            f"{cfg.where.get('global_batch_size', 'config')}: `global_batch_size` ({G}) must be a "
+            f"multiple of micro_batch_size x data-parallel size ({m} x {dp} = {m * dp}) so every step "
+            f"sees the same {G} sequences on any world size"
+        )
     return BatchPlan(G, m, dp, G // (m * dp))
 
 
@@ -294,9 +329,11 @@ def _check_tokenizer_dir(cfg: RunConfig) -> Path:
     from data_prep.tokenizer import TOKENIZER_FILES
 
     if not (tok.is_file() and tok.suffix == ".model") and not any((tok / n).is_file() for n in TOKENIZER_FILES):
-        raise UserError(f"{cfg.where.get(key, 'config')}: `{key}` {tok} holds no tokenizer files, so the run could not ship "
-                        f"one (an exported model would have no tokenizer and no chat template); set `tokenizer:` "
-                        f"to the tokenizer directory the data was packed with")
+        raise UserError(
+            f"{cfg.where.get(key, 'config')}: `{key}` {tok} holds no tokenizer files, so the run could not ship "
+            f"one (an exported model would have no tokenizer and no chat template); set `tokenizer:` "
+            f"to the tokenizer directory the data was packed with"
+        )
     return tok
 
 
@@ -310,8 +347,10 @@ class PackingCheck:
         from data_prep.tokenizer import encoding_sha256, load_tokenizer, tokenizer_identity
 
         if w.vocab_size > self.hf_config["vocab_size"]:
-            raise UserError(f"{where}: {path} was tokenized with a vocabulary of {w.vocab_size}, larger than the "
-                            f"model's vocab_size {self.hf_config['vocab_size']} ({self.cfg.model.model}/config.json)")
+            raise UserError(
+                f"{where}: {path} was tokenized with a vocabulary of {w.vocab_size}, larger than the "
+                f"model's vocab_size {self.hf_config['vocab_size']} ({self.cfg.model.model}/config.json)"
+            )
         packed = w.manifest.get("tokenizer") or {}
         if self.mine is None:
             tok = load_tokenizer(self.tokenizer_dir, flag="`tokenizer`")
@@ -323,10 +362,12 @@ class PackingCheck:
         key = "encoding_sha256" if "encoding_sha256" in packed else "sha256"
         if packed.get(key) != self.mine.get(key):
             tok_dir = self.tokenizer_dir
-            raise UserError(f"{where}: {path} was packed with the tokenizer {packed.get('path')!r}, which encodes text "
-                            f"differently from this run's tokenizer {str(tok_dir)!r} (manifest tokenizer.{key} "
-                            f"differs), so its token ids would mean other tokens. Repack the data with "
-                            f"`--tokenizer {tok_dir}`, or set `tokenizer:` to the one it was packed with")
+            raise UserError(
+                f"{where}: {path} was packed with the tokenizer {packed.get('path')!r}, which encodes text "
+                f"differently from this run's tokenizer {str(tok_dir)!r} (manifest tokenizer.{key} "
+                f"differs), so its token ids would mean other tokens. Repack the data with "
+                f"`--tokenizer {tok_dir}`, or set `tokenizer:` to the one it was packed with"
+            )
 
 
 def data_template(cfg: RunConfig, data: Mixture) -> dict | None:
@@ -337,22 +378,28 @@ def data_template(cfg: RunConfig, data: Mixture) -> dict | None:
     from data_prep.template import manifest_template
 
     where = f"{cfg.where.get('data', 'config')}: `data`"
-    found = [(path, t) for (path, _), w in zip(data_sources(cfg.data.data, where), data.sources)
-             if (t := manifest_template(w.manifest)) is not None]
+    found = [
+        (path, t)
+        for (path, _), w in zip(data_sources(cfg.data.data, where), data.sources)
+        if (t := manifest_template(w.manifest)) is not None
+    ]
     for path, t in found[1:]:
         if t["sha256"] != found[0][1]["sha256"]:
-            raise UserError(f"{where}: {found[0][0]} and {path} were rendered with different chat templates "
-                            f"(manifest chat_template_sha256 {found[0][1]['sha256'][:12]} vs {t['sha256'][:12]}); "
-                            f"the model would learn two formats and ship one. Repack one of them with the other's "
-                            f"template (`python -m data_prep chat --chat-template FILE`)")
+            raise UserError(
+                f"{where}: {found[0][0]} and {path} were rendered with different chat templates "
+                f"(manifest chat_template_sha256 {found[0][1]['sha256'][:12]} vs {t['sha256'][:12]}); "
+                f"the model would learn two formats and ship one. Repack one of them with the other's "
+                f"template (`python -m data_prep chat --chat-template FILE`)"
+            )
     if not found:
         return None
     path, t = found[0]
     return {**t, "manifest": str(Path(path).resolve())}
 
 
-def check_data(cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixture,
-               packing: PackingCheck | None = None) -> None:
+def check_data(
+    cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixture, packing: PackingCheck | None = None
+) -> None:
     """Does the data fit the model and the phase? Same vocabulary, same tokenizer, the right kind."""
     where = f"{cfg.where.get('data', 'config')}: `data`"
     packing = packing or PackingCheck(cfg, hf_config, tokenizer_dir)
@@ -360,10 +407,14 @@ def check_data(cfg: RunConfig, hf_config: dict, tokenizer_dir: Path, data: Mixtu
         m = w.manifest
         packing(where, path, w)
         if cfg.groups.phase == "raw" and m.get("kind") == "chat":
-            raise UserError(f"{where}: {path} holds chat conversations, but phase `raw` trains on raw text (every "
-                            f"token); pack the text with `python -m data_prep raw`")
+            raise UserError(
+                f"{where}: {path} holds chat conversations, but phase `raw` trains on raw text (every "
+                f"token); pack the text with `python -m data_prep raw`"
+            )
     if cfg.groups.phase == "chat" and not data.has_mask:
-        raise UserError(f"{where}: phase `chat` needs chat shards with a loss mask (made by `python -m data_prep chat`)")
+        raise UserError(
+            f"{where}: phase `chat` needs chat shards with a loss mask (made by `python -m data_prep chat`)"
+        )
 
 
 def _capacity(data) -> tuple[int, TokenWindows]:
@@ -377,13 +428,19 @@ def _capacity(data) -> tuple[int, TokenWindows]:
 def _eval_set(cfg: RunConfig, key: str, what: str, data, global_batch: int, where: str, drop: str) -> EvalSet:
     capacity, limit = _capacity(data)
     if capacity < global_batch:
-        raise UserError(f"{where}: {limit.path} has {len(limit)} windows of seq_len {cfg.data.seq_len} in its "
-                        f"{limit.split!r} split, too few for one validation batch of global_batch_size "
-                        f"{global_batch} sequences" + (" (its share of the mix)" if isinstance(data, Mixture) else "")
-                        + f"; pack it with a larger --val-fraction, or {drop}")
+        raise UserError(
+            f"{where}: {limit.path} has {len(limit)} windows of seq_len {cfg.data.seq_len} in its "
+            f"{limit.split!r} split, too few for one validation batch of global_batch_size "
+            f"{global_batch} sequences"
+            + (" (its share of the mix)" if isinstance(data, Mixture) else "")
+            + f"; pack it with a larger --val-fraction, or {drop}"
+        )
     batches = min(cfg.eval.eval_batches, capacity // global_batch)
-    note = (f"its {capacity} windows hold {batches} of the {cfg.eval.eval_batches} batches asked for"
-            if batches < cfg.eval.eval_batches else "")
+    note = (
+        f"its {capacity} windows hold {batches} of the {cfg.eval.eval_batches} batches asked for"
+        if batches < cfg.eval.eval_batches
+        else ""
+    )
     return EvalSet(key, what, data, batches, note)
 
 
@@ -393,28 +450,52 @@ def eval_plan(cfg: RunConfig, data: Mixture, global_batch: int, packing: Packing
         return [], ""
     S, seed, verify = cfg.data.seq_len, cfg.schedule.seed, cfg.data.verify_data
     sources = data_sources(cfg.data.data)
-    has_val = [(path, weight) for (path, weight), t in zip(sources, data.sources)
-               if any(r["split"] == "val" and r["tokens"] for r in t.manifest["shards"])]
+    has_val = [
+        (path, weight)
+        for (path, weight), t in zip(sources, data.sources)
+        if any(r["split"] == "val" and r["tokens"] for r in t.manifest["shards"])
+    ]
     sets, note = [], ""
     where = f"{cfg.where.get('data', 'config')}: `data`"
     if has_val:
-        windows = [TokenWindows(path, split="val", seq_len=S, seed=seed + i, verify=verify)
-                   for i, (path, _) in enumerate(has_val)]
+        windows = [
+            TokenWindows(path, split="val", seq_len=S, seed=seed + i, verify=verify)
+            for i, (path, _) in enumerate(has_val)
+        ]
         own = windows[0] if len(windows) == 1 else Mixture(windows, [w for _, w in has_val], seed)
         names = ", ".join(Path(p).name for p, _ in has_val)
-        sets.append(_eval_set(cfg, "val_loss", f"the val split of {names}", own, global_batch, where,
-                              "turn validation off (`eval_every: 0`)"))
+        sets.append(
+            _eval_set(
+                cfg,
+                "val_loss",
+                f"the val split of {names}",
+                own,
+                global_batch,
+                where,
+                "turn validation off (`eval_every: 0`)",
+            )
+        )
         if len(has_val) < len(sources):
             note = "the run's own set holds only the sources with a val split"
     else:
-        note = ("the data has no val split, so the run's own set is not validated"
-                + ("" if cfg.eval.eval_data else " (and no `eval_data` is given: nothing is)"))
+        note = "the data has no val split, so the run's own set is not validated" + (
+            "" if cfg.eval.eval_data else " (and no `eval_data` is given: nothing is)"
+        )
     where = f"{cfg.where.get('eval_data', 'config')}: `eval_data`"
-    for i, (name, (path, split)) in enumerate(eval_sources(cfg.eval.eval_data, where).items()):
+    for name, (path, split) in eval_sources(cfg.eval.eval_data, where).items():
         w = TokenWindows(path, split=split, seq_len=S, seed=seed, verify=verify)
         packing(f"{where}.{name}", path, w)
-        sets.append(_eval_set(cfg, f"val_loss_{name}", f"the {split} split of {Path(path).name}", w, global_batch,
-                              f"{where}.{name}", f"drop `{name}` from `eval_data`"))
+        sets.append(
+            _eval_set(
+                cfg,
+                f"val_loss_{name}",
+                f"the {split} split of {Path(path).name}",
+                w,
+                global_batch,
+                f"{where}.{name}",
+                f"drop `{name}` from `eval_data`",
+            )
+        )
     return sets, note
 
 
@@ -426,8 +507,10 @@ def check_monitors(cfg: RunConfig) -> list[str]:
     wanted = report_to(cfg.monitor.report_to, where)
     for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if name in wanted and importlib.util.find_spec(module) is None:
-            raise UserError(f"{where}: `report_to` has {name}, but the `{module}` package is not installed; "
-                            f"`pip install 'layer-aware[monitor]'` (or `pip install {module}`)")
+            raise UserError(
+                f"{where}: `report_to` has {name}, but the `{module}` package is not installed; "
+                f"`pip install 'layer-aware[monitor]'` (or `pip install {module}`)"
+            )
     return wanted
 
 
@@ -452,33 +535,64 @@ def build_plan(cfg: RunConfig, world_size: int, use_gpu: bool | None = None) -> 
     L = hf_config["num_hidden_layers"]
     max_pos = hf_config.get("max_position_embeddings")
     if max_pos and cfg.data.seq_len > max_pos:
-        raise UserError(f"{cfg.where.get('seq_len', 'config')}: `seq_len` ({cfg.data.seq_len}) exceeds the model's "
-                        f"max_position_embeddings ({max_pos}) in {model_dir}/config.json")
+        raise UserError(
+            f"{cfg.where.get('seq_len', 'config')}: `seq_len` ({cfg.data.seq_len}) exceeds the model's "
+            f"max_position_embeddings ({max_pos}) in {model_dir}/config.json"
+        )
     g = cfg.groups
     tied = tied_embeddings(hf_config)
     groups = LayerGroups.resolve(g.raw_start, g.format_start, L, tied, g.phase, g.raw_trains_format, cfg.where)
     P = cfg.parallel.pipeline_stages
     if P > L:
-        raise UserError(f"{cfg.where.get('pipeline_stages', 'config')}: `pipeline_stages` ({P}) is more than the "
-                        f"model's {L} layers")
+        raise UserError(
+            f"{cfg.where.get('pipeline_stages', 'config')}: `pipeline_stages` ({P}) is more than the model's {L} layers"
+        )
     if tied and groups.embeddings_trained and P > 1:
-        raise UserError(f"{cfg.where.get('phase', 'config')}: `phase: {g.phase}` with tied embeddings needs "
-                        f"`pipeline_stages: 1`: the shared matrix would live on the first and last stage and train "
-                        f"in two places")
+        raise UserError(
+            f"{cfg.where.get('phase', 'config')}: `phase: {g.phase}` with tied embeddings needs "
+            f"`pipeline_stages: 1`: the shared matrix would live on the first and last stage and train "
+            f"in two places"
+        )
     batch = batch_plan(cfg, world_size)
     ds_raw, ds_path = deepspeed_json.load(cfg, use_gpu)
-    ds = deepspeed_json.merged(ds_raw, cfg, batch.global_batch, batch.micro_batch, batch.grad_accum, batch.dp_size,
-                               monitors=check_monitors(cfg))
-    data = open_mixture(data_sources(cfg.data.data, cfg.where.get("data", "config")), cfg.data.seq_len,
-                        cfg.schedule.seed, cfg.data.verify_data)
+    ds = deepspeed_json.merged(
+        ds_raw,
+        cfg,
+        batch.global_batch,
+        batch.micro_batch,
+        batch.grad_accum,
+        batch.dp_size,
+        monitors=check_monitors(cfg),
+    )
+    data = open_mixture(
+        data_sources(cfg.data.data, cfg.where.get("data", "config")),
+        cfg.data.seq_len,
+        cfg.schedule.seed,
+        cfg.data.verify_data,
+    )
     packing = PackingCheck(cfg, hf_config, tokenizer_dir)
     check_data(cfg, hf_config, tokenizer_dir, data, packing)
     evals, eval_note = eval_plan(cfg, data, batch.global_batch, packing)
-    plan = RunPlan(evals=evals, eval_note=eval_note, cfg=cfg, model_dir=model_dir, tokenizer_dir=tokenizer_dir, hf_config=hf_config,
-                   base_model=hf.model_identity(model_dir, hf_config), weights=weights, shapes=hf.expected_tensors(hf_config),
-                   groups=groups, world_size=world_size, stages=partition(groups, P), batch=batch, ds_config=ds,
-                   ds_path=ds_path, dtype=deepspeed_json.training_dtype(ds), data=data,
-                   chat_template=data_template(cfg, data))
+    plan = RunPlan(
+        evals=evals,
+        eval_note=eval_note,
+        cfg=cfg,
+        model_dir=model_dir,
+        tokenizer_dir=tokenizer_dir,
+        hf_config=hf_config,
+        base_model=hf.model_identity(model_dir, hf_config),
+        weights=weights,
+        shapes=hf.expected_tensors(hf_config),
+        groups=groups,
+        world_size=world_size,
+        stages=partition(groups, P),
+        batch=batch,
+        ds_config=ds,
+        ds_path=ds_path,
+        dtype=deepspeed_json.training_dtype(ds),
+        data=data,
+        chat_template=data_template(cfg, data),
+    )
     # A resume its run.json would refuse (another `steps`, another base) fails here, not once DeepSpeed is up.
     RunDir(out).check_resume(plan.record(), RESUMABLE)
     return plan
