@@ -8,10 +8,14 @@ Per GPU, for the most loaded stage:
   weights     every parameter of the stage in bf16 (2 B)
   gradients   trained parameters, fp32 (4 B)
   optimizer   trained parameters: fp32 master + Adam's two moments (12 B), split over DP by ZeRO-1
-  activations 1F1B keeps up to P micro-batches in flight on the first stage; per micro-batch and
-              trained-or-backprop layer, 34·s·h bytes in bf16 (Korthikanti et al. 2022, with flash
-              attention, so no s² term), or 2·s·h with activation checkpointing every layer (plus one
-              layer's 34·s·h while it is recomputed). Forward-only frozen layers keep none.
+  activations the trainer's estimate (plan.stage_activations): what autograd saves in transformers'
+              Llama layer with sdpa attention (no s² term), counted on CPU: per token, a trained layer
+              4·i + 8·h + 2·kv values, a frozen one gradients pass through 3·i + 4·h + 2·kv, bf16;
+              1F1B keeps up to P - s micro-batches in flight on stage s; with activation checkpointing
+              every layer, one hidden state per layer instead, plus one layer while it is recomputed.
+              Forward-only frozen layers keep none. The last stage adds the loss (vocab x 10 B per
+              token) and every trained stage the weight gradients of the micro-batch being accumulated
+              (plan.accumulation_buffers).
 Host RAM per node: each rank reads only its stage's tensors (bf16) before they move to its GPU,
 plus ~3 GB of process (torch, DeepSpeed, CUDA context): 8 ranks per node. Before stage-only loading,
 every rank loaded the whole model in fp32 first.
@@ -24,7 +28,7 @@ import math
 import torch
 
 from pipeline.groups import LayerGroups
-from pipeline.training.plan import layer_cost, partition, stage_memory
+from pipeline.training.plan import accumulation_buffers, activation_kind, partition, stage_activations, stage_memory
 
 MODELS = {
     "Llama-3-8B": dict(
@@ -71,7 +75,6 @@ def row(name: str, gpus: int, P: int, phase: str, checkpointing: bool) -> dict:
     bounds = partition(g, P)
     dp = gpus // P
     per_layer, emb, head = layer_params(cfg)
-    s_h = SEQ * MICRO * cfg["hidden_size"]
     worst = None
     for s in range(P):
         lo, hi = bounds[s], bounds[s + 1]
@@ -80,10 +83,20 @@ def row(name: str, gpus: int, P: int, phase: str, checkpointing: bool) -> dict:
             head if hi == L and g.layer_trained(L - 1) else 0
         )
         m = stage_memory(params, trained, torch.bfloat16, 1, dp)
-        graph_layers = sum(layer_cost(g, i) > 1 for i in range(lo, hi))  # trained, or backprop through
-        in_flight = P - s
-        per_mb = (2 * s_h * graph_layers + 34 * s_h * (graph_layers > 0)) if checkpointing else 34 * s_h * graph_layers
-        act = in_flight * per_mb
+        # The trainer's own activation estimate; 1F1B keeps up to P - s micro-batches in flight on stage s
+        # (a step has at least P micro-batches, or the pipeline never fills).
+        kinds = [(activation_kind(g, i), i == g.first_trained_layer) for i in range(lo, hi)]
+        act = stage_activations(
+            cfg,
+            kinds,
+            last=hi == L,
+            tokens=SEQ * MICRO,
+            positions=SEQ,
+            in_flight=P - s,
+            dtype=torch.bfloat16,
+            checkpoint_interval=1 if checkpointing else 0,
+        )
+        act += accumulation_buffers(cfg, trained > 0, P, torch.bfloat16)
         total = m["total"] + act
         if worst is None or total > worst["total"]:
             worst = {**m, "activations": act, "total": total, "stage": s, "layers": (lo, hi - 1), "host": params * 2}

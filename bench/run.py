@@ -7,7 +7,8 @@ figures come from
                          optimizer bytes per stage, loader share of a step
   bench.dataprep         `data_prep raw` vs the tokenizer's ceiling and datasets.map
   bench.transplant_mem   transplant peak RSS on two model sizes
-  bench.stage_memory     each rank's peak RSS vs its stage's share, P = 1, 2, 4, bf16 checkpoint
+  bench.stage_memory     each rank's peak RSS vs what its stage holds and the plan's estimate,
+                         P = 1, 2, 4, bf16 checkpoint
 A part that fails is recorded as a failed figure carrying its error; the others still run.
 
 Writes runs/bench/latest.json (the figures), latest.md (a table, the notes and any profiles)
@@ -189,7 +190,8 @@ def to_markdown(figures: list[dict], meta: dict) -> str:
     if notes:
         lines += ["", "## Notes", ""]
         for f in notes:
-            extra = [f"{k}={v}" for k, v in f.items() if k in ("flop_ratio", "paired_ratio", "per_rep_ratios")]
+            shown = ("flop_ratio", "paired_ratio", "per_rep_ratios", "ratio_to_plan")
+            extra = [f"{k}={v}" for k, v in f.items() if k in shown]
             text = " ".join(x for x in (f.get("notes"), f.get("note")) if x)
             lines.append(f"- **{f['name']}**: {text}" + (f" ({', '.join(extra)})" if extra else ""))
         for f in figures:

@@ -131,3 +131,43 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert res["pipeline_mask_is_causal"] is True and res["attention_kernels"]
     assert (tmp_path / "gpu.md").read_text().startswith("# GPU benchmark")
     assert not any((tmp_path / "work").iterdir())  # the work dir is cleaned up
+
+
+@pytest.mark.multiproc
+def test_stage_memory_child_reports_every_phase(tmp_path):
+    """bench.stage_memory's rank report on one tiny P=1 run: the peak, the tensors held at the optimizer
+    step, the activations, and a phase record for each part of a step; then the figure and the trace."""
+    from bench import stage_memory as sm
+    from bench.synth import write_random_shards
+    from pipeline.config import load_config
+    from pipeline.training.plan import build_plan
+    from tests.kit.tokenizers import make_hf_tokenizer
+
+    shape = sm.SIZES["tiny"]
+    tok = make_hf_tokenizer(tmp_path / "tok", vocab_size=300)
+    model = sm._model(tmp_path, "model", tok, **shape)
+    data = write_random_shards(tmp_path / "data" / "raw", shape["vocab_size"], 5_000, tok, seed=1)
+    cfg = sm._config(tmp_path, "p1", model, data, shape["layers"], 1)
+    plan = build_plan(load_config(cfg), 1, use_gpu=False)
+    (rank,) = sm.peak_rss_per_rank(cfg, 1, tmp_path / "rss", trace=True)
+    est = plan.memory_per_stage()[0]
+    assert rank["hwm_mb"] > rank["tensors_mb"] > est["weights"] / 2**20  # weights, gradients and moments
+    assert rank["activations_mb"] > 0
+    phases = {p["phase"] for p in rank["phases"]}
+    assert {"forward", "backward", "optimizer_step", "clip", "adam", "zero_grad", "save"} <= phases, phases
+    assert all(p["peak"] >= p["rss_in"] - 1 and "live_in" in p for p in rank["phases"])
+    rec = {
+        "P": 1,
+        "rank": 0,
+        "layers": (0, shape["layers"] - 1),
+        "trains": True,
+        "run": rank,
+        "idle": rank,
+        "whole_fp32_mb": 1.0,
+        "estimate": {k: v / 2**20 for k, v in est.items()},
+    }
+    rec["idle"] = {**rank, "hwm_mb": 0.0, "tensors_mb": 0.0, "activations_mb": 0.0}
+    (fig,) = sm.figures([rec])
+    check_schema([fig])
+    assert fig["baseline"] == pytest.approx(rank["tensors_mb"] + rank["activations_mb"], abs=0.1)
+    assert "| 2 | backward |" in sm.trace_markdown([rec], "t")

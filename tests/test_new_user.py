@@ -237,7 +237,9 @@ def test_a_bf16_base_trained_on_cpu_exports_as_bf16_unless_told(setup, tmp_path)
 @pytest.mark.multiproc
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(setup, tmp_path):
     run = tmp_path / "run"
-    cfg = ft.write_config(tmp_path / "a.yaml", setup, "raw", run, steps=150, save_every=5)
+    # Long enough that the signal lands mid-run: a tiny step takes ~20 ms, and 150 steps were done
+    # before the first checkpoint could be seen and the signal sent.
+    cfg = ft.write_config(tmp_path / "a.yaml", setup, "raw", run, steps=1000, save_every=50)
     proc = _start(cfg)
     _wait_for(lambda: RunDir(run).latest_step() is not None, proc, "the first checkpoint")
     proc.send_signal(signal.SIGINT)

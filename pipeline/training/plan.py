@@ -18,7 +18,7 @@ from data_prep.reader import MIX_BLOCK, Mixture, TokenWindows, open_mixture
 
 from .. import hf
 from ..config import RunConfig, data_sources, eval_sources, report_to, resolve_paths
-from ..groups import FORMAT, FROZEN, LayerGroups
+from ..groups import FORMAT, FROZEN, RAW, LayerGroups
 from ..names import EMBED_WEIGHT, HEAD_WEIGHT, NORM, layer_of, tied_embeddings, to_pipeline_name
 from ..rundir import RunDir
 from . import deepspeed_json
@@ -122,16 +122,52 @@ class RunPlan:
         return n
 
     def memory_per_stage(self) -> list[dict]:
-        """Bytes one rank of each stage holds before activations (see `stage_memory`)."""
+        """Bytes one rank of each stage holds at its peak: weights, gradients and optimizer state
+        (`stage_memory`), the activations of the micro-batches it has in flight
+        (`stage_activations`) and backward's buffers (`accumulation_buffers`). make bench
+        (bench/stage_memory.py) holds each rank's measured peak RSS to 1.1 x this."""
         zero = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        g, L, P = self.groups, self.groups.num_layers, self.num_stages
+        anchoring = self.cfg.groups.anchor_weight > 0 and self.cfg.groups.phase == "raw"
         out = []
-        for s in range(self.num_stages):
-            names = [n for i in range(self.stages[s], self.stages[s + 1]) for n in self.layer_names(i)]
+        for s in range(P):
+            layers = range(self.stages[s], self.stages[s + 1])
+            names = [n for i in layers for n in self.layer_names(i)]
             if self.groups.tied and self.num_stages == 1:
                 names = [n for n in names if n != HEAD_WEIGHT]  # one shared Parameter on one stage
             trained = [n for n in names if self.groups.trains(n)]
-            out.append(stage_memory(self.numel(names), self.numel(trained), self.dtype, zero, self.batch.dp_size))
+            # With anchoring, each raw layer also holds a frozen copy of its base weights.
+            copies = [
+                n
+                for i in layers
+                if anchoring and g.group_of_layer(i) == RAW
+                for n in self.layer_names(i)
+                if layer_of(n) == i
+            ]
+            m = stage_memory(
+                self.numel(names) + self.numel(copies), self.numel(trained), self.dtype, zero, self.batch.dp_size
+            )
+            m["activations"] = stage_activations(
+                self.hf_config,
+                [(activation_kind(g, i), i == g.first_trained_layer) for i in layers],
+                last=self.stages[s + 1] == L,
+                tokens=self.batch.micro_batch * self.cfg.data.seq_len,
+                positions=self.cfg.data.seq_len,
+                in_flight=self.in_flight(s),
+                dtype=self.dtype,
+                checkpoint_interval=self.cfg.parallel.activation_checkpoint_interval,
+            )
+            m["backward"] = accumulation_buffers(
+                self.hf_config, any(g.layer_trained(i) for i in layers), self.batch.grad_accum, self.dtype
+            )
+            m["total"] += m["activations"] + m["backward"]
+            out.append(m)
         return out
+
+    def in_flight(self, s: int) -> int:
+        """Micro-batches stage s holds activations for at once: 1F1B runs up to P - s forward passes
+        before its first backward, and no more than a step's micro-batches."""
+        return max(1, min(self.num_stages - s, self.batch.grad_accum))
 
     def record(self) -> dict:
         """What run.json holds (rundir writes it, prefixed with the format version).
@@ -200,9 +236,12 @@ class RunPlan:
         rows.append(self.batch.describe() + f"; {self.num_stages} pipeline stage(s), bounds {self.stages}")
         gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
         for s, m in enumerate(self.memory_per_stage()):
+            k = self.in_flight(s)
             rows.append(
-                f"stage {s}: {gb(m['total'])} per rank before activations (weights {gb(m['weights'])}, "
-                f"gradients {gb(m['gradients'])}, optimizer {gb(m['optimizer'])})"
+                f"stage {s}: {gb(m['total'])} per rank at peak (weights {gb(m['weights'])}, gradients "
+                f"{gb(m['gradients'])}, optimizer {gb(m['optimizer'])}, activations {gb(m['activations'])} "
+                f"for {k} micro-batch{'es' if k > 1 else ''} in flight"
+                + (f", backward buffers {gb(m['backward'])})" if m["backward"] else ")")
             )
         rows.extend(self.validation_lines())
         if self.chat_template:
@@ -230,7 +269,7 @@ class RunPlan:
 
 
 def stage_memory(params: int, trained: int, dtype, zero_stage: int, dp: int) -> dict:
-    """What one rank of a stage holds, in bytes, before activations.
+    """What one rank of a stage holds, in bytes, before activations (`stage_activations`).
 
     weights    every parameter of the stage in the training dtype (frozen ones too: forward needs them)
     gradients  trained parameters only, kept in fp32 by DeepSpeed's optimizers (bf16 runs included)
@@ -246,6 +285,95 @@ def stage_memory(params: int, trained: int, dtype, zero_stage: int, dp: int) -> 
     m = {"weights": params * width, "gradients": trained * 4, "optimizer": int(optimizer)}
     m["total"] = sum(m.values())
     return m
+
+
+# What one decoder layer keeps for backward, by what the layer does: the tensors autograd saves
+# in transformers' Llama/Qwen2/Mistral layer with sdpa attention (no seq^2 term), counted with
+# saved_tensors_hooks on CPU (tests/test_memory.py checks the count on the pipeline's own layers).
+# A trained layer keeps every linear layer's input for its weight gradient; a frozen layer that
+# gradients pass through keeps only what the input gradient needs; a frozen layer below every
+# trained one keeps none.
+TRAINED, BACKPROP, FORWARD = "trained", "backprop", "forward"
+
+
+def activation_kind(groups: LayerGroups, i: int) -> str:
+    if groups.layer_trained(i):
+        return TRAINED
+    return BACKPROP if i > groups.first_trained_layer else FORWARD
+
+
+def layer_activation_values(
+    hf_config: dict, kind: str, tokens: int, positions: int, first: bool = False, last: bool = False
+) -> int:
+    """Values one layer of `kind` keeps from its forward pass until its backward, for `tokens`
+    tokens in sequences of `positions`. `first`: the lowest trained layer, whose input needs no
+    gradient (one norm input fewer). `last`: the last layer, which adds the final norm's input."""
+    h, i = hf_config["hidden_size"], hf_config["intermediate_size"]
+    heads = hf_config["num_attention_heads"]
+    hd = hf_config.get("head_dim") or h // heads
+    q, kv = heads * hd, hf_config.get("num_key_value_heads", heads) * hd
+    if kind == FORWARD:
+        return 0
+    # q and the attention's output, k and v, its logsumexp, two norms' 1/rms; cos and sin per position
+    attention = 2 * q + 2 * kv + heads + 2
+    if kind == TRAINED:  # MLP: 4 x intermediate; the inputs of the norms and projections: 6 x hidden
+        per_token = 4 * i + 6 * h + attention - (h + 1 if first else 0)
+    else:  # MLP: 3 x intermediate; 2 x hidden
+        per_token = 3 * i + 2 * h + attention
+    if last:
+        per_token += h + 1 + (h if kind == TRAINED else 0)  # the final norm's input; a trained head's input
+    return tokens * per_token + positions * 2 * hd
+
+
+def stage_activations(
+    hf_config: dict,
+    layers: list[tuple[str, bool]],
+    last: bool,
+    tokens: int,
+    positions: int,
+    in_flight: int,
+    dtype,
+    checkpoint_interval: int = 0,
+) -> int:
+    """Bytes of activations one rank of a stage holds at its peak.
+
+    `layers`: (kind, is the lowest trained layer) for each layer of the stage. Each of the
+    `in_flight` micro-batches of `tokens` tokens keeps what its layers saved
+    (`layer_activation_values`), in the training dtype. With activation checkpointing every N
+    layers, a micro-batch keeps one hidden state per chunk of N layers instead, and backward
+    recomputes one chunk at a time. The last stage adds the loss of the micro-batch in backward:
+    the log-softmax autograd keeps (fp32), its gradient (fp32) and the logits' (training dtype),
+    vocab values per token each.
+    """
+    import torch
+
+    width = torch.empty(0, dtype=dtype).element_size()
+    n = len(layers)
+    per_layer = [
+        layer_activation_values(hf_config, kind, tokens, positions, first, last and j == n - 1)
+        for j, (kind, first) in enumerate(layers)
+    ]
+    if checkpoint_interval:
+        chunks = [per_layer[j : j + checkpoint_interval] for j in range(0, n, checkpoint_interval)]
+        kept = in_flight * tokens * hf_config["hidden_size"] * sum(1 for c in chunks if any(c))
+        values = kept + max((sum(c) for c in chunks), default=0)
+    else:
+        values = in_flight * sum(per_layer)
+    backprop = any(kind != FORWARD for kind, _ in layers)
+    loss = tokens * hf_config["vocab_size"] * (8 + width) if last and backprop else 0
+    return values * width + loss
+
+
+def accumulation_buffers(hf_config: dict, trains: bool, grad_accum: int, dtype) -> int:
+    """Bytes backward allocates on top of the gradients when it accumulates: each micro-batch after
+    the first computes every weight's gradient into a new tensor before adding it to the kept one,
+    and a layer's MLP matrices (3 x hidden x intermediate) are in flight together (measured on
+    transformers' Llama layer; bench/results/stage_memory_trace.md)."""
+    import torch
+
+    if not trains or grad_accum < 2:
+        return 0
+    return 3 * hf_config["hidden_size"] * hf_config["intermediate_size"] * torch.empty(0, dtype=dtype).element_size()
 
 
 # ---------------------------------------------------------------------------------------------
