@@ -1,6 +1,6 @@
 # layer-aware: every target sets itself up (the venv) first, so a fresh clone needs only `make demo`
 # or `make test`. Every option below is a `?=` default you can override on the command line,
-# e.g. `make chat CHAT_CONFIG=configs/my_chat.yaml`.
+# e.g. `make chat CHAT_CONFIG=my_chat.yaml`.
 
 # The Python that builds the venv: 3.11+ (transformers 5.24+ needs it; CONSTRAINTS was made on 3.11).
 PYTHON ?= python3
@@ -100,9 +100,9 @@ DEMO_SIZE ?= full
 # One seed sets the world, the initialisation and the data order.
 SEED ?= 0
 # The recipe the demo runs beside the baselines (the best the sweep found).
-RECIPE ?= configs/demo/recipe.yaml
+RECIPE ?= demo/recipe.yaml
 # The recipes and world variants `make sweep` measures.
-SWEEP ?= configs/demo/sweep.yaml
+SWEEP ?= demo/sweep.yaml
 
 demo: setup  ## the whole method on the built-in synthetic world, on CPU (~14 min): table in $(DEMO_OUT)/results.md
 	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(SEEDS),--seeds $(SEEDS),--seed $(SEED)) --recipe $(RECIPE)

@@ -24,9 +24,10 @@ data: setup  ## pack RAW_INPUT and CHAT_INPUT into token shards under DATA_OUT
 # ---- chat / raw: the two training phases (independent: run them at the same time if you can)
 # Run configs of the two phases (`phase: chat` / `phase: raw`, same model and boundaries): the
 # shipped templates for your own model (models/base, data/shards/*). Copy and edit them, or
-# override keys with TRAIN_ARGS; the demo's own configs are configs/demo/*.yaml.
-CHAT_CONFIG ?= configs/chat.yaml
-RAW_CONFIG ?= configs/raw.yaml
+# override keys with TRAIN_ARGS; the demo's own configs are demo/*.yaml. A name that is not a file
+# here is a shipped config (pipeline/configs/), as pipeline.train reads it.
+CHAT_CONFIG ?= chat.yaml
+RAW_CONFIG ?= raw.yaml
 # Where each phase writes its run (passed as --out=..., so the transplant finds them).
 CHAT_RUN ?= runs/chat
 RAW_RUN ?= runs/raw

@@ -24,9 +24,14 @@ parse_launch_args() {
   esac
   [ $# -ge 1 ] || { usage >&2; exit 2; }
   CONFIG="$1"; shift
-  # As pipeline.train finds it: a relative path that is not under the working directory but names
-  # a config shipped with the repository (configs/chat.yaml) is taken from the repository.
-  if [ ! -e "$CONFIG" ] && [ "${CONFIG#/}" = "$CONFIG" ] && [ -f "$REPO/$CONFIG" ]; then CONFIG="$REPO/$CONFIG"; fi
-  [ -e "$CONFIG" ] || die "config $CONFIG not found (first argument of $me; looked in $PWD and $REPO)"
+  # As pipeline.train finds it (one rule, pipeline/shipped.py): your file, else a shipped config
+  # of that name (chat.yaml, demo/raw.yaml). Its error names where it looked; exit 2.
+  CONFIG="$(resolve_config "$CONFIG")" || { echo "  (the config is the first argument of $me)" >&2; exit 2; }
   ARGS=("$@")
+}
+
+# The absolute path of a run config, as pipeline.train resolves it; exit 2 when there is none.
+resolve_config() {
+  find_python
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pipeline.shipped "$1"
 }

@@ -38,9 +38,9 @@ why the flags:
   --allow-run-as-root  added only when running as root (containers); Open MPI refuses otherwise.
 
 examples:
-  NP=4 DS_ACCELERATOR=cpu launch/mpirun.sh configs/demo/raw.yaml --pipeline_stages=2
-  HOSTFILE=hosts.txt launch/mpirun.sh configs/chat.yaml --steps=1000
-  launch/mpirun.sh --dry-run configs/chat.yaml
+  NP=4 DS_ACCELERATOR=cpu launch/mpirun.sh demo/raw.yaml --pipeline_stages=2
+  HOSTFILE=hosts.txt launch/mpirun.sh chat.yaml --steps=1000
+  launch/mpirun.sh --dry-run chat.yaml
 EOF
 }
 

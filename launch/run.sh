@@ -37,10 +37,10 @@ environment (all optional):
   DRY_RUN=1     same as --dry-run: print the command, start nothing
 
 examples:
-  launch/run.sh configs/chat.yaml                             # one process per GPU here
-  NUM_GPUS=4 DS_ACCELERATOR=cpu launch/run.sh configs/demo/raw.yaml --pipeline_stages=2 --steps=20
-  HOSTFILE=hosts.txt NUM_GPUS=8 launch/run.sh configs/chat.yaml
-  launch/run.sh --dry-run configs/chat.yaml                   # show, don't run
+  launch/run.sh chat.yaml                             # one process per GPU here
+  NUM_GPUS=4 DS_ACCELERATOR=cpu launch/run.sh demo/raw.yaml --pipeline_stages=2 --steps=20
+  HOSTFILE=hosts.txt NUM_GPUS=8 launch/run.sh chat.yaml
+  launch/run.sh --dry-run chat.yaml                   # show, don't run
 On SLURM use launch/slurm/train.sbatch; with mpirun use launch/mpirun.sh.
 EOF
 }

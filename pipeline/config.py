@@ -22,9 +22,8 @@ import yaml
 from data_prep.common import UserError
 from data_prep.manifest import SPLITS
 
+from . import shipped
 from .groups import PHASES
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def doc(text: str, default=dataclasses.MISSING, **kw):
@@ -278,12 +277,9 @@ def _coerce(value, typ, key: str, where: str):
 
 def resolve_config_path(path: str | Path) -> Path:
     """A config path as given; a relative one that is not under the working directory but names a
-    config shipped with the repository (`configs/chat.yaml`) is taken from the repository, so the
-    README's commands work from the user's own folder."""
-    path = Path(path)
-    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        return REPO_ROOT / path
-    return path
+    config shipped with the package (`chat.yaml`, `demo/raw.yaml`) is the shipped one, so the
+    README's commands work from any folder and from an installed wheel (pipeline/shipped.py)."""
+    return shipped.find(path)
 
 
 def read_yaml(path: Path, what: str = "config file"):
@@ -462,14 +458,11 @@ def resolve_paths(flat: dict) -> dict:
     """The config as run.json records it: every path absolute, resolved against the working
     directory with symlinks followed, so a later command (export, transplant, a resume) finds the
     same files from any folder, and two spellings of one path (`runs/x`, `$PWD/runs/x`,
-    `./runs/x/`) record the same thing. A `ds_config` named after a file of the repository's
-    ds_configs/ resolves there, as training reads it."""
+    `./runs/x/`) record the same thing. A `ds_config` named after a shipped DeepSpeed JSON
+    resolves there, as training reads it."""
 
     def one(p: str) -> str:
-        path = Path(p)
-        if not path.is_absolute() and not path.exists() and (REPO_ROOT / "ds_configs" / p).is_file():
-            path = REPO_ROOT / "ds_configs" / p
-        return str(path.resolve())
+        return str(shipped.find(p, shipped.ds_config_dir()).resolve())
 
     return map_paths(flat, one)
 

@@ -17,13 +17,14 @@ from .config import describe_keys, load_config, parse_overrides
 
 EPILOG = """\
 examples:
-  python -m pipeline.train configs/demo/chat.yaml
-  python -m pipeline.train configs/demo/raw.yaml --lr=5e-4 --steps=200
-  deepspeed --num_gpus 4 --module pipeline.train configs/raw.yaml          (2 stages x 2 data-parallel)
-  launch/run.sh configs/raw.yaml              (hostfile, nodes and GPUs from the environment)
+  python -m pipeline.train demo/chat.yaml
+  python -m pipeline.train demo/raw.yaml --lr=5e-4 --steps=200
+  deepspeed --num_gpus 4 --module pipeline.train raw.yaml                  (2 stages x 2 data-parallel)
+  launch/run.sh raw.yaml                      (hostfile, nodes and GPUs from the environment)
 
-A relative CONFIG that is not under the working directory is looked up in the repository, so
-`configs/chat.yaml` works from any folder; the config's own paths (model, data, out) are relative
+A relative CONFIG that is not a file under the working directory names a config shipped with
+the package (chat.yaml, raw.yaml, demo/*.yaml: pipeline/configs/), from any folder and from an
+installed wheel; your own file of the same name wins. The config's own paths (model, data, out) are relative
 to the working directory. Rerunning the same command resumes from the newest complete
 checkpoint in `out`.
 
@@ -38,7 +39,7 @@ def parse_args(argv):
         epilog=EPILOG + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="run config YAML (see configs/ for examples)")
+    p.add_argument("config", help="run config YAML: your file, or a shipped one (chat.yaml, raw.yaml, demo/raw.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--verbose",

@@ -182,11 +182,16 @@ def test_run_sh_errors(config, tmp_path):
     r = run([RUN_SH, "--dry-run", tmp_path / "missing.yaml"], clean_env())
     assert r.returncode == 2 and "missing.yaml not found" in r.stderr
 
-    # From a user's own folder, a shipped config is found in the repository, as pipeline.train finds it.
-    r = run([RUN_SH, "--dry-run", "configs/chat.yaml"], clean_env(), cwd=tmp_path)
-    assert r.returncode == 0 and f"{REPO}/configs/chat.yaml" in r.stdout, r.stderr
-    r = run([RUN_SH, "--dry-run", "configs/nope.yaml"], clean_env(), cwd=tmp_path)
-    assert r.returncode == 2 and f"looked in {tmp_path} and {REPO}" in r.stderr
+    # From a user's own folder, a shipped config is found among the package's, as pipeline.train finds it;
+    # a file of the same name in that folder wins.
+    r = run([RUN_SH, "--dry-run", "chat.yaml"], clean_env(), cwd=tmp_path)
+    assert r.returncode == 0 and f"{REPO}/pipeline/configs/chat.yaml" in r.stdout, r.stderr
+    (tmp_path / "chat.yaml").write_text((REPO / "pipeline/configs/chat.yaml").read_text())
+    r = run([RUN_SH, "--dry-run", "chat.yaml"], clean_env(), cwd=tmp_path)
+    assert r.returncode == 0 and f"{tmp_path}/chat.yaml" in r.stdout and "pipeline/configs" not in r.stdout
+    r = run([RUN_SH, "--dry-run", "nope.yaml"], clean_env(), cwd=tmp_path)
+    assert r.returncode == 2 and f"looked in {tmp_path} and among the shipped configs" in r.stderr
+    assert "demo/raw.yaml" in r.stderr and "first argument of launch/run.sh" in r.stderr
 
     r = run([RUN_SH, "--dry-run", config], clean_env(NUM_NODES=2))
     assert r.returncode == 2 and "HOSTFILE" in r.stderr
@@ -640,9 +645,9 @@ def test_make_targets_chain():
         (hit,) = [shlex.split(l) for l in lines if prefix in l]
         return hit
 
-    chat = line("launch/run.sh configs/chat.yaml")
+    chat = line("launch/run.sh chat.yaml")
     assert chat[0] == "NUM_GPUS=4" and chat[-2:] == ["--out=r/c", "--steps=9"]
-    assert line("launch/run.sh configs/raw.yaml")[-2:] == ["--out=r/r", "--steps=9"]
+    assert line("launch/run.sh raw.yaml")[-2:] == ["--out=r/r", "--steps=9"]
     transplant = line("-m pipeline.transplant")
     assert transplant[transplant.index("-m") + 1 :] == [
         "pipeline.transplant",

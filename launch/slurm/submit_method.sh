@@ -37,8 +37,8 @@ arguments / environment:
   DRY_RUN=1     same as --dry-run: print the sbatch commands with placeholder job ids
 
 examples:
-  launch/slurm/submit_method.sh configs/chat.yaml configs/raw.yaml runs/exp1
-  SBATCH_ARGS="--nodes=4" launch/slurm/submit_method.sh --dry-run configs/chat.yaml configs/raw.yaml
+  launch/slurm/submit_method.sh chat.yaml raw.yaml runs/exp1
+  SBATCH_ARGS="--nodes=4" launch/slurm/submit_method.sh --dry-run chat.yaml raw.yaml
 EOF
 }
 
@@ -52,12 +52,10 @@ CHAT_CONFIG="${1:-${CHAT_CONFIG:-}}"
 RAW_CONFIG="${2:-${RAW_CONFIG:-}}"
 OUT="${3:-${OUT:-runs/method}}"
 [ -n "$CHAT_CONFIG" ] && [ -n "$RAW_CONFIG" ] || { usage >&2; exit 2; }
-[ -f "$CHAT_CONFIG" ] || die "CHAT_CONFIG $CHAT_CONFIG not found"
-[ -f "$RAW_CONFIG" ] || die "RAW_CONFIG $RAW_CONFIG not found"
 # Jobs run from the repo (sbatch's working directory = where it was called), so give them
-# absolute paths and tell them where the repo is.
-CHAT_CONFIG="$(realpath "$CHAT_CONFIG")"
-RAW_CONFIG="$(realpath "$RAW_CONFIG")"
+# absolute paths (your file, else the shipped config of that name) and tell them where the repo is.
+CHAT_CONFIG="$(resolve_config "$CHAT_CONFIG")" || die "CHAT_CONFIG: see above"
+RAW_CONFIG="$(resolve_config "$RAW_CONFIG")" || die "RAW_CONFIG: see above"
 OUT="$(realpath -m "$OUT")"
 export REPO
 cd "$REPO"

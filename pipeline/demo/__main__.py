@@ -2,7 +2,7 @@
 
 Builds a world of fictional people, pretrains a tiny base on the known ones, trains A-Chat and
 A-Raw, transplants, trains the baselines (naive, Q/A upper bound, chat vector, sequential) and the
-recipe of configs/demo/recipe.yaml, then evaluates every model and says what the table shows.
+recipe of demo/recipe.yaml (shipped in pipeline/configs/), then evaluates every model and says what the table shows.
 With --sweep FILE it measures every recipe (and world variant) of the file instead.
 """
 
@@ -18,7 +18,7 @@ EPILOG = """\
 examples:
   make demo                                        (the same as the next line, after setting up .venv)
   python -m pipeline.demo --out runs/demo          (~15 min on 2 idle CPU cores)
-  python -m pipeline.demo --out runs/demo --sweep configs/demo/sweep.yaml      (make sweep: hours)
+  python -m pipeline.demo --out runs/demo --sweep demo/sweep.yaml      (make sweep: hours)
   python -m pipeline.demo --size tiny --out /tmp/demo-smoke    (a few minutes: plumbing only)
   python -m pipeline.demo --out runs/demo-seeds --seeds 0-4    (make demo SEEDS=0,1,2,3,4: ~15 min a seed)
 
@@ -62,8 +62,7 @@ def main(argv=None):
         "--recipe",
         type=Path,
         default=CONFIGS / "recipe.yaml",
-        help="the recipe (or recipes) to run beside the baselines (default configs/demo/recipe.yaml, "
-        "the best the sweep found)",
+        help="the recipe (or recipes) to run beside the baselines (default demo/recipe.yaml, the best the sweep found)",
     )
     p.add_argument("--sweep", type=Path, metavar="FILE", help="measure every recipe and world of FILE instead")
     p.add_argument("--workers", type=int, default=2, help="steps run at once, one thread each (default 2: the cores)")

@@ -1,7 +1,7 @@
 """The picture of forgetting: validation losses of A-Raw and naive while they train.
 
 Both runs train on the same raw corpus about the new people. A-Raw trains layers 2-5 of the
-base, naive trains every parameter of A-Chat. Each validates (configs/demo/raw.yaml, naive.yaml)
+base, naive trains every parameter of A-Chat. Each validates (demo/raw.yaml, demo/naive.yaml)
 on the new people's held-out biographies (learning) and on the base's own pretraining corpus
 (forgetting): a loss that rises on the second is knowledge the base had and the run is losing.
 """

@@ -25,8 +25,8 @@ A recipe with another `format_start` (or `raw_start`) trains its own A-Chat with
 so the transplant's two halves always agree on it. A recipe that changes nothing is the method
 itself: the `transplant` baseline, which `make demo` runs anyway.
 
-Recipes live in YAML: configs/demo/recipe.yaml is the one `make demo` runs (the best the sweep
-found), configs/demo/sweep.yaml the list `make sweep` measures.
+Recipes live in YAML: demo/recipe.yaml (shipped in pipeline/configs/) is the one `make demo` runs
+(the best the sweep found), demo/sweep.yaml the list `make sweep` measures.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.common import UserError
+from pipeline import shipped
 from pipeline.config import read_yaml
 
 RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
@@ -127,7 +128,7 @@ def recipe_from(item, where: str) -> Recipe:
 
 def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:
     """A recipe file: a mapping with `recipes:` (and, for a sweep, `worlds:`), or one recipe."""
-    path = Path(path)
+    path = shipped.find(path)  # `demo/recipe.yaml` names the shipped one
     data, _ = read_yaml(path, "recipe file")
     if isinstance(data, dict) and "name" in data:
         return [recipe_from(data, str(path))], []

@@ -19,7 +19,7 @@ The models, each evaluated the same way (pipeline.evaluation):
     donor         the user with X and X-Instruct and no chat data: A-Raw transplanted under chat_full
                   (a full chat fine-tune of the base, standing in for X-Instruct) as `--donor`
     instruct_vector  the same user's chat vector on A-Raw: A-Raw + (chat_full - base)
-    recipe_<name> a recipe from configs/demo/recipe.yaml (pipeline/demo/recipes.py)
+    recipe_<name> a recipe from demo/recipe.yaml (pipeline/demo/recipes.py)
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ from typing import Callable
 from tqdm import tqdm
 
 from data_prep.common import UserError, atomic_write_json
+from pipeline import shipped
 from pipeline.training.dist import without_launcher
 
 from .forgetting import WATCHED, forgetting_report
 from .recipes import Recipe
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "demo"
+CONFIGS = shipped.config_dir() / "demo"
 
 # Sizes: `full` is the real demo (about 15 min on 2 idle CPU cores); `tiny` only proves the
-# plumbing (tests). Steps, batches and learning rates are in configs/demo/*.yaml.
+# plumbing (tests). Steps, batches and learning rates are in the shipped demo/*.yaml.
 SIZES = {
     "full": dict(
         world=dict(
@@ -155,6 +155,9 @@ class Demo:
     workers: int = 2
 
     def __post_init__(self):
+        # Absolute, so the steps (other processes) and the records name one folder whatever the
+        # working directory.
+        self.out = Path(self.out).absolute()
         self.s = SIZES[self.size]
         if "transplant" in self.baselines:  # a recipe that changes nothing is the transplant baseline
             self.recipes = [r for r in self.recipes if not r.is_vanilla]
@@ -169,6 +172,10 @@ class Demo:
         # Each step is a one-process job of its own, even when the demo runs inside a SLURM
         # allocation or a shell with MASTER_PORT set: two concurrent steps must not share a port.
         env = without_launcher(os.environ)
+        # The steps import this very package, wherever it was imported from (a checkout run as
+        # `python -m` from its root, or an installed wheel), from any working directory.
+        package_root = str(Path(shipped.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["OMP_NUM_THREADS"] = str(threads)
         env.setdefault("DS_ACCELERATOR", "cpu")
         return env
@@ -179,13 +186,13 @@ class Demo:
         with open(log, "w") as f:
             # Progress bars go to the terminal (stderr); everything else to the step's log file.
             p = subprocess.run(
-                [sys.executable, *args], cwd=REPO, env=self._env(threads or self.threads), stdout=f, stderr=sys.stderr
+                [sys.executable, *args], env=self._env(threads or self.threads), stdout=f, stderr=sys.stderr
             )
         if p.returncode:
             raise UserError(f"demo step `{what}` failed (exit {p.returncode}); its output is in {log}")
 
     def train(self, config: str, run: str, model: Path, data, boundaries=None, **extra) -> None:
-        """`python -m pipeline.train configs/demo/CONFIG.yaml` with this demo's paths and sizes."""
+        """`python -m pipeline.train demo/CONFIG.yaml` with this demo's paths and sizes."""
         lo, hi = boundaries or self.s["boundaries"]
         data = (
             [{"path": str(self.data / f"{d}.manifest.json"), "weight": w} for d, w in data]

@@ -1,4 +1,4 @@
-"""`python -m pipeline.demo --sweep configs/demo/sweep.yaml`: measure many recipes, one table.
+"""`python -m pipeline.demo --sweep demo/sweep.yaml`: measure many recipes, one table.
 
 Every recipe of the file runs against the same base and A-Chat as the demo in the same `--out`
 (what is done is skipped, so a sweep after `make demo` reuses its runs), next to the baselines;

@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON: read from ds_configs/, refuse what the run config owns, merge the run in.
+"""The DeepSpeed JSON: read from ds_configs/ (or the user's file), refuse what the run config owns, merge the run in.
 
 The JSON owns what only DeepSpeed knows about (precision, the ZeRO stage and its buckets, Adam's
 betas and eps, torch_adam). Everything the run config decides is refused in the JSON, with the
@@ -14,11 +14,11 @@ from pathlib import Path
 
 from data_prep.common import UserError
 
-from ..config import REPO_ROOT, RunConfig
+from .. import shipped
+from ..config import RunConfig
 from .monitor import SECTIONS as MONITOR_SECTIONS
 from .monitor import ds_sections
 
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 # JSON path -> the run-config key that owns it.
 OWNED = {
     ("train_batch_size",): "global_batch_size",
@@ -39,12 +39,9 @@ OWNED = {
 
 def resolve_path(cfg: RunConfig, use_gpu: bool) -> Path:
     name = cfg.parallel.ds_config
-    if name == "auto":
-        return DS_CONFIG_DIR / ("gpu_bf16_zero1.json" if use_gpu else "cpu_fp32_zero1.json")
-    path = Path(name)
-    if not path.is_file() and (DS_CONFIG_DIR / name).is_file():
-        path = DS_CONFIG_DIR / name
-    return path
+    if name == "auto":  # always the shipped file, whatever lies in the working directory
+        return shipped.ds_config_dir() / ("gpu_bf16_zero1.json" if use_gpu else "cpu_fp32_zero1.json")
+    return shipped.find(name, shipped.ds_config_dir())
 
 
 def load(cfg: RunConfig, use_gpu: bool) -> tuple[dict, Path]:
