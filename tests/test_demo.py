@@ -185,6 +185,19 @@ def test_a_folder_made_with_another_seed_is_refused_not_reused(tmp_path):
     assert sorted(x.name for x in out.iterdir()) == ["demo.json"]  # nothing was started
 
 
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [("--workers", "0", "must be >= 1"), ("--threads", "0", "must be >= 1"), ("--seed", "-1", "must be >= 0")],
+)
+def test_counts_out_of_range_are_refused_before_anything_runs(flag, value, says, tmp_path, capsys):
+    from pipeline.demo.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--size", "tiny", "--out", str(tmp_path / "demo"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.multiproc
 def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tiny_demo, tmp_path):
     """A sweep in a demo's folder trains only what the demo has not, writes its table, plot and

@@ -50,7 +50,7 @@ def main(argv=None):
         default="full",
         help="full: the real demo; tiny: minutes-long plumbing check with meaningless numbers",
     )
-    p.add_argument("--seed", type=int, default=0, help="one seed for the world, init, data order (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="one seed for the world, init, data order (default 0)")
     p.add_argument(
         "--seeds",
         type=seed_list,
@@ -65,10 +65,10 @@ def main(argv=None):
         help="the recipe (or recipes) to run beside the baselines (default demo/recipe.yaml, the best the sweep found)",
     )
     p.add_argument("--sweep", type=Path, metavar="FILE", help="measure every recipe and world of FILE instead")
-    p.add_argument("--workers", type=int, default=2, help="steps run at once, one thread each (default 2: the cores)")
+    p.add_argument("--workers", type=at_least(1), default=2, help="steps run at once, one thread each (default 2: the cores)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         default=1,
         help="CPU threads per step (default 1); the base, which runs alone, gets workers x threads",
     )
@@ -111,6 +111,22 @@ def main(argv=None):
         ),
         flush=True,
     )
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= low, refused (exit 2, the flag named) before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def seed_list(text: str) -> list[int]:
