@@ -99,13 +99,16 @@ DEMO_OUT ?= $(if $(SEEDS),runs/demo-seeds,runs/demo$(if $(filter-out 0,$(SEED)),
 DEMO_SIZE ?= full
 # One seed sets the world, the initialisation and the data order.
 SEED ?= 0
+# Another world than the default, as KEY=VALUE,... of build_world (pipeline/demo/world.py), e.g.
+# WORLD=names=syllables; give it its own DEMO_OUT.
+WORLD ?=
 # The recipe the demo runs beside the baselines (the best the sweep found).
 RECIPE ?= demo/recipe.yaml
 # The recipes and world variants `make sweep` measures.
 SWEEP ?= demo/sweep.yaml
 
 demo: setup  ## the whole method on the built-in synthetic world, on CPU (~14 min): table in $(DEMO_OUT)/results.md
-	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(SEEDS),--seeds $(SEEDS),--seed $(SEED)) --recipe $(RECIPE)
+	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(SEEDS),--seeds $(SEEDS),--seed $(SEED)) $(if $(WORLD),--world $(WORLD)) --recipe $(RECIPE)
 
 sweep: setup  ## every recipe of SWEEP against the demo's base and A-Chat (hours on CPU): $(DEMO_OUT)/sweep.md
 	$(PY) -m pipeline.demo --out $(DEMO_OUT) --size $(DEMO_SIZE) $(if $(SEEDS),--seeds $(SEEDS),--seed $(SEED)) --sweep $(SWEEP)

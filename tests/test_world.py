@@ -226,3 +226,22 @@ def test_tiny_model_saves_loads_and_is_seeded(tokenizer_dir, tmp_path):
     )["input_ids"]
     logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
+
+
+def test_world_options_are_build_worlds_own_parameters_typed_like_their_defaults():
+    from pipeline.demo.world import world_options
+
+    assert world_options("names=syllables, pretrain_qa_rounds=0,qa_fraction=0.5") == {
+        "names": "syllables",
+        "pretrain_qa_rounds": 0,
+        "qa_fraction": 0.5,
+    }
+    assert world_options("") == {}
+    for bad, says in [
+        ("seed=3", "KEY one of"),  # the demo's own --seed, not a world option
+        ("names", "KEY=VALUE"),
+        ("n_known=many", "n_known: expected int"),
+        ("names=emoji", "names: expected one of pools, syllables"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            world_options(bad)

@@ -64,8 +64,18 @@ def main(argv=None):
         default=CONFIGS / "recipe.yaml",
         help="the recipe (or recipes) to run beside the baselines (default demo/recipe.yaml, the best the sweep found)",
     )
+    p.add_argument(
+        "--world",
+        type=world_arg,
+        default={},
+        metavar="KEY=VALUE,...",
+        help="another world than the default: build_world's parameters, e.g. names=syllables (names split into "
+        "several tokens) or pretrain_qa_rounds=0 (a base that never saw Q/A); see pipeline/demo/world.py",
+    )
     p.add_argument("--sweep", type=Path, metavar="FILE", help="measure every recipe and world of FILE instead")
-    p.add_argument("--workers", type=at_least(1), default=2, help="steps run at once, one thread each (default 2: the cores)")
+    p.add_argument(
+        "--workers", type=at_least(1), default=2, help="steps run at once, one thread each (default 2: the cores)"
+    )
     p.add_argument(
         "--threads",
         type=at_least(1),
@@ -88,7 +98,15 @@ def main(argv=None):
         return
     chosen, _ = recipes.load(args.recipe)
     if not args.seeds:
-        Demo(out, size=args.size, seed=args.seed, recipes=chosen, workers=args.workers, threads=args.threads).run()
+        Demo(
+            out,
+            size=args.size,
+            seed=args.seed,
+            recipes=chosen,
+            world_overrides=args.world,
+            workers=args.workers,
+            threads=args.threads,
+        ).run()
         return
     from .aggregate import write_aggregate
     from .run import BASELINES
@@ -97,7 +115,15 @@ def main(argv=None):
     folders = []
     for s in args.seeds:
         print(f"== seed {s} ==", flush=True)
-        d = Demo(out / f"seed-{s}", size=args.size, seed=s, recipes=chosen, workers=args.workers, threads=args.threads)
+        d = Demo(
+            out / f"seed-{s}",
+            size=args.size,
+            seed=s,
+            recipes=chosen,
+            world_overrides=args.world,
+            workers=args.workers,
+            threads=args.threads,
+        )
         d.run()
         folders.append(d.out)
     tuned = sorted({t for r in chosen for t in r.tuned_on})
@@ -108,9 +134,19 @@ def main(argv=None):
             [*LAYER_AWARE, *(r.model for r in chosen)],
             tuned,
             order=[*BASELINES, *(r.model for r in chosen)],
+            world=args.world,
         ),
         flush=True,
     )
+
+
+def world_arg(text: str) -> dict:
+    from .world import world_options
+
+    try:
+        return world_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def at_least(low: int):

@@ -282,7 +282,12 @@ def chart(agg: dict) -> bytes:
 
 
 def write_aggregate(
-    folders: list[Path], out: Path, candidates: list[str], tuned_on: list[int] = (), order: list[str] = ()
+    folders: list[Path],
+    out: Path,
+    candidates: list[str],
+    tuned_on: list[int] = (),
+    order: list[str] = (),
+    world: dict | None = None,
 ) -> str:
     """Read each finished seed folder, write OUT/aggregate.{json,md,png}; returns the markdown.
 
@@ -293,7 +298,8 @@ def write_aggregate(
     per_seed = dict(read_seed_dir(Path(f)) for f in folders)
     every = aggregate(per_seed, candidates, tuned_on, order)
     held = aggregate({s: m for s, m in per_seed.items() if s not in set(tuned_on)}, candidates, (), order)
-    parts = [markdown(every, "Every seed")]
+    named = ", ".join(f"{k}={v}" for k, v in (world or {}).items())
+    parts = [f"World: {named or 'the default'} (pipeline/demo/world.py).", "", markdown(every, "Every seed")]
     if every["tuned_on"]:
         parts += [
             f"The recipes were chosen on seed(s) {', '.join(map(str, every['tuned_on']))}; the held-out "
@@ -305,7 +311,12 @@ def write_aggregate(
     md = "\n".join(parts)
     atomic_write_json(
         out / "aggregate.json",
-        {"every_seed": every, "held_out": held, "folders": [str(Path(f).resolve()) for f in folders]},
+        {
+            "world": world or {},
+            "every_seed": every,
+            "held_out": held,
+            "folders": [str(Path(f).resolve()) for f in folders],
+        },
     )
     atomic_write_text(out / "aggregate.md", md)
     with atomic_file(out / "aggregate.png", "wb") as f:

@@ -496,9 +496,12 @@ def _syllable_name(rng: random.Random, female: bool) -> tuple[str, str]:
     return first.capitalize(), (syl(rng.choice((1, 2))) + rng.choice(_LAST_ENDS)).capitalize()
 
 
+NAME_KINDS = ("pools", "syllables")
+
+
 def _make_people(rng: random.Random, count: int, names: str = "pools") -> list[dict]:
-    if names not in ("pools", "syllables"):
-        raise ValueError(f"names={names!r}: expected 'pools' or 'syllables'")
+    if names not in NAME_KINDS:
+        raise ValueError(f"names={names!r}: expected one of {', '.join(NAME_KINDS)}")
     if names == "pools" and count > len(FIRST_NAMES_F) * len(LAST_NAMES):
         raise ValueError(f"{count} people: the name pools hold fewer distinct names")
     people, seen = [], set()
@@ -800,3 +803,29 @@ def build_world(
     paths = {key: str(out_dir / f"{key}.jsonl") for key in files}
     paths["world"] = str(out_dir / "world.json")
     return paths
+
+
+def world_options(text: str) -> dict:
+    """`names=syllables,pretrain_qa_rounds=0` -> {"names": "syllables", "pretrain_qa_rounds": 0}:
+    build_world's own parameters (not out_dir, seed or force), each converted to its default's
+    type. A ValueError names the key and what is allowed."""
+    import inspect
+
+    params = {
+        n: p.default
+        for n, p in inspect.signature(build_world).parameters.items()
+        if n not in ("out_dir", "seed", "force")
+    }
+    out: dict = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in params:
+            raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(params)}, got {part!r}")
+        kind = type(params[key])
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+        if key == "names" and value not in NAME_KINDS:
+            raise ValueError(f"names: expected one of {', '.join(NAME_KINDS)}, got {value!r}")
+    return out
