@@ -168,7 +168,7 @@ def run_pipeline(cfg_path: Path, metrics: Path, env: dict, timeout: float) -> li
 def baseline_step_times(
     cfg_path: Path, steps: int, device: str, bf16: bool, compile_layers: bool = False
 ) -> tuple[list[float], dict]:
-    """The plain loop of tests.kit.reference on the GPU: same model, batches, optimizer settings.
+    """bench.baseline's plain loop on the GPU: same model, batches, optimizer settings.
 
     Mixed precision the way plain PyTorch does it (fp32 weights, autocast to bf16), the honest
     counterpart of DeepSpeed's bf16 weights + fp32 master copy. Returns step times and what
@@ -176,57 +176,20 @@ def baseline_step_times(
     """
     import torch
 
+    from bench.baseline import PlainLoop
     from pipeline.config import load_config
-    from pipeline.hf import load_causal_lm
     from pipeline.training.plan import build_plan
-    from pipeline.training.schedule import lr_factor
-    from tests.kit.reference import step_batches, summed_ce, trainable
 
     cfg = load_config(cfg_path)
-    plan = build_plan(cfg, 1, use_gpu=device == "cuda")
-    torch.manual_seed(cfg.schedule.seed)
-    model = load_causal_lm(cfg.model.model).to(device)
-    model.train()
-    if compile_layers:
-        for layer in model.model.layers:
-            layer.compile()
-    params = trainable(model, plan)
-    ds_params = plan.ds_config["optimizer"]["params"]
-    opt = torch.optim.AdamW(
-        params,
-        lr=cfg.optim.lr,
-        betas=tuple(ds_params["betas"]),
-        eps=ds_params["eps"],
-        weight_decay=cfg.optim.weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    it = step_batches(plan)
-    info = {"attn_implementation": model.config._attn_implementation}
+    loop = PlainLoop(build_plan(cfg, 1, use_gpu=device == "cuda"), device, bf16, compile_layers)
+    info = {"attn_implementation": loop.model.config._attn_implementation}
 
-    def step():
-        micro, targets = next(it)
-        for inputs, labels in micro:
-            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast:
-                logits = model(input_ids=inputs).logits
-            (summed_ce(logits, labels) / targets).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-    times = []
-    for k in range(steps):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
+    def first(k, seconds):
         if k == 0:
-            log(f"  baseline first step {times[-1]:.2f}s")
-    info["attention_kernels"] = attention_kernels(model, device, cfg.data.seq_len, autocast)
+            log(f"  baseline first step {seconds:.2f}s")
+
+    times = loop.step_times(steps, on_step=first)
+    info["attention_kernels"] = attention_kernels(loop.model, device, cfg.data.seq_len, loop.autocast)
     if device == "cuda":
         info["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
     return times, info
@@ -305,12 +268,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     if tiny:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    bindir = str(Path(sys.executable).parent)  # same `ninja` as the tests if DeepSpeed JIT-builds an op
+    bindir = str(Path(sys.executable).parent)  # the venv's `ninja` if DeepSpeed JIT-builds an op (bench.run)
     os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     import torch
 
+    from bench.kit import random_llama
     from bench.synth import write_random_shards
-    from tests.kit.models import tiny_llama
 
     if not tiny and not torch.cuda.is_available():
         print(
@@ -354,7 +317,7 @@ def main(argv=None) -> int:
         "compile_layers": args.compile,
     }
     try:
-        _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, write_random_shards)
+        _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, random_llama, write_random_shards)
         code = 0
     except Exception as e:  # noqa: BLE001 - reported in gpu.json and on stderr, then a failing exit
         res["error"] = f"{type(e).__name__}: {e}"
@@ -372,17 +335,16 @@ def main(argv=None) -> int:
     return code
 
 
-def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, tiny_llama, write_random_shards):
+def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, random_llama, write_random_shards):
     import torch
     import yaml
 
+    from bench.kit import make_tokenizer
     from pipeline.training.metrics_log import read_metrics
 
     log(f"device {res['device']}; work dir {work}")
-    from tests.kit.tokenizers import make_hf_tokenizer
-
-    tok = make_hf_tokenizer(work / "tok", vocab_size=300)
-    model_dir = tiny_llama(
+    tok = make_tokenizer(work / "tok")
+    model_dir = random_llama(
         work / "model", **m, dtype=None if tiny else torch.bfloat16, tokenizer_dir=tok, device="cpu" if tiny else "cuda"
     )
     if device == "cuda":

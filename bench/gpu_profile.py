@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = ap.parse_args(argv)
     m = MODEL_1B
-    from tests.kit.models import tiny_llama_config
+    from bench.kit import llama_config
 
-    model = LlamaForCausalLM(tiny_llama_config(**m)).cuda()
+    model = LlamaForCausalLM(llama_config(**m)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, m["vocab_size"], (a.micro_batch, a.seq_len), device="cuda")
 

@@ -233,9 +233,9 @@ finally:
 def _model(root: Path, name: str, tok: Path, **shape) -> Path:
     import torch
 
-    from tests.kit.models import tiny_llama
+    from bench.kit import random_llama
 
-    return tiny_llama(root / name, tokenizer_dir=tok, dtype=torch.bfloat16, max_position=128, **shape)
+    return random_llama(root / name, tokenizer_dir=tok, dtype=torch.bfloat16, max_position=128, **shape)
 
 
 def _config(root: Path, name: str, model: Path, data: Path, layers: int, P: int) -> Path:
@@ -264,26 +264,16 @@ def _config(root: Path, name: str, model: Path, data: Path, layers: int, P: int)
 
 def peak_rss_per_rank(cfg: Path, P: int, out: Path, trace: bool = False) -> list[dict]:
     """What each rank of `python -m pipeline.train cfg` on P CPU ranks wrote (see _CHILD)."""
-    from tests.kit.train import env, free_port
+    from bench.kit import child_env, deepspeed_cmd
 
     out.mkdir(parents=True)
     child = out / "child.py"
     child.write_text(_CHILD)
-    e = {**env(), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "STAGE_MEMORY_TRACE": "1" if trace else "0"}
+    e = child_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", STAGE_MEMORY_TRACE="1" if trace else "0")
     if P == 1:
         cmd = [sys.executable, str(child), str(out), str(cfg)]
     else:
-        cmd = [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            str(P),
-            "--master_port",
-            str(free_port()),
-            "--no_local_rank",
-            str(child),
-            str(out),
-            str(cfg),
-        ]
+        cmd = deepspeed_cmd(P, "--no_local_rank", str(child), str(out), str(cfg))
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=1200)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
@@ -292,17 +282,17 @@ def peak_rss_per_rank(cfg: Path, P: int, out: Path, trace: bool = False) -> list
 
 def measure(size: str = "small", trace: bool = False) -> list[dict]:
     """One record per rank of P = 1, 2, 4: the model's and the idle run's rank reports, the plan's estimate."""
+    from bench.kit import make_tokenizer
     from bench.synth import write_random_shards
     from pipeline.config import load_config
     from pipeline.training.plan import build_plan
-    from tests.kit.tokenizers import make_hf_tokenizer
 
     shape = SIZES[size]
     L = shape["layers"]
     records = []
     with tempfile.TemporaryDirectory(prefix="stage-memory-") as tmp:
         root = Path(tmp)
-        tok = make_hf_tokenizer(root / "tok", vocab_size=300)
+        tok = make_tokenizer(root / "tok")
         model = _model(root, "model", tok, **shape)
         idle = _model(root, "idle", tok, layers=L, **IDLE)
         whole_fp32 = 2 * sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20  # bf16 on disk x 2

@@ -1,5 +1,5 @@
-"""What every benchmark needs beside the test kit's models (tests.kit.models): random token shards
-written through data_prep's own writer, and the statistics of repeated timings.
+"""What every benchmark needs beside its models (bench.kit): random token shards written through
+data_prep's own writer, and the statistics of repeated timings.
 
 Random weights and random tokens cost the same FLOPs as real ones, so speed figures need no
 download; loss values from these runs mean nothing and are never reported.

@@ -1,7 +1,7 @@
 """Training figures, each a ratio against a baseline measured in the same run on the same model and batches.
 
   1. tokens/s of `pipeline.train` (1 stage, phase full) vs the plain PyTorch loop of
-     tests.kit.reference (HF model + torch AdamW) on the same batches.          goal >= 0.95
+     bench.baseline (HF model + torch AdamW) on the same batches.               goal >= 0.95
   2. step time of the chat phase (format group = last 25% of layers) vs the full fine-tune
      step, same pipeline, against the FLOP model's ratio.               goal <= 1.10 x FLOP ratio
   3. optimizer-state bytes per rank of each stage (P=2, ZeRO-1), read from the checkpoint
@@ -11,7 +11,7 @@
      same run, same global batch.                                                goal < 0.5
 
 The pipeline runs through its real entry point (`pipeline.train.main`) in this process, so
-several repetitions share one import of torch + DeepSpeed; the reference loop runs in the same
+several repetitions share one import of torch + DeepSpeed; the plain loop runs in the same
 process too. Repetitions interleave the sides (pipeline, reference, chat; the order rotates each
 rep) so that load from other processes on a shared machine hits every side alike. Warm-up steps
 of every run are dropped; each figure is the median over reps and `spread` the half-range of the
@@ -28,22 +28,18 @@ import gc
 import io
 import json
 import logging
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 
 import yaml  # noqa: E402
 
+from bench.kit import child_env, deepspeed_cmd, make_tokenizer, random_llama  # noqa: E402
 from bench.synth import figure, median_spread, write_random_shards  # noqa: E402
-from tests.kit.models import tiny_llama  # noqa: E402
-from tests.kit.train import free_port  # noqa: E402
 
 # Model and batch per size. `small` is big enough that per-step framework overhead does not
 # dominate a CPU step (~0.6 s), small enough that 5 interleaved reps take ~2 min on 2 cores.
@@ -102,10 +98,8 @@ class Setup:
         self.root, self.size, self.p = root, size, SIZES[size]
         m = self.p["model"]
         tokens = (self.p["reps"] + 2) * (self.p["warmup"] + self.p["steps"] + 2) * self.p["batch"] * (self.p["seq"] + 1)
-        from tests.kit.tokenizers import make_hf_tokenizer
-
-        tok = make_hf_tokenizer(root / "tok", vocab_size=300)
-        self.model = tiny_llama(root / "model", **m, tokenizer_dir=tok)
+        tok = make_tokenizer(root / "tok")
+        self.model = random_llama(root / "model", **m, tokenizer_dir=tok)
         self.raw = write_random_shards(root / "data" / "raw", m["vocab_size"], max(tokens, 50_000), tok, seed=1)
         self.chat = write_random_shards(
             root / "data" / "chat", m["vocab_size"], max(tokens, 50_000), tok, seed=2, chat=True
@@ -178,31 +172,20 @@ def pipeline_step_times(cfg_path: Path, warmup: int) -> list[float]:
 
 
 def reference_step_times(cfg_path: Path, warmup: int, steps: int) -> list[float]:
-    """tests.kit.reference.train_reference, timed per step.
+    """bench.baseline's plain PyTorch loop on the run's model and batches, timed per step after warm-up.
 
-    The loop is used as the parity tests use it, not copied: we wrap its batch iterator and stamp
-    the clock at each request, so step k's time is making batch k plus training on it, which is
-    also what the pipeline's step_time_s covers (train_batch pulls its micro-batches itself).
-    One extra step closes the last interval.
+    Step k's time is making batch k plus training on it, which is also what the pipeline's
+    step_time_s covers (train_batch pulls its micro-batches itself).
     """
+    from bench.baseline import PlainLoop
     from pipeline.config import load_config
     from pipeline.training.plan import build_plan
-    from tests.kit import reference
 
-    plan = build_plan(load_config(cfg_path), 1, use_gpu=False)
-    stamps: list[float] = []
-    real = reference.step_batches
-
-    def timed(plan, start_step=0):
-        it = real(plan, start_step)
-        while True:
-            stamps.append(time.perf_counter())
-            yield next(it)
-
-    with mock.patch.object(reference, "step_batches", timed):
-        reference.train_reference(plan, steps=warmup + steps + 1)
+    loop = PlainLoop(build_plan(load_config(cfg_path), 1, use_gpu=False))
+    times = loop.step_times(warmup + steps)[warmup:]
+    del loop
     gc.collect()
-    return [b - a for a, b in zip(stamps, stamps[1:])][warmup : warmup + steps]
+    return times
 
 
 def validation_times(cfg_path: Path, warmup: int) -> tuple[float, float]:
@@ -345,20 +328,10 @@ def optimizer_state_figures(setup: Setup) -> list[dict]:
 
     dp = setup.p["dp"]
     cfgs = {phase: setup.config(f"zero_{phase}", phase, 1, pipeline_stages=2) for phase in ("raw", "chat")}
-    helper = REPO / "tests" / "helpers" / "train_phases.py"  # runs several configs in one set of ranks
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(launcher),
-        "--num_gpus",
-        str(2 * dp),
-        "--master_port",
-        str(free_port()),
-        str(helper),
-        *map(str, cfgs.values()),
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # bench.train_phases runs several configs in one set of ranks
+    cmd = deepspeed_cmd(2 * dp, "--module", "bench.train_phases", *map(str, cfgs.values()))
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     print(f"  optimizer state: P=2 x DP={dp} launch took {time.perf_counter() - t0:.0f}s", flush=True)
@@ -408,18 +381,16 @@ def optimizer_state_figures(setup: Setup) -> list[dict]:
 
 
 def profile_steps(cfg_path: Path, steps: int = 3) -> str:
-    """torch.profiler over a few steady-state steps of the pipeline and of the reference loop:
+    """torch.profiler over a few steady-state steps of the pipeline and of the plain loop (bench.baseline):
     the top ops by self CPU time, side by side, show where the extra time goes."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from bench.baseline import PlainLoop
     from pipeline.config import load_config
-    from pipeline.hf import load_causal_lm
     from pipeline.training.data import step_micro_batches
     from pipeline.training.dist import init
     from pipeline.training.engine import build_engine
     from pipeline.training.plan import build_plan
-    from tests.kit import reference
 
     cfg = load_config(cfg_path)
     plan = build_plan(cfg, 1, use_gpu=False)
@@ -437,25 +408,13 @@ def profile_steps(cfg_path: Path, steps: int = 3) -> str:
     del eng
     gc.collect()
 
-    model = load_causal_lm(cfg.model.model)
-    params = reference.trainable(model, plan)
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
-    batches = reference.step_batches(plan)
-
-    def ref_step():
-        micro, targets = next(batches)
-        for inputs, labels in micro:
-            (reference.summed_ce(model(input_ids=inputs).logits, labels) / targets).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    loop = PlainLoop(plan)
     for _ in range(2):
-        ref_step()
+        loop.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            ref_step()
-    tables.append(("plain PyTorch loop (as tests.kit.reference)", prof))
+            loop.step()
+    tables.append(("plain PyTorch loop (bench.baseline)", prof))
     out = [_profile_delta(tables[0][1], tables[1][1], steps)]
     for title, prof in tables:
         out.append(

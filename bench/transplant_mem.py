@@ -32,12 +32,11 @@ GOAL_GROWTH = 1.2  # peak above baseline may grow at most 20% while the model gr
 
 
 def build_base(out: Path, layers: int, hidden: int, inter: int, vocab: int) -> int:
-    """A random bf16 Llama (the test kit's, through the product's model factory) with a tokenizer.
-    Returns its weight bytes."""
-    from tests.kit.models import tiny_llama
-    from tests.kit.runs import make_tokenizer
+    """A random bf16 Llama (bench.kit, through the product's model factory) with a tokenizer
+    (no chat template: a base model's). Returns its weight bytes."""
+    from bench.kit import make_tokenizer, random_llama
 
-    tiny_llama(
+    random_llama(
         out,
         vocab,
         seed=layers,
@@ -48,19 +47,76 @@ def build_base(out: Path, layers: int, hidden: int, inter: int, vocab: int) -> i
         heads=hidden // 64,
         kv_heads=hidden // 64,
     )
-    make_tokenizer(out, chat_template=False)
+    make_tokenizer(out)
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def make_runs(d: Path, layers: int, size: str) -> tuple[Path, Path, int]:
-    from tests.kit.runs import make_run  # the run-directory contract, as the tests build it
+def make_run(run_dir: Path, base_dir: Path, phase: str, raw_start: int, format_start: int, seed: int, step: int = 5):
+    """A run directory as the trainer leaves it, for what transplant reads (pipeline/rundir.py):
+    run.json, and one complete checkpoint of the base weights with the phase's trained groups
+    moved (Gaussian noise, std 0.05): a layer_NN-model_states.pt of pipeline keys per layer, the
+    engine's file, record.json and `latest`. Built by hand, without training:
+    the transplant's memory depends on the tensors' sizes, not on how they were trained."""
+    import json
 
+    from safetensors.torch import load_file
+
+    from pipeline.groups import LayerGroups
+    from pipeline.hf import model_identity, read_config
+    from pipeline.names import ANCHOR, layer_file, to_pipeline_name
+    from pipeline.rundir import RunDir
+
+    cfg = read_config(base_dir)
+    L, tied = cfg["num_hidden_layers"], bool(cfg.get("tie_word_embeddings", False))
+    groups = LayerGroups.resolve(raw_start, format_start, L, tied, phase)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "config": {
+                    "model": str(base_dir),
+                    "phase": phase,
+                    "raw_start": raw_start,
+                    "format_start": format_start,
+                },
+                "phase": phase,
+                "groups": groups.to_record(),
+                "base_model": model_identity(base_dir),
+                "stages": [[0, L]],
+            },
+            indent=2,
+        )
+    )
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    per_layer: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(L)}
+    for f in sorted(Path(base_dir).glob("*.safetensors")):
+        for name, t in load_file(str(f)).items():
+            if groups.trains(name):
+                t = (t.float() + 0.05 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+            i, key = to_pipeline_name(name, L)
+            per_layer[i][key] = t
+    if tied:  # DeepSpeed saves the shared matrix again as the last layer's lm_head
+        per_layer[L - 1]["lm_head.weight"] = per_layer[0]["embed_tokens.weight"].clone()
+    per_layer[0][ANCHOR] = torch.zeros(1)
+    rd = RunDir(run_dir)
+    tag = rd.tag_dir(step)
+    tag.mkdir(parents=True)
+    for i, state in per_layer.items():
+        torch.save(state, tag / layer_file(i))
+    torch.save({"global_steps": step}, tag / "mp_rank_00_model_states.pt")
+    rd.write_record(step)  # record.json (every file's sha256), then `latest`, as the trainer marks it complete
+    return run_dir
+
+
+def make_runs(d: Path, layers: int, size: str) -> tuple[Path, Path, int]:
     hidden, inter, vocab, _ = SIZES[size]
     base = d / f"base-{layers}"
     nbytes = build_base(base, layers, hidden, inter, vocab)
     f = layers // 2
-    raw = make_run(d / f"raw-{layers}", base, "raw", raw_start=1, format_start=f, seed=1).path
-    chat = make_run(d / f"chat-{layers}", base, "chat", raw_start=1, format_start=f, seed=2).path
+    raw = make_run(d / f"raw-{layers}", base, "raw", raw_start=1, format_start=f, seed=1)
+    chat = make_run(d / f"chat-{layers}", base, "chat", raw_start=1, format_start=f, seed=2)
     return raw, chat, nbytes
 
 
@@ -160,12 +216,10 @@ def run(size: str = "small") -> list[dict]:
 
 def _tiny(tmp: Path) -> tuple[Path, Path, int]:
     """4 layers of hidden 64 (~1 MB of weights): what every transplant costs before any weights."""
-    from tests.kit.runs import make_run
-
     base = tmp / "base-tiny"
     nbytes = build_base(base, 4, 64, 128, 256)  # hidden 64: one 64-wide head
-    raw = make_run(tmp / "raw-tiny", base, "raw", raw_start=1, format_start=2, seed=1).path
-    chat = make_run(tmp / "chat-tiny", base, "chat", raw_start=1, format_start=2, seed=2).path
+    raw = make_run(tmp / "raw-tiny", base, "raw", raw_start=1, format_start=2, seed=1)
+    chat = make_run(tmp / "chat-tiny", base, "chat", raw_start=1, format_start=2, seed=2)
     return raw, chat, nbytes
 
 

@@ -1,4 +1,4 @@
-"""The plain PyTorch loop the pipeline is checked against (parity tests) and timed against (bench).
+"""The plain PyTorch loop the pipeline is checked against (parity tests).
 
 It shares no training code with the product: the label shift, the loss mask, the token-weighted
 loss, the parameter groups, the learning-rate schedule and the validation steps are written here
