@@ -1,9 +1,10 @@
 """Bad inputs, through the real entry points: each is refused with one `error: ...` line that names
 the file (and line), config key or flag at fault, exit status 2, no traceback, and nothing written.
 
-Every case calls an entry point's `main([...])` in this process (data_prep, pipeline.train,
-pipeline.transplant, pipeline.export, pipeline.dist), so the suite takes seconds: pipeline.train
-runs its checks (`preflight`) before it starts any rank, so none of these needs DeepSpeed to run.
+Every case calls an entry point's `main([...])` in this process (tests.kit.cli.call), so the suite
+takes seconds: pipeline.train runs its checks (`preflight`) before it starts any rank, so none of
+these needs DeepSpeed to run. Every `python -m` tool of the product has at least one case here
+(test_every_command_line_has_a_bad_input_case).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.kit import train as ft
+from tests.kit.cli import call
 from tests.kit.runs import make_base, make_run
 from tests.kit.tokenizers import make_hf_tokenizer, write_jsonl
 
@@ -51,21 +53,6 @@ def w(tmp_path_factory):
     s["other_base_raw"] = make_run(root / "b-raw", make_base(root / "base-b", seed=7), "raw", format_start=2).path
     s["deeper_chat"] = make_run(root / "c-chat", make_base(root / "base-6", num_layers=6), "chat", format_start=2).path
     return s
-
-
-def call(capsys, entry: str, argv: list) -> str:
-    """Run an entry point's main(argv) in-process; return stderr, asserting the clean-error contract."""
-    import importlib
-
-    main = importlib.import_module(entry).main
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, f"{entry}: exit {e.value.code}\n{err}"
-    assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1, f"expected one `error: ` line:\n{err}"
-    return lines[0]
 
 
 def names(err: str, *parts: str) -> None:
@@ -291,9 +278,72 @@ def test_checkpoint_file_that_disagrees_with_its_record(w, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_suite_has_at_least_20_distinct_cases():
-    cases = [n for n in globals() if n.startswith("test_") and n != "test_the_suite_has_at_least_20_distinct_cases"]
-    assert len(cases) >= 20, cases
+def test_chat_vector_of_a_missing_checkpoint_step(w, tmp_path, capsys):
+    out = tmp_path / "cv"
+    argv = ["--raw", w["raw_run"], "--chat", w["chat_run"], "--base", w["base"], "--chat-step", 9, "--out", out]
+    names(call(capsys, "pipeline.chat_vector", argv), "--chat-step 9", "available: 5")
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_probe_with_no_prompts_to_use(w, tmp_path, capsys):
+    out = tmp_path / "p"
+    f = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "where?"}])
+    argv = ["--base", w["base"], "--chat", w["chat_run"], "--prompts", f, "--max-prompts", 0, "--out", out]
+    names(call(capsys, "pipeline.probe", argv), "--max-prompts 0", ">= 1")
+    assert not out.exists()
+
+
+def test_demo_recipe_file_with_a_typo(tmp_path, capsys):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("recipes:\n  - name: x\n    replay_share: 0.5\n")
+    out = tmp_path / "demo"
+    err = call(capsys, "pipeline.demo.__main__", ["--recipe", recipe, "--out", out, "--size", "tiny"])
+    names(err, f"{recipe}: recipes[0]", "replay_share")
+    nothing_in(out)
+
+
+def test_a_config_name_that_is_neither_a_file_nor_shipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the launch scripts ask from the user's folder
+    err = call(capsys, "pipeline.shipped", ["demo/chta.yaml"])
+    names(err, "demo/chta.yaml", "not found", str(tmp_path), "demo/chat.yaml")  # what there is to pick from
+    assert list(tmp_path.iterdir()) == []
+
+
+def cli_entry_points() -> set[str]:
+    """The product's command lines: every module of the installed packages (pipeline, data_prep) that
+    runs as `python -m`, by the name its `main` is imported from (a package's `X.__main__` as `X`)."""
+    import data_prep
+    import pipeline
+
+    found = set()
+    for pkg in (pipeline, data_prep):
+        root = Path(pkg.__file__).parent
+        for py in root.rglob("*.py"):
+            if py.name == "__main__.py" or 'if __name__ == "__main__":' in py.read_text():
+                parts = py.relative_to(root.parent).with_suffix("").parts
+                found.add(".".join(parts[:-1] if parts[-1] == "__main__" else parts))
+    return found
+
+
+def entry_points_with_a_case() -> set[str]:
+    """Every entry point this file's cases send a bad input to: the literal second argument of each
+    `call(capsys, "<entry>", ...)` in this module (in a test or in the helper a test goes through)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(Path(__file__).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "call" and len(node.args) >= 2:
+            arg = node.args[1]
+            assert isinstance(arg, ast.Constant), f"line {node.lineno}: name the entry point literally"
+            found.add(arg.value.removesuffix(".__main__"))
+    return found
+
+
+def test_every_command_line_has_a_bad_input_case():
+    """A new `python -m` tool (or one that lost its case) fails here until its error path is exercised."""
+    product = cli_entry_points()
+    assert {"data_prep", "pipeline.train", "pipeline.transplant", "pipeline.export"} <= product, product
+    assert product - entry_points_with_a_case() == set()
 
 
 # ---------------------------------------------------------------------------------------------

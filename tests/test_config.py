@@ -1,36 +1,101 @@
-"""The run config: every shipped config parses; typos and bad values are named precisely."""
+"""The run config: the shipped configs are exactly the files on disk, and each parses, validates
+and builds a plan; typos and bad values are named precisely."""
 
 from pathlib import Path
 
 import pytest
 
 from data_prep.common import UserError
+from pipeline import shipped
 from pipeline.config import LEAVES, describe_keys, load_config, parse_overrides
+from pipeline.demo import run as demo_run
 from pipeline.training import deepspeed_json
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE_FILES = ("recipe.yaml", "sweep.yaml", "family.yaml")  # configs/demo: the demo's recipes, not run configs
-SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name not in RECIPE_FILES)
+# Where the shipped files live is asked of the product (pipeline/shipped.py finds them as package
+# data), never spelled here, so these tests follow the files wherever they move.
+CONFIG_DIR = shipped.config_dir()  # run configs and the demo's recipe files
+DEMO_DIR = demo_run.CONFIGS  # the demo's configs, as the demo reads them
+DS_DIR = shipped.ds_config_dir()  # DeepSpeed JSONs
+NAMES = shipped.shipped_configs()  # every shipped YAML, by the name the commands accept ("demo/raw.yaml")
+RECIPE_FILES = ("recipe.yaml", "sweep.yaml", "family.yaml")  # the demo's recipes, not run configs
+SHIPPED = [CONFIG_DIR / n for n in NAMES if Path(n).name not in RECIPE_FILES]
+DS_SHIPPED = sorted(DS_DIR.glob("*.json"))
 
 
-def test_there_are_shipped_configs():
-    assert len(SHIPPED) >= 6
+def files_on_disk(root: Path) -> list[str]:
+    """Every YAML or JSON file under `root` (any depth), by its name relative to `root`."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in (".yaml", ".yml", ".json")
+    )
 
 
-# The shape each shipped config targets: configs/*.yaml are for a user's own model (any depth:
-# 16 layers here), configs/demo/*.yaml for the demo's base.
-DEMO_LAYERS = __import__("pipeline.demo.run", fromlist=["SIZES"]).SIZES["full"]["model"]["layers"]
+def test_the_shipped_configs_are_the_files_on_disk(tmp_path, monkeypatch):
+    """The list the commands offer (and these tests run) is every config file in the product's
+    folders, no more and no fewer: a `.yml`, a `.json` or a subfolder it misses fails here."""
+    assert NAMES == files_on_disk(CONFIG_DIR)
+    assert [p.name for p in DS_SHIPPED] == files_on_disk(DS_DIR)
+    # The names the README, the Makefile and the demo use are among them...
+    assert {"chat.yaml", "raw.yaml", "demo/chat.yaml", "demo/raw.yaml", "demo/recipe.yaml", "demo/sweep.yaml"} <= set(
+        NAMES
+    )
+    assert {"cpu_fp32_zero1.json", "gpu_bf16_zero1.json"} <= set(files_on_disk(DS_DIR))
+    assert DEMO_DIR.resolve() == (CONFIG_DIR / "demo").resolve()
+    # ...each recipe-file exclusion names a shipped file (none silently skips a run config that moved)...
+    assert sorted(n for n in NAMES if Path(n).name in RECIPE_FILES) == sorted(f"demo/{n}" for n in RECIPE_FILES)
+    assert len(SHIPPED) + len(RECIPE_FILES) == len(NAMES)
+    # ...and each name finds its file from a user's own folder, as training and the launchers look it up.
+    monkeypatch.chdir(tmp_path)
+    for n in NAMES:
+        assert shipped.find(n).resolve() == (CONFIG_DIR / n).resolve(), n
+    for p in DS_SHIPPED:
+        assert shipped.find(p.name, DS_DIR).resolve() == p.resolve(), p.name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_shipped_yaml_is_a_run_config_or_a_recipe_file(name):
+    """Read for what it holds, each shipped YAML is exactly what its name says: a run config that
+    parses and validates, or a recipe file (which is no run config)."""
+    from pipeline.demo import recipes
+
+    path = CONFIG_DIR / name
+    if Path(name).name in RECIPE_FILES:
+        found, worlds = recipes.load(path)
+        assert found and all(r.raw.keys() <= recipes.RAW_KEYS for r in found)
+        with pytest.raises(UserError, match="unknown config key"):
+            load_config(path)
+        if Path(name).name == "sweep.yaml":
+            assert {
+                "replay_0.25",
+                "replay_0.5",
+                "replay_1",
+                "fs5",
+                "fs7",
+                "raw_trains_format",
+                "anchor",
+                "reattach",
+            } <= {r.name for r in found} and worlds
+    else:
+        cfg = load_config(path)
+        assert cfg.groups.phase in ("chat", "raw", "full")
+        assert recipes.load(path) == ([], [])  # nothing in it reads as a recipe
+
+
+# The shape each shipped config targets: the top-level ones are for a user's own model (any depth:
+# 16 layers here), demo/*.yaml for the demo's base.
+DEMO_LAYERS = demo_run.SIZES["full"]["model"]["layers"]
 # Configs that must agree on the boundary: the transplant merges their runs.
 PAIRS = [
-    ("configs/chat.yaml", "configs/raw.yaml"),
-    ("configs/demo/chat.yaml", "configs/demo/raw.yaml"),
-    ("configs/demo/chat.yaml", "configs/demo/reattach.yaml"),
-    ("configs/demo/chat.yaml", "configs/demo/sequential.yaml"),
+    ("chat.yaml", "raw.yaml"),
+    ("demo/chat.yaml", "demo/raw.yaml"),
+    ("demo/chat.yaml", "demo/reattach.yaml"),
+    ("demo/chat.yaml", "demo/sequential.yaml"),
 ]
 
 
 def target_layers(path: Path) -> int:
-    return DEMO_LAYERS if path.parent.name == "demo" else 16
+    return DEMO_LAYERS if path.parent.resolve() == DEMO_DIR.resolve() else 16
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +139,7 @@ def plan_of(path: Path, shapes):
     return build_plan(cfg, world_size=cfg.parallel.pipeline_stages, use_gpu=False)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
 def test_every_shipped_config_builds_a_plan_for_the_model_it_targets(path, shapes):
     plan = plan_of(path, shapes)
     assert plan.groups.num_layers == target_layers(path)
@@ -84,11 +149,11 @@ def test_every_shipped_config_builds_a_plan_for_the_model_it_targets(path, shape
 
 @pytest.mark.parametrize("a,b", PAIRS, ids=lambda p: p)
 def test_paired_configs_agree_on_the_boundary(a, b, shapes):
-    ga, gb = plan_of(REPO / a, shapes).groups, plan_of(REPO / b, shapes).groups
+    ga, gb = plan_of(CONFIG_DIR / a, shapes).groups, plan_of(CONFIG_DIR / b, shapes).groups
     assert (ga.raw_start, ga.format_start) == (gb.raw_start, gb.format_start)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", DS_SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_ds_config_merges(path, tmp_path):
     cfg = load_config(_write(tmp_path, f"ds_config: {path}\n"))
     ds, _ = deepspeed_json.load(cfg, use_gpu=False)
@@ -243,30 +308,6 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
 def test_out_of_range_values_name_the_key(tmp_path, extra, key):
     with pytest.raises(UserError, match=rf"run\.yaml:\d+: `{key}`"):
         load_config(_write(tmp_path, extra))
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "demo").glob("*.yaml")), ids=lambda p: p.name)
-def test_demo_recipe_files_and_run_configs_load(path):
-    """Every file under configs/demo/ is either a run config or a recipe file, and loads as such."""
-    from pipeline.demo import recipes
-
-    if path.name in RECIPE_FILES:
-        found, worlds = recipes.load(path)
-        assert found and all(r.raw.keys() <= recipes.RAW_KEYS for r in found)
-        if path.name == "sweep.yaml":
-            names = {r.name for r in found}
-            assert {
-                "replay_0.25",
-                "replay_0.5",
-                "replay_1",
-                "fs5",
-                "fs7",
-                "raw_trains_format",
-                "anchor",
-                "reattach",
-            } <= names and worlds
-    else:
-        assert load_config(path).groups.phase in ("chat", "raw", "full")
 
 
 def test_a_recipe_file_with_a_typo_names_it(tmp_path):

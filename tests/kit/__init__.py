@@ -8,6 +8,7 @@
     reference   the plain PyTorch training loop the pipeline must match (parity) and is timed against
     oracles     readers that tests compare against: checkpoint tensors, optimizer state, generation
     faults      kill/pause injection for the reliability tests, installed around the real entry point
+    cli         `call`: an entry point's main(argv) in this process, held to the clean-error contract
 
 Nothing here is imported by the product.
 """
