@@ -172,6 +172,20 @@ class RunDir:
         from .config import relative_paths, resolve_paths
 
         old = self.read_run()
+        # Other pipeline stages: each stage's checkpoint files hold the layers, and the optimizer
+        # state, of its own stages' bounds; nothing maps them onto other bounds. Refused here,
+        # before anything in the directory changes (and before the config comparison below, which
+        # would only name `pipeline_stages`). Another data-parallel size is fine: the resume
+        # re-partitions each stage's optimizer state (training/checkpoint.py).
+        if self.latest_step() is not None and old.get("stages") != record.get("stages"):
+            o_st, n_st = old.get("stages") or [], record.get("stages") or []
+            raise UserError(
+                f"{self.run_json}: this run's checkpoints were written with {len(o_st)} pipeline stage(s) "
+                f"(layers {o_st}); this job has {len(n_st)} ({n_st}). A resume keeps the stages, and "
+                f"only the data-parallel size may change: resume with `pipeline_stages: {len(o_st)}` "
+                f"(on any multiple of {len(o_st)} rank(s)), or export the latest checkpoint "
+                f"(python -m pipeline.export) and start a new run from it (the optimizer state starts afresh)"
+            )
         o, n = resolve_paths(old.get("config", {})), record["config"]
         changed = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k) and k not in may_change | {"out"})
         if changed and old.get("run_dir") and record.get("run_dir"):
@@ -187,21 +201,6 @@ class RunDir:
             raise UserError(
                 f"{self.run_json}: the base model {record['base_model']['path']} has changed since "
                 f"this run started (base_model.fingerprint); use a new `out`"
-            )
-        # A resized job: ZeRO-1 keeps each rank's slice of the optimizer state in its own file, and
-        # DeepSpeed cannot load them on another data-parallel size (it fails deep in its checkpoint
-        # load, after run.json was rewritten). Until that state is re-partitioned on load, refuse
-        # here, before anything in the directory changes.
-        if self.latest_step() is not None and (old.get("world_size"), old.get("stages")) != (
-            record.get("world_size"),
-            record.get("stages"),
-        ):
-            raise UserError(
-                f"{self.run_json}: this run's checkpoints were written by {old.get('world_size')} rank(s) "
-                f"({len(old.get('stages') or [])} pipeline stage(s)); this job has {record.get('world_size')} "
-                f"({len(record.get('stages') or [])} stage(s)), and a resume on another layout is not supported: "
-                f"resume with {old.get('world_size')} rank(s), or export the latest checkpoint "
-                f"(python -m pipeline.export) and start a new run from it (the optimizer state starts afresh)"
             )
         # The same manifest path repacked with another template: the checkpoints learned the old
         # format, the rest of the run would learn the new one, and the model could ship only one.

@@ -22,25 +22,11 @@ import pytest
 import yaml
 
 from tests.kit import train as ft
+from tests.kit.cli import call
 from tests.kit.runs import make_base, make_run
 from tests.kit.tokenizers import write_jsonl
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
-
-
-def call(capsys, entry: str, argv: list) -> str:
-    """An entry point's main(argv) in this process: exit 2 with one `error:` line (returned)."""
-    import importlib
-
-    main = importlib.import_module(entry).main
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, f"{entry}: exit {e.value.code}\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, f"expected one `error: ` line:\n{err}"
-    return lines[0]
 
 
 def ok(capsys, entry: str, argv: list) -> str:
@@ -552,10 +538,10 @@ def test_an_empty_train_split_is_refused(setup, tmp_path, capsys, kind):
 
 
 @pytest.mark.multiproc
-def test_a_resized_resume_is_refused_at_preflight_and_changes_nothing(setup, tmp_path):
-    """A run made on 1 process, resumed on 2 data-parallel ranks: before, a ZeRORuntimeException
-    traceback at checkpoint load after run.json was rewritten; now one line at preflight that
-    names both layouts and the way out, with run.json untouched."""
+def test_a_resume_on_other_pipeline_stages_is_refused_at_preflight_and_changes_nothing(setup, tmp_path):
+    """A run made on 1 process, resumed on 2 pipeline stages: one line at preflight that names both
+    layouts and the way out, with run.json untouched. Another data-parallel size alone passes
+    (tests/test_elastic.py resumes it)."""
     from data_prep.common import UserError
     from pipeline.config import load_config
     from pipeline.training.plan import build_plan
@@ -564,7 +550,10 @@ def test_a_resized_resume_is_refused_at_preflight_and_changes_nothing(setup, tmp
     cfg = ft.write_config(tmp_path / "c.yaml", setup, "raw", run, steps=2, save_every=2)
     ft.run_train([str(cfg)])
     before = (run / "run.json").read_bytes()
-    with pytest.raises(UserError, match=r"written by 1 rank\(s\).*this job has 2.*resume with 1 rank"):
-        build_plan(load_config(cfg), world_size=2)
+    staged = ft.write_config(tmp_path / "p2.yaml", setup, "raw", run, steps=2, save_every=2, pipeline_stages=2)
+    with pytest.raises(UserError, match=r"written with 1 pipeline stage\(s\).*this job has 2.*pipeline_stages: 1"):
+        build_plan(load_config(staged), world_size=2)
     assert (run / "run.json").read_bytes() == before
     build_plan(load_config(cfg), world_size=1)  # the same layout still resumes
+    build_plan(load_config(cfg), world_size=2)  # and so does another data-parallel size
+    assert (run / "run.json").read_bytes() == before
