@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["seconds"] = round(time.perf_counter() - T0, 1)
-    from data_prep.common import atomic_write_json, atomic_write_text
+    from data_prep.files import atomic_write_json, atomic_write_text
 
     atomic_write_json(args.out / "gpu.json", res)
     atomic_write_text(args.out / "gpu.md", to_markdown(res))

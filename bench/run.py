@@ -24,7 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
-from data_prep.common import atomic_write_json, atomic_write_text, fail_cleanly
+from data_prep.errors import fail_cleanly
+from data_prep.files import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 
 def write_random_shards(

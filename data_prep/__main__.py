@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import chat, raw
-from .common import fail_cleanly
+from .errors import fail_cleanly
 
 EPILOG = """examples:
   python -m data_prep raw corpus/ --tokenizer models/base --output-prefix data/wiki

@@ -23,7 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import JSONLineError, UserError, read_jsonl, refuse_repeated_inputs
+from .errors import UserError
+from .files import JSONLineError, read_jsonl, refuse_repeated_inputs
 from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
 from .raw import add_common_args, check_splits, run_job, strip_bom

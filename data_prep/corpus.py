@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .common import UserError, read_jsonl, refuse_repeated_inputs
+from .errors import UserError
+from .files import read_jsonl, refuse_repeated_inputs
 
 SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 KNOWN = ".txt, .jsonl, .json, .parquet or a directory saved with datasets' save_to_disk"

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UserError, atomic_write_json, sha256_file
+from .errors import UserError
+from .files import atomic_write_json, sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UserError
+from .errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

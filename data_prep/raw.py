@@ -19,8 +19,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import UserError, check_writable
 from .corpus import find_sources, iter_text_batches
+from .errors import UserError
+from .files import check_writable
 from .manifest import command_line, totals, write_manifest
 from .mmidx import token_dtype
 from .shards import OutputSet, check_prefix, val_mask

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import UserError
+from .errors import UserError
 from .manifest import SPLITS, dtype_of, load_manifest, shard_paths
 from .mmidx import read_index
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UserError, fsync_dir, owned, pid_alive
+from .errors import UserError
+from .files import fsync_dir, owned, pid_alive
 from .mmidx import index_bytes
 
 
@@ -246,7 +247,7 @@ class OutputSet:
 
     Use as a context manager: if the block raises (a bad input, Ctrl-C), every temp file is
     removed and nothing of this run remains. The run owns its prefix from here until the block
-    ends, manifest included (data_prep.common.owned): a second run on the same prefix is refused
+    ends, manifest included (data_prep.files.owned): a second run on the same prefix is refused
     at once, naming this one's pid, instead of mixing its shards with this one's.
     """
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .common import UserError
+from .errors import UserError
 
 
 class BadRecord(Exception):

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .common import UserError, sha256_file
+from .errors import UserError
+from .files import sha256_file
 
 # Files that define a tokenizer and its chat template: what data_prep hashes into a manifest and
 # what export and transplant copy, byte for byte, into a model directory. A model directory also

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.common import fail_cleanly
+from data_prep.errors import fail_cleanly
 
 from .convert import chat_vector as convert_chat_vector
 from .convert.layer_weights import summary

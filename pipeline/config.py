@@ -19,7 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from data_prep.manifest import SPLITS
 
 from . import shipped

@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from data_prep.common import UserError, check_writable, fail_cleanly, owned
+from data_prep.errors import UserError, fail_cleanly
+from data_prep.files import check_writable, owned
 
 EPILOG = """\
 file formats (.jsonl, one record per line):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.common import fail_cleanly
+from data_prep.errors import fail_cleanly
 
 from .convert import export as convert_export
 from .convert.export import export_run

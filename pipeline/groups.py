@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from .names import EMBED, HEAD, NORM, layer_of
 

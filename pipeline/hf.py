@@ -13,7 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_dir
+from data_prep.errors import UserError
+from data_prep.files import atomic_dir
 from data_prep.tokenizer import TOKENIZER_FILES
 
 from .names import HEAD_WEIGHT, tied_embeddings

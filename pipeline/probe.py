@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.common import UserError, check_writable, fail_cleanly
+from data_prep.errors import UserError, fail_cleanly
+from data_prep.files import check_writable
 
 from .evaluation import layer_probe
 

@@ -33,7 +33,8 @@ import socket
 import time
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_write_json, atomic_write_text, sha256_file
+from data_prep.errors import UserError
+from data_prep.files import atomic_write_json, atomic_write_text, sha256_file
 
 RUN_FORMAT_VERSION = 1
 RECORD = "record.json"

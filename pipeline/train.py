@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.common import fail_cleanly
+from data_prep.errors import fail_cleanly
 
 from .config import describe_keys, load_config, parse_overrides
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.common import UserError, fail_cleanly
+from data_prep.errors import UserError, fail_cleanly
 
 from .convert import transplant as convert_transplant
 from .convert.output import add_output_flags

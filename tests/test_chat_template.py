@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.convert.chat_vector import chat_vector
 from pipeline.convert.export import export_run
 from pipeline.convert.transplant import donor_transplant, transplant

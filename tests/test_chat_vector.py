@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.convert.chat_vector import chat_vector
 from pipeline.convert.transplant import transplant
 from tests.kit.oracles import greedy_chat, load_dir_tensors

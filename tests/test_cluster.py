@@ -542,7 +542,7 @@ def test_a_resume_on_other_pipeline_stages_is_refused_at_preflight_and_changes_n
     """A run made on 1 process, resumed on 2 pipeline stages: one line at preflight that names both
     layouts and the way out, with run.json untouched. Another data-parallel size alone passes
     (tests/test_elastic.py resumes it)."""
-    from data_prep.common import UserError
+    from data_prep.errors import UserError
     from pipeline.config import load_config
     from pipeline.training.plan import build_plan
 

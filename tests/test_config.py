@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline import shipped
 from pipeline.config import LEAVES, describe_keys, load_config, parse_overrides
 from pipeline.demo import run as demo_run

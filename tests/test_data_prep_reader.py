@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_prep.__main__ import main
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from data_prep.mmidx import read_index
 from data_prep.reader import TokenWindows, micro_batches
 from tests.kit import tokenizers as F

@@ -162,7 +162,7 @@ def snapshot(path: Path) -> dict[str, str]:
 
 @pytest.mark.multiproc
 def test_another_number_of_pipeline_stages_is_refused_at_preflight_and_changes_nothing(setup, uninterrupted, tmp_path):
-    from data_prep.common import UserError
+    from data_prep.errors import UserError
     from pipeline.config import load_config
     from pipeline.training.plan import build_plan
 
@@ -182,7 +182,7 @@ def test_another_number_of_pipeline_stages_is_refused_at_preflight_and_changes_n
 def test_another_partition_of_layers_into_stages_is_refused(tmp_path):
     """Same number of stages, other layer bounds: each stage's checkpoint holds its own layers'
     optimizer state, so the resume is refused, naming both partitions."""
-    from data_prep.common import UserError
+    from data_prep.errors import UserError
     from pipeline.training.plan import RESUMABLE
     from tests.kit.runs import make_base, make_run
 

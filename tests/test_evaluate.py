@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.demo.tokenizer import build_tokenizer
 from pipeline.demo.world import build_world
 from pipeline.evaluation import metrics as M

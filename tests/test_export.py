@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.convert.export import export_run
 from pipeline.convert.shards import tensor_bytes
 from tests.kit.oracles import greedy_chat, load_dir_tensors, reference_model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.groups import FORMAT, FROZEN, RAW, LayerGroups
 from pipeline.names import to_hf_name, to_pipeline_name
 from pipeline.training.plan import layer_cost, partition

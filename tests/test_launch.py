@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.training import dist
 
 REPO = Path(__file__).resolve().parents[1]

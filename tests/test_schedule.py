@@ -3,7 +3,7 @@ fractional warm-ups, and the fractions that make no sense refused."""
 
 import pytest
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.config import load_config
 from pipeline.training.schedule import lr_factor
 from tests.kit.reference import lr_at

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline.convert.export import export_run
 from pipeline.convert.shards import tensor_bytes
 from pipeline.convert.transplant import transplant

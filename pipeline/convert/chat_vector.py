@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from .. import hf
 from ..names import tied_embeddings

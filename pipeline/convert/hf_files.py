@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_write_json
+from data_prep.errors import UserError
+from data_prep.files import atomic_write_json
 from data_prep.template import end_of_turn_ids
 from data_prep.tokenizer import TOKENIZER_FILES
 

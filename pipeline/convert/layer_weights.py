@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from ..groups import FORMAT, GROUPS, RAW, LayerGroups
 from ..names import EMBED, HEAD, NORM, layer_of

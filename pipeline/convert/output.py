@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_writable
+from data_prep.errors import UserError
+from data_prep.files import atomic_dir, atomic_write_json, atomic_write_text, check_writable
 
 from .. import hf
 from .hf_files import write_side_files
@@ -82,7 +83,7 @@ def write_model(
     `{tool}.json` (record + the chat template shipped + files + per-tensor provenance) and any
     extra text files. Returns the record."""
     expected = hf.expected_tensors(config)
-    # Owned while written (data_prep.common.owned): a second writer of the same --out is refused.
+    # Owned while written (data_prep.files.owned): a second writer of the same --out is refused.
     with atomic_dir(out, force=force, flag="--out") as tmp:
         writer = ShardWriter(tmp, max_bytes)
         stream_layers(layers, writer, expected, desc=tool, dtype=dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from ..hf import INDEX_FILE
 

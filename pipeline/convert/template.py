@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_write_json, atomic_write_text
+from data_prep.errors import UserError
+from data_prep.files import atomic_write_json, atomic_write_text
 from data_prep.template import template_sha256, tokenizer_template
 
 RECORDS = ("export.json", "transplant.json", "chat_vector.json")  # what pipeline.convert writes beside a model

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from .. import hf
 from ..groups import FORMAT, RAW, LayerGroups

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.common import fail_cleanly
+from data_prep.errors import fail_cleanly
 
 EPILOG = """\
 examples:

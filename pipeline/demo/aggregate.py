@@ -293,7 +293,7 @@ def write_aggregate(
 
     Two tables: every answering seed, then only the held-out ones (seeds no recipe was chosen on),
     which carry the headline; the verdict is read on the held-out seeds."""
-    from data_prep.common import atomic_file, atomic_write_json, atomic_write_text
+    from data_prep.files import atomic_file, atomic_write_json, atomic_write_text
 
     per_seed = dict(read_seed_dir(Path(f)) for f in folders)
     every = aggregate(per_seed, candidates, tuned_on, order)

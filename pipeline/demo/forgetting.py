@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.common import atomic_file
+from data_prep.files import atomic_file
 
 from ..plots import png_bytes, pyplot
 from ..training.metrics_log import read_metrics, val_keys, validation_rows

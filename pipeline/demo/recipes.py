@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 from pipeline import shipped
 from pipeline.config import read_yaml
 

@@ -37,7 +37,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from data_prep.common import UserError, atomic_write_json
+from data_prep.errors import UserError
+from data_prep.files import atomic_write_json
 from pipeline import shipped
 from pipeline.training.dist import without_launcher
 

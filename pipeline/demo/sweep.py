@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from data_prep.common import atomic_file, atomic_write_json, atomic_write_text
+from data_prep.files import atomic_file, atomic_write_json, atomic_write_text
 
 from ..plots import png_bytes, pyplot
 from . import recipes as R

@@ -20,7 +20,8 @@ import io
 import json
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_dir
+from data_prep.errors import UserError
+from data_prep.files import atomic_dir
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 

@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-from data_prep.common import atomic_dir
+from data_prep.files import atomic_dir
 
 ATTRIBUTES = ("birth_date", "hometown", "university", "field", "employer", "hobby")
 

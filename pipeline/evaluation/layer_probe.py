@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_write_json, atomic_write_text, owned
+from data_prep.errors import UserError
+from data_prep.files import atomic_write_json, atomic_write_text, owned
 
 from ..names import EMBED, HEAD, NORM, layer_of
 from ..plots import png_bytes, pyplot
@@ -116,7 +117,7 @@ def plot(result: dict, png: Path) -> None:
         ax1.axvline(k - 0.5, color="black", ls="--", lw=1)
         ax1.text(k - 0.45, ax1.get_ylim()[1] * 0.95, f" suggested format_start = {k}", va="top", fontsize=9)
     ax1.set_title("what chat tuning changed, per layer", fontsize=10)
-    from data_prep.common import atomic_file
+    from data_prep.files import atomic_file
 
     with atomic_file(png, "wb") as f:
         f.write(png_bytes(fig))
@@ -141,7 +142,7 @@ def markdown(result: dict) -> str:
 
 def run_probe(base, chat, out: Path, prompts=None, max_prompts: int = 16) -> dict:
     """Measure, write probe.json / probe.md / probe.png into `out`, return the result. `out` is
-    owned from the start (data_prep.common.owned): a second probe into it is refused at once,
+    owned from the start (data_prep.files.owned): a second probe into it is refused at once,
     rather than both writing and leaving one's table beside the other's plot."""
     if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
         raise UserError(f"--max-prompts {max_prompts}: must be >= 1")

@@ -37,7 +37,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_prep.chat import BadRecord, message_text
-from data_prep.common import UserError, read_jsonl
+from data_prep.errors import UserError
+from data_prep.files import read_jsonl
 
 # ---------------------------------------------------------------- pure metric functions
 
@@ -86,7 +87,7 @@ def chance_rank(n_candidates: int) -> float:
 
 
 def _read_jsonl(path: Path):
-    """Records of an eval file: JSON objects, one per line (data_prep.common.read_jsonl)."""
+    """Records of an eval file: JSON objects, one per line (data_prep.files.read_jsonl)."""
     for lineno, rec in read_jsonl(path):
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object")

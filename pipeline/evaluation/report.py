@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from data_prep.common import UserError, atomic_file, atomic_write_json, atomic_write_text
+from data_prep.errors import UserError
+from data_prep.files import atomic_file, atomic_write_json, atomic_write_text
 
 from ..plots import png_bytes, pyplot
 

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from .metrics import (
     answer_matches,
@@ -375,7 +375,7 @@ def evaluate_model(
         metrics[_named(name, "raw_rank", False)] = mean
         metrics[_named(name, "raw_chance_rank", False)] = chance
     if details_path:
-        from data_prep.common import atomic_file
+        from data_prep.files import atomic_file
 
         with atomic_file(details_path, "w") as f:
             for row in details:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from ..rundir import RunDir, tag_for
 

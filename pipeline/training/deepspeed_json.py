@@ -12,7 +12,7 @@ import copy
 import json
 from pathlib import Path
 
-from data_prep.common import UserError
+from data_prep.errors import UserError
 
 from .. import shipped
 from ..config import RunConfig

@@ -28,7 +28,7 @@ import socket
 import subprocess
 from datetime import timedelta
 
-from data_prep.common import UserError, fail_cleanly
+from data_prep.errors import UserError, fail_cleanly
 
 REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_PORT = 29500

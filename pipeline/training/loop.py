@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from data_prep.common import Diverged
+from data_prep.errors import EXIT_DIVERGED, UserError
 
 from ..rundir import RunDir
 from . import checkpoint, monitor
@@ -20,6 +20,14 @@ from .plan import RESUMABLE
 from .progress import Progress
 from .schedule import lr_factor
 from .validation import due, validate
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss, gradient norm or weight: one line naming the step, exit 4,
+    and the last good checkpoint stays the latest. Not exit 2: the input may be fine (an unlucky
+    learning rate, bad data deep in a corpus), and a scheduler can tell the two apart."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def train(eng: Engine) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_prep.common import atomic_file, atomic_write_text
+from data_prep.files import atomic_file, atomic_write_text
 
 from ..plots import png_bytes, pyplot
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from data_prep.common import UserError, check_writable
+from data_prep.errors import UserError
+from data_prep.files import check_writable
 from data_prep.reader import MIX_BLOCK, Mixture, TokenWindows, open_mixture
 
 from .. import hf

@@ -37,14 +37,14 @@ import time
 import traceback
 from datetime import timedelta
 
-from data_prep.common import UserError
+from data_prep.errors import EXIT_USER, UserError
 
 BEAT_S = 1.0
 WINDOW_S = 5.0  # >> BEAT_S: a live rank bumps its counter several times within it
 LINGER_S = 15.0
 STORE_TIMEOUT_S = 10.0
 PREFIX = "layer_aware/watchdog/"
-EXIT_USER, EXIT_FAILED, EXIT_TERMINATED = 2, 3, 128 + signal.SIGTERM
+EXIT_FAILED, EXIT_TERMINATED = 3, 128 + signal.SIGTERM
 
 
 class StoreGone(Exception):

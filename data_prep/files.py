@@ -1,9 +1,11 @@
-"""Pieces every job shares: the user-facing error type and crash-safe file writes.
+"""Reading and writing files safely: JSON lines, crash-safe writes, one writer per output.
 
 Crash safety is one rule applied everywhere: a file or directory is written under a
 temporary name next to its final place and renamed only when complete. A rename within
 one filesystem is atomic, so a run killed at any moment leaves either nothing or a
 finished output, never something that looks finished.
+
+Shared by every package (data_prep, pipeline, bench); imports only data_prep.errors.
 """
 
 from __future__ import annotations
@@ -21,12 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one clear line, never as a traceback.
-
-    The message must name what is at fault: the file (and line), the config key or the flag.
-    """
+from .errors import UserError
 
 
 class JSONLineError(Exception):
@@ -54,41 +51,6 @@ def read_jsonl(path: str | os.PathLike, bad_lines: str = "raise") -> Iterator[tu
                 if bad_lines != "yield":
                     raise UserError(f"{path}:{lineno}: {err}") from None
                 yield lineno, err
-
-
-EXIT_USER, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 4, 130
-
-
-class Diverged(UserError):
-    """Training produced a non-finite loss, gradient norm or weight: one line naming the step, exit 4,
-    and the last good checkpoint stays the latest. Not exit 2: the input may be fine (an unlucky
-    learning rate, bad data deep in a corpus), and a scheduler can tell the two apart."""
-
-    exit_code = EXIT_DIVERGED
-
-
-def fail_cleanly(main):
-    """Decorator for entry points: a UserError becomes one `error: ...` line on stderr and exit 2;
-    Ctrl-C becomes one line and exit 130 (128 + SIGINT), not a traceback. Outputs are written
-    atomically (below), so an interrupted command leaves nothing half-written, and training
-    resumes from its last complete checkpoint."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(getattr(e, "exit_code", EXIT_USER))
-        except KeyboardInterrupt:
-            print(
-                "interrupted (Ctrl-C): nothing half-written is left; rerun the same command to continue",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_INTERRUPTED)
-
-    wrapper.__doc__ = main.__doc__
-    wrapper.__name__ = main.__name__
-    return wrapper
 
 
 def _tmp_name(path: Path) -> Path:
