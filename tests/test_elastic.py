@@ -31,7 +31,7 @@ TOL = 1e-5  # fp32: a different accumulation order may round differently
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return ft.build_setup(tmp_path_factory.mktemp("elastic"))
+    return ft.shared_setup(tmp_path_factory)
 
 
 def config(setup, run: Path, **overrides) -> Path:

@@ -25,7 +25,7 @@ TOL = 2e-3
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return ft.build_setup(tmp_path_factory.mktemp("golden"))
+    return ft.shared_setup(tmp_path_factory)
 
 
 @pytest.mark.multiproc

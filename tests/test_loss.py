@@ -55,7 +55,7 @@ def uneven_conversations(n: int, seed: int) -> list[dict]:
 def setup(tmp_path_factory):
     from data_prep.__main__ import main as data_prep_main
 
-    s = ft.build_setup(tmp_path_factory.mktemp("loss"))
+    s = ft.shared_setup(tmp_path_factory)
     root = s["root"]
     src = write_jsonl(root / "uneven.jsonl", uneven_conversations(120, seed=7))
     data_prep_main(["chat", str(src), "--tokenizer", str(s["model"]), "--output-prefix", str(root / "data/uneven")])

@@ -20,7 +20,7 @@ from tests.kit.oracles import checkpoint_tensors, optimizer_numel_per_stage
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    setup = ft.build_setup(tmp_path_factory.mktemp("mem"))
+    setup = ft.shared_setup(tmp_path_factory)
     root = setup["root"]
     common = dict(pipeline_stages=2, seq_len=32, steps=6, save_every=6)
     cfgs = {
@@ -64,9 +64,9 @@ def test_activation_checkpointing_trains_the_same(runs):
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
 
 
-def test_the_estimate_counts_each_stage_exactly(tmp_path):
+def test_the_estimate_counts_each_stage_exactly(tmp_path, tmp_path_factory):
     """weights = every parameter the stage's layers hold, in the training dtype; state = trained ones."""
-    setup = ft.build_setup(tmp_path)
+    setup = ft.shared_setup(tmp_path_factory)
     cfg = load_config(ft.write_config(tmp_path / "c.yaml", setup, "chat", tmp_path / "run", pipeline_stages=2))
     from safetensors.torch import load_file
 
@@ -89,14 +89,14 @@ def test_the_estimate_counts_each_stage_exactly(tmp_path):
         assert "per rank at peak" in plan.layer_map() and "in flight" in plan.layer_map()
 
 
-def test_the_activation_estimate_is_what_autograd_saves(tmp_path):
+def test_the_activation_estimate_is_what_autograd_saves(tmp_path, tmp_path_factory):
     """stage_activations counts, per token, what each kind of layer keeps for backward: here every
     tensor autograd saves in the pipeline's own layers is counted (saved_tensors_hooks, each storage
     once, weights left out) and compared with the plan's per-layer figure."""
     from pipeline.training.model import DecoderLayerPipe, StageLoader
     from pipeline.training.plan import BACKPROP, FORWARD, TRAINED, activation_kind, layer_activation_values
 
-    setup = ft.build_setup(tmp_path)
+    setup = ft.shared_setup(tmp_path_factory)
     plan = build_plan(
         load_config(
             ft.write_config(tmp_path / "c.yaml", setup, "raw", tmp_path / "run", micro_batch_size=2, seq_len=16)
@@ -157,12 +157,12 @@ def test_the_last_stage_drops_its_logits_before_backward():
     assert eng.eval_batch(data_iter=None) == 1.5 and eng.pipe_buffers["outputs"] == [None, None]
 
 
-def test_the_optimizer_is_torch_adamw_fused_with_the_json_settings(tmp_path):
+def test_the_optimizer_is_torch_adamw_fused_with_the_json_settings(tmp_path, tmp_path_factory):
     """The engine builds torch's AdamW itself (fused: no temporaries) exactly when the DeepSpeed JSON
     asks for torch's AdamW; the fused update is the per-tensor one up to float rounding."""
     from pipeline.training.engine import torch_adamw
 
-    setup = ft.build_setup(tmp_path)
+    setup = ft.shared_setup(tmp_path_factory)
     plan = build_plan(
         load_config(ft.write_config(tmp_path / "c.yaml", setup, "raw", tmp_path / "run")), 1, use_gpu=False
     )

@@ -112,7 +112,7 @@ def test_exported_and_transplanted_chat_models_stop_in_plain_generate(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return ft.build_setup(tmp_path_factory.mktemp("user"))
+    return ft.shared_setup(tmp_path_factory)
 
 
 def _start(cfg: Path, *args: str) -> subprocess.Popen:

@@ -39,7 +39,7 @@ def extra(setup, phase: str) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return ft.build_setup(tmp_path_factory.mktemp("parity"))
+    return ft.shared_setup(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,8 @@ def test_a_file_gets_a_line_at_the_first_step_every_interval_and_the_last(monkey
 
 
 @pytest.mark.multiproc
-def test_a_training_log_file_has_lines_not_redraws_and_one_deepspeed_line(tmp_path):
-    setup = ft.build_setup(tmp_path)
+def test_a_training_log_file_has_lines_not_redraws_and_one_deepspeed_line(tmp_path, tmp_path_factory):
+    setup = ft.shared_setup(tmp_path_factory)
     cfg = ft.write_config(
         tmp_path / "c.yaml", setup, "raw", tmp_path / "run", steps=40, save_every=40, pipeline_stages=2
     )

@@ -51,7 +51,7 @@ def rng():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return ft.build_setup(tmp_path_factory.mktemp("rel"))
+    return ft.shared_setup(tmp_path_factory)
 
 
 def config(setup, name: str, **overrides) -> tuple[Path, Path]:

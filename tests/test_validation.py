@@ -30,7 +30,7 @@ WATCH = dict(eval_every=EVERY, eval_batches=2, report_to=["tensorboard", "csv"])
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return ft.build_setup(tmp_path_factory.mktemp("val"))
+    return ft.shared_setup(tmp_path_factory)
 
 
 def train(setup, name: str, ranks: int = 2, env: dict | None = None, **overrides):

@@ -65,6 +65,33 @@ def build_setup(root: Path) -> dict:
     }
 
 
+_SHARED: dict[str, Path] = {}
+
+
+def shared_setup(tmp_path_factory) -> dict:
+    """build_setup's inputs built once per test session (training the tokenizer, saving the model
+    and two data_prep runs: a few seconds, paid by a dozen modules otherwise), handed to each caller
+    in a root of its own. The tokenizer, model, corpora and shard files are links to the shared,
+    never-written copies; root and root/data are real folders, so whatever a test writes there (runs,
+    configs, more shards) stays its own. Tests that move or copy the project folder itself build
+    their own with build_setup."""
+    if "base" not in _SHARED:
+        _SHARED["base"] = tmp_path_factory.mktemp("shared_setup")
+        build_setup(_SHARED["base"])
+    base, root = _SHARED["base"], tmp_path_factory.mktemp("setup")
+    for name in ("tok", "model", "raw.jsonl", "chat.jsonl"):
+        (root / name).symlink_to(base / name)
+    (root / "data").mkdir()
+    for f in (base / "data").iterdir():
+        (root / "data" / f.name).symlink_to(f)
+    return {
+        "root": root,
+        "model": root / "model",
+        "raw": root / "data/raw.manifest.json",
+        "chat": root / "data/chat.manifest.json",
+    }
+
+
 def write_config(path: Path, setup: dict, phase: str, out: Path, **overrides) -> Path:
     cfg = {
         "model": str(setup["model"]),
