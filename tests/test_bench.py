@@ -175,24 +175,7 @@ def test_crashed_part_is_a_failed_figure(monkeypatch):
     for f in figures:
         assert f["met"] is False and "exploded" in f["notes"] and f["value"] is None
     check_schema(figures)
-    md = bench_run.to_markdown(
-        figures,
-        {
-            "size": "tiny",
-            "command": "x",
-            "seconds": 0,
-            "load_average_at_end": None,
-            "machine": {
-                "cpu": "c",
-                "usable_cores": 2,
-                "omp_num_threads": "1",
-                "torch": "t",
-                "deepspeed": "d",
-                "transformers": "tr",
-                "load_average_at_start": None,
-            },
-        },
-    )
+    md = bench_run.to_markdown(figures, META)
     assert "dataprep: failed" in md and "**no**" in md
 
 
