@@ -223,20 +223,6 @@ def pipeline_mask_is_causal(model_dir: Path, device: str) -> bool:
     return create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=None, cache=None, position_ids=pos) is None
 
 
-def fig(name, value, baseline, goal, met, unit="", **extra) -> dict:
-    ratio = value / baseline if baseline else None
-    return {
-        "name": name,
-        "value": value,
-        "baseline": baseline,
-        "ratio": None if ratio is None else round(ratio, 4),
-        "goal": goal,
-        "met": met,
-        "unit": unit,
-        **extra,
-    }
-
-
 def to_markdown(res: dict) -> str:
     lines = [
         f"# GPU benchmark: {res['device']}",
@@ -410,8 +396,10 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, random_llama, 
     tps_pipe, tps_base = tok / statistics.median(pipe_times), tok / statistics.median(base_times)
     flops_per_token = 6 * n["matmul"]
     tf_pipe, tf_base = flops_per_token * tps_pipe / 1e12, flops_per_token * tps_base / 1e12
+    from bench.synth import figure
+
     res["figures"] = [
-        fig(
+        figure(
             "GPU tokens/s, pipeline.train 1 stage bf16 vs plain PyTorch (autocast bf16, AdamW)",
             round(tps_pipe, 1),
             round(tps_base, 1),
@@ -419,7 +407,7 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, random_llama, 
             tps_pipe / tps_base >= GOAL_SPEED,
             "tokens/s",
         ),
-        fig(
+        figure(
             "MFU, pipeline.train: 6·N·tokens/s vs peak dense bf16",
             round(tf_pipe, 3),
             peak,
@@ -428,7 +416,7 @@ def _measure(res, work, m, S, micro, G, W, K, device, tiny, peak, random_llama, 
             "TFLOP/s",
             N=n["matmul"],
         ),
-        fig(
+        figure(
             "MFU, plain PyTorch baseline (reference)",
             round(tf_base, 3),
             peak,

@@ -97,17 +97,6 @@ BASELINES = (
     "donor",
     "instruct_vector",
 )
-# Columns of the results table: format, knowledge in chat, the control, raw storage, perplexities.
-COLUMNS = [
-    "format_adherence",
-    "knowledge_accuracy",
-    "knowledge_rank",
-    "chance_rank",
-    "heldout_known_rank",
-    "raw_rank_new",
-    "ppl_raw_new",
-    "ppl_raw_known",
-]
 
 
 def model_config(tokenizer_dir, layers: int, hidden: int, heads: int = 4, kv_heads: int = 2, max_position: int = 512):
@@ -494,12 +483,12 @@ class Demo:
         return {n: json.loads((self.evals / f"{n}.json").read_text()) for n in self.model_names()}
 
     def report(self) -> None:
-        from pipeline.evaluation.report import write_report
+        from pipeline.evaluation.report import STANDARD_METRICS, write_report
 
         from .verdict import verdict_text
 
         models = self.results()
-        table = write_report({"models": models}, self.out, columns=COLUMNS)
+        table = write_report({"models": models}, self.out, columns=list(STANDARD_METRICS))
         verdict = verdict_text(models, [r.model for r in self.recipes])
         watched = {
             label: self.runs / run / "metrics.jsonl"
