@@ -177,11 +177,3 @@ class _BadValue(Exception):
     def __init__(self, row: int, value):
         super().__init__(row)
         self.row, self.value = row, value
-
-
-def input_bytes(sources: list[Source]) -> int:
-    total = 0
-    for s in sources:
-        for p in s.paths:
-            total += p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return total

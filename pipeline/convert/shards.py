@@ -59,10 +59,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
-
-
 def write_safetensors(path: Path, items: list[tuple[str, torch.Tensor]]) -> tuple[str, list[str]]:
     """Write one safetensors file straight from the tensors' memory (no serialised copy).
 
