@@ -476,6 +476,17 @@ def test_chat_manifest_for_phase_raw(w, tmp_path, capsys):
     )
 
 
+def test_chat_data_mixed_with_raw_text_in_phase_raw_is_replay(w, tmp_path):
+    """Not a mix-up: the plan accepts it, and only the chat samples carry a partial loss mask."""
+    from pipeline.config import load_config
+    from pipeline.training.plan import build_plan
+
+    mix = [{"path": str(w["raw"]), "weight": 1}, {"path": str(w["chat"]), "weight": 1}]
+    data = build_plan(load_config(ft.write_config(tmp_path / "cfg.yaml", w, "raw", tmp_path / "run", data=mix)), 1).data
+    masks = [data.sample(g)[1] for g in range(40)]
+    assert data.has_mask and {m.all() for m in masks} == {True, False}
+
+
 def test_pipeline_stages_on_one_process_says_both_ways_out(w, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     err = train_err(capsys, w, tmp_path, pipeline_stages=2)

@@ -320,6 +320,10 @@ def test_a_recipe_file_with_a_typo_names_it(tmp_path):
     bad.write_text("recipes:\n  - name: x\n    raw: {format_star: 5}\n")
     with pytest.raises(UserError, match=r"`raw` may set"):
         recipes.load(bad)
+    for value in ("-0.5", "true", ".inf", "half"):
+        bad.write_text(f"recipes:\n  - name: x\n    chat_replay: {value}\n")
+        with pytest.raises(UserError, match=r"recipes\[0\]: `chat_replay` must be a number >= 0"):
+            recipes.load(bad)
 
 
 def test_a_recipe_builds_a_member_of_the_layer_aware_merge_family(tmp_path):

@@ -198,6 +198,36 @@ def test_counts_out_of_range_are_refused_before_anything_runs(flag, value, says,
     assert not (tmp_path / "demo").exists()
 
 
+def test_replay_recipes_train_their_a_raw_on_the_raw_text_mixed_with_what_they_replay(tmp_path, monkeypatch):
+    """The plan alone (nothing trains): a replaying recipe's A-Raw reads the raw corpus with the
+    pretraining text and A-Chat's chat data at the recipe's weights, for proportionally more steps,
+    so the raw documents are seen as often as by the vanilla A-Raw; recipes that differ only after
+    A-Raw share it, and one with other replay weights does not."""
+    from pipeline.config import load_config
+    from pipeline.demo.recipes import recipe_from
+    from pipeline.demo.run import CONFIGS, Demo
+
+    items = [
+        {"name": "both", "replay": 0.25, "chat_replay": 0.5},
+        {"name": "both_merged", "replay": 0.25, "chat_replay": 0.5, "merge": "chat_vector"},
+        {"name": "chat_only", "chat_replay": 1},
+    ]
+    demo = Demo(tmp_path / "demo", recipes=[recipe_from(x, "test") for x in items])
+    calls = []
+    monkeypatch.setattr(demo, "train", lambda cfg, run, model, data, b=None, **kw: calls.append((run, data, kw)))
+    monkeypatch.setattr(demo, "export", lambda run, name: None)
+    steps = demo.steps()
+    assert "model:a_raw_both_merged" not in steps and "model:a_raw_chat_only" in steps
+    assert {"data:raw", "data:pretrain", "data:chat"} <= set(steps["model:a_raw_both"].needs)
+    steps["model:a_raw_both"].run()
+    steps["model:a_raw_chat_only"].run()
+    vanilla = load_config(CONFIGS / "raw.yaml", {"model": "m", "data": "d", "out": "o"}).schedule.steps
+    assert calls == [
+        ("a_raw_both", [("raw", 1.0), ("pretrain", 0.25), ("chat", 0.5)], {"steps": round(vanilla * 1.75)}),
+        ("a_raw_chat_only", [("raw", 1.0), ("chat", 1.0)], {"steps": vanilla * 2}),
+    ]
+
+
 @pytest.mark.multiproc
 def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tiny_demo, tmp_path):
     """A sweep in a demo's folder trains only what the demo has not, writes its table, plot and
@@ -205,7 +235,8 @@ def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tiny_demo, tm
     out = tiny_demo["out"]
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
-        "recipes:\n  - name: replay_half\n    replay: 0.5\n  - name: reattach\n    reattach_steps: 2\n"
+        "recipes:\n  - name: replay_half\n    replay: 0.5\n    chat_replay: 0.5\n"
+        "  - name: reattach\n    reattach_steps: 2\n"
         "worlds:\n  - name: syllables\n    world: {names: syllables}\n"
     )
     p = _demo(out, "--sweep", str(sweep))

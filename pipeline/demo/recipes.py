@@ -8,8 +8,12 @@ the method's vanilla run (A-Raw on the raw corpus, transplanted under A-Chat's f
                     anchor_weight, lr, min_lr, steps)
     replay          pretraining samples mixed into A-Raw per raw sample (0.25: one in five of its
                     samples is the base's own corpus, which holds plain-text Q/A about *other*
-                    people and never about the raw documents). Steps grow by (1 + replay), so
-                    every recipe sees the raw documents equally often.
+                    people and never about the raw documents).
+    chat_replay     A-Chat's own chat data mixed into A-Raw per raw sample (0.5: one in three of
+                    its samples is a chat conversation, loss on the assistant's tokens only). That
+                    data asks only about *known* people and generic turns: no Q/A about the raw
+                    documents is ever written. Steps grow by (1 + replay + chat_replay), so every
+                    recipe sees the raw documents equally often.
     reattach_steps  a chat-phase tune of the transplant's format group on the same generic chat
                     data A-Chat saw, after the transplant (0: none)
     merge           how the two halves become one model: `transplant` (the method: A-Chat's format
@@ -40,7 +44,7 @@ from pipeline import shipped
 from pipeline.config import read_yaml
 
 RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
-RECIPE_KEYS = {"name", "raw", "replay", "reattach_steps", "merge", "note", "tuned_on", "weights"}
+RECIPE_KEYS = {"name", "raw", "replay", "chat_replay", "reattach_steps", "merge", "note", "tuned_on", "weights"}
 WEIGHT_KEYS = {"raw": "--raw-weights", "chat": "--chat-weights", "transition": "--transition"}
 WORLD_KEYS = {"name", "world", "base_steps", "note"}
 
@@ -55,6 +59,7 @@ class Recipe:
     note: str = ""
     tuned_on: tuple[int, ...] = ()
     weights: tuple[tuple[str, str], ...] = ()  # (pipeline.chat_vector flag, value) pairs
+    chat_replay: float = 0.0
 
     @property
     def merge_args(self) -> list[str]:
@@ -69,6 +74,7 @@ class Recipe:
         return (
             not self.raw
             and not self.replay
+            and not self.chat_replay
             and not self.reattach_steps
             and self.merge == "transplant"
             and not self.weights
@@ -107,8 +113,10 @@ def recipe_from(item, where: str) -> Recipe:
     if not isinstance(raw, dict) or set(raw) - RAW_KEYS:
         raise UserError(f"{where}: `raw` may set {', '.join(sorted(RAW_KEYS))}, got {raw!r}")
     replay, reattach = item.get("replay", 0.0), item.get("reattach_steps", 0)
-    if not isinstance(replay, (int, float)) or replay < 0:
-        raise UserError(f"{where}: `replay` must be a number >= 0, got {replay!r}")
+    chat_replay = item.get("chat_replay", 0.0)
+    for key, value in (("replay", replay), ("chat_replay", chat_replay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise UserError(f"{where}: `{key}` must be a number >= 0, got {value!r}")
     if not isinstance(reattach, int) or reattach < 0:
         raise UserError(f"{where}: `reattach_steps` must be an integer >= 0, got {reattach!r}")
     merge = item.get("merge", "transplant")
@@ -123,7 +131,17 @@ def recipe_from(item, where: str) -> Recipe:
     if weights and merge != "chat_vector":
         raise UserError(f"{where}: `weights` needs `merge: chat_vector` (they weight its raw and chat deltas)")
     pairs = tuple((WEIGHT_KEYS[k], str(v)) for k, v in weights.items())
-    return Recipe(item["name"], dict(raw), float(replay), reattach, merge, item.get("note", ""), tuple(tuned), pairs)
+    return Recipe(
+        item["name"],
+        dict(raw),
+        float(replay),
+        reattach,
+        merge,
+        item.get("note", ""),
+        tuple(tuned),
+        pairs,
+        float(chat_replay),
+    )
 
 
 def load(path: str | Path) -> tuple[list[Recipe], list[WorldVariant]]:

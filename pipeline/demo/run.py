@@ -402,7 +402,9 @@ class Demo:
         # A recipe that only changes what happens after A-Raw shares the vanilla A-Raw.
         raw_run = self._raw_run(r)
         data = "raw"
-        if r.replay:
+        replayed = [(src, w) for src, w in (("pretrain", r.replay), ("chat", r.chat_replay)) if w]
+        grow = 1 + r.replay + r.chat_replay
+        if replayed:
             # The same raw exposure as the vanilla recipe: the steps grow with the replayed share.
             from pipeline.config import load_config
 
@@ -410,10 +412,10 @@ class Demo:
                 extra.get("steps")
                 or load_config(CONFIGS / "raw.yaml", {"model": "m", "data": "d", "out": "o"}).schedule.steps
             )
-            extra["steps"] = round(steps * (1 + r.replay))
-            data = [("raw", 1.0), ("pretrain", r.replay)]
+            extra["steps"] = round(steps * grow)
+            data = [("raw", 1.0), *replayed]
         if raw_run != "a_raw":
-            trained(raw_run, "raw", "base", data, 110 * (1 + r.replay), boundaries=bounds, **extra)
+            trained(raw_run, "raw", "base", data, 110 * grow, boundaries=bounds, **extra)
         else:
             trained("a_raw", "raw", "base", "raw", 110)
         if r.merge == "chat_vector":
@@ -450,8 +452,8 @@ class Demo:
         """The A-Raw a recipe needs: the vanilla one, or the run of the first recipe (in file order)
         with the same A-Raw settings, so recipes that differ only after A-Raw (how they merge)
         share one training."""
-        key = lambda x: (sorted(x.raw.items()), x.replay)  # noqa: E731 - the identity of an A-Raw
-        if not r.raw and not r.replay:
+        key = lambda x: (sorted(x.raw.items()), x.replay, x.chat_replay)  # noqa: E731 - the identity of an A-Raw
+        if not r.raw and not r.replay and not r.chat_replay:
             return "a_raw"
         first = next(x for x in self.recipes if key(x) == key(r))
         return f"a_raw_{first.name}"

@@ -532,13 +532,17 @@ def check_data(
     """Does the data fit the model and the phase? Same vocabulary, same tokenizer, the right kind."""
     where = f"{cfg.where.get('data', 'config')}: `data`"
     packing = packing or PackingCheck(cfg, hf_config, tokenizer_dir)
-    for (path, _), w in zip(data_sources(cfg.data.data, where), data.sources):
-        m = w.manifest
+    sources = list(zip(data_sources(cfg.data.data, where), data.sources))
+    # Chat shards mixed with raw text in phase `raw` are replay (only their assistant tokens count,
+    # the raw text's every token); chat shards alone are a phase mix-up.
+    any_raw_text = any(w.manifest.get("kind") != "chat" for _, w in sources)
+    for (path, _), w in sources:
         packing(where, path, w)
-        if cfg.groups.phase == "raw" and m.get("kind") == "chat":
+        if cfg.groups.phase == "raw" and w.manifest.get("kind") == "chat" and not any_raw_text:
             raise UserError(
                 f"{where}: {path} holds chat conversations, but phase `raw` trains on raw text (every "
-                f"token); pack the text with `python -m data_prep raw`"
+                f"token); pack the text with `python -m data_prep raw` (chat data mixed with raw text "
+                f"is accepted, as replay)"
             )
     if cfg.groups.phase == "chat" and not data.has_mask:
         raise UserError(
