@@ -242,6 +242,24 @@ def test_world_options_are_build_worlds_own_parameters_typed_like_their_defaults
         ("names", "KEY=VALUE"),
         ("n_known=many", "n_known: expected int"),
         ("names=emoji", "names: expected one of pools, syllables"),
+        ("qa_form=chat", "qa_form: expected one of roles, plain"),
     ]:
         with pytest.raises(ValueError, match=says):
             world_options(bad)
+
+
+def test_a_plain_qa_world_writes_its_pretraining_qa_without_the_chat_role_words(world, tmp_path):
+    """`qa_form=plain` changes how pretraining (and the tokenizer's text) writes Q/A, and nothing
+    the chat phase, the raw corpus or the evaluation reads."""
+    paths, w = world
+    plain = build_world(tmp_path / "plain", seed=3, qa_form="plain", **SMALL)
+    lines = [line for r in _read(plain["pretrain"]) for line in r["text"].split("\n")]
+    qa = {p["name"] for p in w["people"] if p["qa"]}
+    q_lines = [line for line in lines if line.startswith("Q: ")]
+    assert len(q_lines) == len(qa) * len(ATTRIBUTES) * SMALL["pretrain_qa_rounds"]
+    assert len([line for line in lines if line.startswith("A: ")]) == len(q_lines)
+    assert not [line for line in lines if line.startswith(("user ", "assistant "))]
+    assert not [r for r in _read(plain["tokenizer_corpus"]) if r.get("text", "").startswith("user ")]
+    for key in ("raw", "chat", "qa_new", "chat_eval_new", "chat_eval_heldout", "chat_eval_format", "probe_new"):
+        assert _text(plain[key]) == _text(paths[key]), key
+    assert json.loads(Path(plain["world"]).read_text())["qa_form"] == "plain"

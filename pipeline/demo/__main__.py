@@ -70,7 +70,8 @@ def main(argv=None):
         default={},
         metavar="KEY=VALUE,...",
         help="another world than the default: build_world's parameters, e.g. names=syllables (names split into "
-        "several tokens) or pretrain_qa_rounds=0 (a base that never saw Q/A); see pipeline/demo/world.py",
+        "several tokens), qa_form=plain (the base saw Q/A as 'Q: ... A: ...', not in the chat's role words) or "
+        "pretrain_qa_rounds=0 (a base that never saw Q/A); see pipeline/demo/world.py",
     )
     p.add_argument("--sweep", type=Path, metavar="FILE", help="measure every recipe and world of FILE instead")
     p.add_argument(

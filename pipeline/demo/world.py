@@ -497,6 +497,11 @@ def _syllable_name(rng: random.Random, female: bool) -> tuple[str, str]:
 
 
 NAME_KINDS = ("pools", "syllables")
+# How the base's pretraining writes its plain-text Q/A: with the chat template's role words
+# ("roles", the default world) or as "Q: ... A: ..." ("plain"), a form the chat template never
+# uses, so what the base learned about answering questions is not already in the chat's shape.
+QA_FORMS = {"roles": "user {q}\nassistant {a}", "plain": "Q: {q}\nA: {a}"}
+CHOICES = {"names": NAME_KINDS, "qa_form": tuple(QA_FORMS)}
 
 
 def _make_people(rng: random.Random, count: int, names: str = "pools") -> list[dict]:
@@ -638,6 +643,7 @@ def build_world(
     n_generic: int = 300,
     n_format_eval: int = 60,
     names: str = "pools",
+    qa_form: str = "roles",
     seed: int = 0,
     force: bool = False,
 ) -> dict[str, str]:
@@ -670,9 +676,14 @@ def build_world(
     n_format_eval: held-out generic chat prompts for format adherence (plus as many questions).
     names: "pools" (first and last names from shared pools, one token each) or "syllables" (the
         old demo's random syllables, several tokens each).
+    qa_form: how pretraining writes its Q/A transcripts, "roles" ("user Q" / "assistant A" lines,
+        the chat template's role words) or "plain" ("Q: Q" / "A: A" lines).
     """
     if not 0 < qa_fraction < 1:
         raise ValueError(f"qa_fraction must be in (0, 1), got {qa_fraction}")
+    if qa_form not in QA_FORMS:
+        raise ValueError(f"qa_form={qa_form!r}: expected one of {', '.join(QA_FORMS)}")
+    qa_line = QA_FORMS[qa_form]
 
     # Separate streams for people and for each file, so that e.g. changing n_generic does not
     # reshuffle every biography.
@@ -704,10 +715,11 @@ def build_world(
     # at the start of a line so that it is the very token the template puts after <|im_start|>
     # ("assistant", not "▁assistant"), without the special tokens. With "Q: ... A: ..." the base
     # extracts in that form (held-out rank 2.6 of 10.8) but not after the template's assistant
-    # header, and A-Chat, which trains only the last layers, cannot bridge the gap (7.7).
+    # header, and A-Chat, which trains only the last layers, cannot bridge the gap (7.7): the
+    # `qa_form=plain` world.
     for p in qa_people:
         for qs in _rounds(rng, p, pretrain_qa_rounds):
-            pairs = [f"user {q}\nassistant {p['facts'][a]}" for a, q in qs]
+            pairs = [qa_line.format(q=q, a=p["facts"][a]) for a, q in qs]
             rng.shuffle(pairs)
             pretrain.append({"text": "\n".join(pairs)})
     pretrain += [{"text": generic_text(rng)} for _ in range(n_generic)]
@@ -758,7 +770,7 @@ def build_world(
     rng = stream("tokenizer_text")
     tok_corpus = [{"text": biography(rng, p)} for p in tok_people for _ in range(2)]
     tok_corpus += [
-        {"text": f"user {_question(rng, p, a)}\nassistant {p['facts'][a]}"} for p in tok_people for a in ATTRIBUTES
+        {"text": qa_line.format(q=_question(rng, p, a), a=p["facts"][a])} for p in tok_people for a in ATTRIBUTES
     ]
     tok_corpus += [_chat(_question(rng, p, a), p["facts"][a]) for p in tok_people[:50] for a in ATTRIBUTES]
     tok_corpus += [{"text": generic_text(rng)} for _ in range(n_generic)]
@@ -795,6 +807,7 @@ def build_world(
             "n_generic": n_generic,
             "n_format_eval": n_format_eval,
             "names": names,
+            "qa_form": qa_form,
             "attributes": {a: list(POOLS[a]) for a in ATTRIBUTES},
             "files": {k: len(v) for k, v in files.items()},
             "people": people,
@@ -826,6 +839,6 @@ def world_options(text: str) -> dict:
             out[key] = kind(value)
         except ValueError:
             raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
-        if key == "names" and value not in NAME_KINDS:
-            raise ValueError(f"names: expected one of {', '.join(NAME_KINDS)}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
     return out
