@@ -339,3 +339,12 @@ def test_a_recipe_builds_a_member_of_the_layer_aware_merge_family(tmp_path):
     f.write_text("name: blend\nmerge: chat_vector\nweights: {ratio: 2}\n")
     with pytest.raises(UserError, match="`weights` may set chat, raw, transition"):
         recipes.load(f)
+    f.write_text("name: iv\nchat_model: instruct\n")  # a full chat tune has no format group to swap in
+    with pytest.raises(UserError, match="`chat_model: instruct` needs `merge: chat_vector`"):
+        recipes.load(f)
+    f.write_text("name: iv\nmerge: chat_vector\nchat_model: chat_full\n")
+    with pytest.raises(UserError, match="`chat_model` must be one of a_chat, instruct"):
+        recipes.load(f)
+    f.write_text("name: iv\nmerge: chat_vector\nchat_model: instruct\n")
+    (r,), _ = recipes.load(f)
+    assert r.chat_model == "instruct" and not r.is_vanilla

@@ -228,6 +228,23 @@ def test_replay_recipes_train_their_a_raw_on_the_raw_text_mixed_with_what_they_r
     ]
 
 
+def test_a_recipe_on_the_instruct_model_merges_its_a_raw_with_the_full_chat_tune(tmp_path, monkeypatch):
+    """`chat_model: instruct` takes the chat delta from chat_full (trained even when no baseline
+    needs it), not from A-Chat: A-Raw + (instruct - base), as the user with X-Instruct would."""
+    from pipeline.demo.recipes import recipe_from
+    from pipeline.demo.run import Demo
+
+    item = {"name": "iv", "raw": {"raw_trains_format": True}, "merge": "chat_vector", "chat_model": "instruct"}
+    demo = Demo(tmp_path / "demo", recipes=[recipe_from(item, "test")], baselines=("base", "a_chat"))
+    merges = []
+    monkeypatch.setattr(demo, "chat_vector", lambda raw, chat, name, extra=(): merges.append((raw, chat, name)))
+    steps = demo.steps()
+    assert steps["model:transplant_iv"].needs == ("model:a_raw_iv", "model:chat_full")
+    assert "model:chat_full" in steps
+    steps["model:transplant_iv"].run()
+    assert merges == [("a_raw_iv", "chat_full", "transplant_iv")]
+
+
 @pytest.mark.multiproc
 def test_tiny_sweep_reuses_the_demo_and_writes_one_row_per_variant(tiny_demo, tmp_path):
     """A sweep in a demo's folder trains only what the demo has not, writes its table, plot and

@@ -19,6 +19,10 @@ the method's vanilla run (A-Raw on the raw corpus, transplanted under A-Chat's f
     merge           how the two halves become one model: `transplant` (the method: A-Chat's format
                     group replaces A-Raw's) or `chat_vector` (A-Raw + (A-Chat - base): what A-Raw
                     wrote into the format group stays, and A-Chat's change is added on top)
+    chat_model      the chat side of the merge: `a_chat` (the method's A-Chat, the format group
+                    tuned on chat data) or `instruct` (`chat_full`, every layer tuned on the same
+                    data: the demo's stand-in for the X-Instruct a user downloads; needs
+                    `merge: chat_vector`, as the `instruct_vector` baseline is A-Raw + (instruct - base))
     weights         with `merge: chat_vector`, the layer-aware member of the merge family to build:
                     {raw: "frozen=1,raw=1,format=0.5", chat: "format=1", transition: 1}, passed to
                     pipeline.chat_vector as --raw-weights / --chat-weights / --transition
@@ -44,7 +48,19 @@ from pipeline import shipped
 from pipeline.config import read_yaml
 
 RAW_KEYS = {"raw_start", "format_start", "raw_trains_format", "anchor_weight", "lr", "min_lr", "steps"}
-RECIPE_KEYS = {"name", "raw", "replay", "chat_replay", "reattach_steps", "merge", "note", "tuned_on", "weights"}
+RECIPE_KEYS = {
+    "name",
+    "raw",
+    "replay",
+    "chat_replay",
+    "reattach_steps",
+    "merge",
+    "chat_model",
+    "note",
+    "tuned_on",
+    "weights",
+}
+CHAT_MODELS = {"a_chat": None, "instruct": "chat_full"}  # recipe value -> the demo run that is not A-Chat
 WEIGHT_KEYS = {"raw": "--raw-weights", "chat": "--chat-weights", "transition": "--transition"}
 WORLD_KEYS = {"name", "world", "base_steps", "note"}
 
@@ -60,6 +76,7 @@ class Recipe:
     tuned_on: tuple[int, ...] = ()
     weights: tuple[tuple[str, str], ...] = ()  # (pipeline.chat_vector flag, value) pairs
     chat_replay: float = 0.0
+    chat_model: str = "a_chat"
 
     @property
     def merge_args(self) -> list[str]:
@@ -78,6 +95,7 @@ class Recipe:
             and not self.reattach_steps
             and self.merge == "transplant"
             and not self.weights
+            and self.chat_model == "a_chat"
         )
 
     def boundary(self, default: tuple[int, int]) -> tuple[int, int]:
@@ -131,6 +149,11 @@ def recipe_from(item, where: str) -> Recipe:
     if weights and merge != "chat_vector":
         raise UserError(f"{where}: `weights` needs `merge: chat_vector` (they weight its raw and chat deltas)")
     pairs = tuple((WEIGHT_KEYS[k], str(v)) for k, v in weights.items())
+    chat_model = item.get("chat_model", "a_chat")
+    if chat_model not in CHAT_MODELS:
+        raise UserError(f"{where}: `chat_model` must be one of {', '.join(CHAT_MODELS)}, got {chat_model!r}")
+    if chat_model != "a_chat" and merge != "chat_vector":
+        raise UserError(f"{where}: `chat_model: {chat_model}` needs `merge: chat_vector` (its every layer changed)")
     return Recipe(
         item["name"],
         dict(raw),
@@ -141,6 +164,7 @@ def recipe_from(item, where: str) -> Recipe:
         tuple(tuned),
         pairs,
         float(chat_replay),
+        chat_model,
     )
 
 

@@ -43,7 +43,7 @@ from pipeline import shipped
 from pipeline.training.dist import without_launcher
 
 from .forgetting import WATCHED, forgetting_report
-from .recipes import Recipe
+from .recipes import CHAT_MODELS, Recipe
 
 CONFIGS = shipped.config_dir() / "demo"
 
@@ -396,7 +396,10 @@ class Demo:
     def _recipe_steps(self, r: Recipe, trained, merged) -> None:
         bounds = r.boundary(self.s["boundaries"])
         chat_run = "a_chat" if bounds == tuple(self.s["boundaries"]) else f"a_chat_{bounds[0]}_{bounds[1]}"
-        if chat_run != "a_chat":
+        if CHAT_MODELS[r.chat_model]:  # a full chat tune: no boundary of its own
+            chat_run = CHAT_MODELS[r.chat_model]
+            trained(chat_run, "chat_full", "base", "chat", 90)
+        elif chat_run != "a_chat":
             trained(chat_run, "chat", "base", "chat", 80, boundaries=bounds)
         extra = {k: v for k, v in r.raw.items() if k not in ("raw_start", "format_start")}
         # A recipe that only changes what happens after A-Raw shares the vanilla A-Raw.
