@@ -557,3 +557,39 @@ def test_a_resume_on_other_pipeline_stages_is_refused_at_preflight_and_changes_n
     build_plan(load_config(cfg), world_size=1)  # the same layout still resumes
     build_plan(load_config(cfg), world_size=2)  # and so does another data-parallel size
     assert (run / "run.json").read_bytes() == before
+
+
+def test_a_stale_deepspeed_build_lock_is_named_before_the_job_waits_on_it(tmp_path, monkeypatch, capsys):
+    """A job killed while DeepSpeed built its ops leaves torch's build lock; the next job would wait
+    on it forever in silence. Training names it (a lock younger than a build is left alone)."""
+    import os
+
+    import deepspeed
+
+    from pipeline.training import dist
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    built_at = lock.stat().st_mtime
+    assert dist.stale_build_locks(env, built_at + 60) == []  # a build under way
+    assert dist.stale_build_locks(env, built_at + dist.STALE_BUILD_LOCK_S + 60) == [
+        (str(lock), dist.STALE_BUILD_LOCK_S + 60)
+    ]
+
+    class Started(Exception):
+        pass
+
+    def started(**kw):
+        raise Started
+
+    old = built_at - dist.STALE_BUILD_LOCK_S - 120
+    os.utime(lock, (old, old))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(deepspeed, "init_distributed", started)
+    with pytest.raises(Started):
+        dist.init(info={"source": "single", "filled": {}})
+    err = capsys.readouterr().err
+    assert f"warning: {lock} is a build lock left" in err and "remove it" in err

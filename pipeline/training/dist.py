@@ -26,6 +26,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from datetime import timedelta
 
 from data_prep.errors import UserError, fail_cleanly
@@ -219,6 +220,36 @@ def without_launcher(env: dict) -> dict:
     return {k: v for k, v in env.items() if k not in REQUIRED and not k.startswith(LAUNCHER_PREFIXES)}
 
 
+# DeepSpeed builds its ops on first use (on CPU, the shared-memory communication op, about a minute)
+# through torch's extension loader, which holds a `lock` file in the build folder while it builds.
+# A process killed mid-build leaves the file, and every later job waits on it forever without a word.
+STALE_BUILD_LOCK_S = 600
+
+
+def stale_build_locks(env=None, now: float | None = None) -> list[tuple[str, float]]:
+    """(path, age in s) of DeepSpeed op build locks older than STALE_BUILD_LOCK_S, in the folder
+    torch builds extensions in (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python>_<device>)."""
+    import glob
+    import time
+
+    env = os.environ if env is None else env
+    root = env.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        patterns = [os.path.join(root, "deepspeed_*", "lock")]
+    else:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        patterns = [os.path.join(get_default_build_root(), "*", "deepspeed_*", "lock")]
+    now = time.time() if now is None else now
+    found = []
+    for path in sorted(p for pattern in patterns for p in glob.glob(pattern)):
+        with contextlib.suppress(OSError):  # another process may remove it as we look
+            age = now - os.path.getmtime(path)
+            if age > STALE_BUILD_LOCK_S:
+                found.append((path, age))
+    return found
+
+
 def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tuple[int, int, int]:
     """Start torch.distributed through DeepSpeed. Returns (rank, world, local).
 
@@ -233,6 +264,14 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, info: dict | None = None) -> tupl
     accel = get_accelerator()
     # gloo on CPU: DeepSpeed's CPU accelerator asks for oneCCL, which is rarely installed.
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one warning per machine
+        for path, age in stale_build_locks():
+            print(
+                f"warning: {path} is a build lock left {age / 60:.0f} min ago; if no other process is "
+                f"building DeepSpeed's ops, remove it, or this job waits on it forever",
+                file=sys.stderr,
+                flush=True,
+            )
     for attempt in range(3):
         try:
             deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
