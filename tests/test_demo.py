@@ -24,7 +24,7 @@ MODELS = {
     "sequential",
     "donor",
     "instruct_vector",
-    "recipe_rtf_chat_vector",
+    "recipe_rtf_instruct_vector",
 }
 METRICS = {
     "format_adherence",
