@@ -61,6 +61,7 @@ RECIPE_KEYS = {
     "weights",
 }
 CHAT_MODELS = {"a_chat": None, "instruct": "chat_full"}  # recipe value -> the demo run that is not A-Chat
+VANILLA_RAW = ((), 0.0, 0.0)  # Recipe.raw_key of a recipe that changes nothing in A-Raw
 WEIGHT_KEYS = {"raw": "--raw-weights", "chat": "--chat-weights", "transition": "--transition"}
 WORLD_KEYS = {"name", "world", "base_steps", "note"}
 
@@ -87,11 +88,15 @@ class Recipe:
         return f"recipe_{self.name}"
 
     @property
+    def raw_key(self) -> tuple:
+        """What decides this recipe's A-Raw: recipes with equal keys share one training, and
+        VANILLA_RAW is the method's own A-Raw."""
+        return (tuple(sorted(self.raw.items())), self.replay, self.chat_replay)
+
+    @property
     def is_vanilla(self) -> bool:
         return (
-            not self.raw
-            and not self.replay
-            and not self.chat_replay
+            self.raw_key == VANILLA_RAW
             and not self.reattach_steps
             and self.merge == "transplant"
             and not self.weights

@@ -43,7 +43,7 @@ from pipeline import shipped
 from pipeline.training.dist import without_launcher
 
 from .forgetting import WATCHED, forgetting_report
-from .recipes import CHAT_MODELS, Recipe
+from .recipes import CHAT_MODELS, VANILLA_RAW, Recipe
 
 CONFIGS = shipped.config_dir() / "demo"
 
@@ -365,7 +365,7 @@ class Demo:
             trained("naive", "naive", "a_chat", "raw", 110)
         if "qa_upper" in wanted:
             trained("qa_upper", "qa_upper", "a_chat", "qa_new", 100)
-        if wanted & {"chat_vector", "donor", "instruct_vector"}:
+        if wanted & {"chat_vector", "donor", "instruct_vector"} or any(CHAT_MODELS[r.chat_model] for r in self.recipes):
             trained("chat_full", "chat_full", "base", "chat", 90)
         if "chat_vector" in wanted:
             trained("cpt", "cpt", "base", "raw", 110)
@@ -395,12 +395,12 @@ class Demo:
 
     def _recipe_steps(self, r: Recipe, trained, merged) -> None:
         bounds = r.boundary(self.s["boundaries"])
-        chat_run = "a_chat" if bounds == tuple(self.s["boundaries"]) else f"a_chat_{bounds[0]}_{bounds[1]}"
-        if CHAT_MODELS[r.chat_model]:  # a full chat tune: no boundary of its own
-            chat_run = CHAT_MODELS[r.chat_model]
-            trained(chat_run, "chat_full", "base", "chat", 90)
-        elif chat_run != "a_chat":
-            trained(chat_run, "chat", "base", "chat", 80, boundaries=bounds)
+        # A full chat tune (trained in steps()) has no boundary of its own; an A-Chat does.
+        chat_run = CHAT_MODELS[r.chat_model]
+        if not chat_run:
+            chat_run = "a_chat" if bounds == tuple(self.s["boundaries"]) else f"a_chat_{bounds[0]}_{bounds[1]}"
+            if chat_run != "a_chat":
+                trained(chat_run, "chat", "base", "chat", 80, boundaries=bounds)
         extra = {k: v for k, v in r.raw.items() if k not in ("raw_start", "format_start")}
         # A recipe that only changes what happens after A-Raw shares the vanilla A-Raw.
         raw_run = self._raw_run(r)
@@ -455,10 +455,9 @@ class Demo:
         """The A-Raw a recipe needs: the vanilla one, or the run of the first recipe (in file order)
         with the same A-Raw settings, so recipes that differ only after A-Raw (how they merge)
         share one training."""
-        key = lambda x: (sorted(x.raw.items()), x.replay, x.chat_replay)  # noqa: E731 - the identity of an A-Raw
-        if not r.raw and not r.replay and not r.chat_replay:
+        if r.raw_key == VANILLA_RAW:
             return "a_raw"
-        first = next(x for x in self.recipes if key(x) == key(r))
+        first = next(x for x in self.recipes if x.raw_key == r.raw_key)
         return f"a_raw_{first.name}"
 
     def model_names(self) -> list[str]:

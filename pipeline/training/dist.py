@@ -235,14 +235,14 @@ def stale_build_locks(env=None, now: float | None = None) -> list[tuple[str, flo
     env = os.environ if env is None else env
     root = env.get("TORCH_EXTENSIONS_DIR")
     if root:
-        patterns = [os.path.join(root, "deepspeed_*", "lock")]
+        pattern = os.path.join(root, "deepspeed_*", "lock")
     else:
         from torch.utils.cpp_extension import get_default_build_root
 
-        patterns = [os.path.join(get_default_build_root(), "*", "deepspeed_*", "lock")]
+        pattern = os.path.join(get_default_build_root(), "*", "deepspeed_*", "lock")
     now = time.time() if now is None else now
     found = []
-    for path in sorted(p for pattern in patterns for p in glob.glob(pattern)):
+    for path in sorted(glob.glob(pattern)):
         with contextlib.suppress(OSError):  # another process may remove it as we look
             age = now - os.path.getmtime(path)
             if age > STALE_BUILD_LOCK_S:
